@@ -1,0 +1,31 @@
+"""Loading the models that are compared, each as the user would load it with transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def device_map(device: str) -> dict[str, str | int]:
+    return {"": 0 if device == "cuda" else "cpu"}
+
+
+def load_separate_adapter(base_dir: Path, adapter_dir: Path, quantization, dtype: torch.dtype, device: str):
+    """The model as trained: the base loaded in 4-bit by transformers + bitsandbytes, adapter unmerged (PEFT).
+
+    `quantization` is a BitsAndBytesConfig, or None when the base checkpoint is already 4-bit.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization, dtype=dtype,
+                                                device_map=device_map(device))
+    return PeftModel.from_pretrained(base, adapter_dir, is_trainable=False).eval()
+
+
+def load_plain(model_dir: Path, device: str, dtype: torch.dtype | str = "auto"):
+    """A merged 16-bit or a GPTQ checkpoint, loaded by plain transformers."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device_map(device)).eval()

@@ -1,0 +1,87 @@
+"""The `qlora-requant` command: run, validate, demo.
+
+Exit codes: 0 success; 1 unexpected failure; 2 bad input (config, paths, checkpoints, adapter,
+data), nothing half-written; 3 the run finished but the release gate failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 1, 2, 3
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+DEMO_FIXTURE = REPO_ROOT / "runs" / "demo-fixture"
+
+log = logging.getLogger("qlora_requant")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qlora-requant", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("run", "run every stage of a config"), ("validate", "check a config and exit")):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("config", type=Path)
+        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                             help="override one config key (repeatable); the value is read as YAML")
+    demo = commands.add_parser("demo", help="build the offline demo fixture if needed and run configs/demo.yaml")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    return parser
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "datasets", "accelerate", "peft", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _run(config_path: Path, overrides: list[str]) -> int:
+    from eval.report import console_table, model_table, summary_lines
+    from pipeline.config import load_config
+    from pipeline.runner import Pipeline
+
+    pipeline = Pipeline(load_config(config_path, overrides))
+    try:
+        pipeline.setup()
+        pipeline.run()
+        report = pipeline.save()
+    finally:
+        pipeline.close()
+    print()
+    print(console_table(model_table(report["models"])))
+    print()
+    print("\n".join(summary_lines(report)))
+    print(f"\nReport: {pipeline.run_dir / 'report.md'}")
+    return EXIT_OK if report["gate"]["passed"] else EXIT_GATE_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _configure_logging()
+    from quant.errors import InputError
+
+    try:
+        if args.command == "validate":
+            from pipeline.config import load_config
+
+            config = load_config(args.config, args.overrides)
+            print(f"{args.config}: valid; output_dir {config.output_dir}")
+            return EXIT_OK
+        if args.command == "demo":
+            from pipeline.demo import build_fixture
+
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            build_fixture(DEMO_FIXTURE)
+            return _run(DEMO_CONFIG, args.overrides)
+        return _run(args.config, args.overrides)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The run configuration: YAML validated into typed models.
+
+Every section is a strict pydantic model: an unknown key, a wrong type or a missing input path
+is a `ConfigError` naming the dotted key. Relative paths resolve against the config file's folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
+
+from quant.errors import InputError
+
+# bitsandbytes' Params4bit default, which BitsAndBytesConfig offers no way to change.
+TRANSFORMERS_BNB_BLOCKSIZE = 64
+DTypeName = Literal["float16", "bfloat16", "float32"]
+
+
+class ConfigError(InputError):
+    """A config that cannot run: the message names the file and the key."""
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("config_dir", Path.cwd())
+    return (base / path.expanduser()).resolve()
+
+
+def _existing(path: Path, info: ValidationInfo) -> Path:
+    path = _resolve(path, info)
+    if not path.exists():
+        raise ValueError(f"path does not exist: {path}")
+    return path
+
+
+InputPath = Annotated[Path, AfterValidator(_existing)]
+OutputPath = Annotated[Path, AfterValidator(_resolve)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BnbSection(Section):
+    """The bitsandbytes settings the base was loaded with during QLoRA training."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: DTypeName = "bfloat16"
+    quant_storage: Literal["uint8", "float16", "bfloat16", "float32"] = "uint8"
+    skip_modules: list[str] = Field(default_factory=list)
+
+    @field_validator("blocksize")
+    @classmethod
+    def _transformers_blocksize(cls, value: int) -> int:
+        if value != TRANSFORMERS_BNB_BLOCKSIZE:
+            raise ValueError(f"transformers always loads 4-bit weights with bitsandbytes' blocksize "
+                             f"{TRANSFORMERS_BNB_BLOCKSIZE}, so the adapter was trained against that; set "
+                             f"{TRANSFORMERS_BNB_BLOCKSIZE}")
+        return value
+
+
+class BaseSection(Section):
+    path: InputPath
+    dtype: DTypeName | Literal["auto"] = "auto"
+    bnb: BnbSection = Field(default_factory=BnbSection)
+
+
+class AdapterSection(Section):
+    path: InputPath
+
+
+class MergeSection(Section):
+    dtype: DTypeName | None = None
+
+
+class TextSource(Section):
+    """Text from a local file (text / jsonl / json / parquet) or, online, a hub dataset."""
+
+    path: InputPath | None = None
+    dataset: str | None = None
+    dataset_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TextSource":
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("set exactly one of 'path' (a local file) or 'dataset' (a hub dataset id)")
+        return self
+
+
+class CalibrationSection(TextSource):
+    n_samples: int = Field(128, gt=0)
+    seq_len: int = Field(512, gt=1)
+    seed: int = 0
+
+
+class RequantizeSection(Section):
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = Field(128, ge=-1)
+    desc_act: bool = False
+    sym: bool = True
+    damp_percent: float = Field(0.01, gt=0, lt=1)
+    batch_size: int = Field(8, gt=0)
+    calibration: CalibrationSection
+
+
+class EvaluationSection(Section):
+    text: TextSource
+    seq_len: int = Field(512, gt=1)
+    max_windows: int | None = Field(None, gt=0)
+    batch_size: int = Field(4, gt=0)
+    # Compute dtype of the 16-bit and GPTQ models: "auto" is float32 on CPU (16-bit matmuls are
+    # slow there) and the checkpoint's dtype on GPU. The baseline computes as in training.
+    dtype: DTypeName | Literal["auto"] = "auto"
+
+
+class GateSection(Section):
+    """Release gate: the GPTQ model's PPL increase over the baseline, in percent."""
+
+    max_ppl_increase_pct: float | None = Field(None, ge=0)
+
+
+class RunConfig(Section):
+    output_dir: OutputPath
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    base: BaseSection
+    adapter: AdapterSection
+    merge: MergeSection = Field(default_factory=MergeSection)
+    requantize: RequantizeSection
+    evaluation: EvaluationSection
+    gate: GateSection = Field(default_factory=GateSection)
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one `--set key.path=value` to a raw config tree; the value is parsed as YAML."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
+        node = child
+    node[leaf] = yaml.safe_load(raw)
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
+    """Read, override and validate a YAML run config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return RunConfig.model_validate(tree, context={"config_dir": path.resolve().parent})
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: invalid config\n{_describe(exc)}") from None

@@ -1,0 +1,126 @@
+"""One pipeline run, read top to bottom: setup, the four model stages, then the report.
+
+Each stage writes into a temporary folder in the run directory and is renamed into place only
+when complete, so a reader never sees a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+from eval.compare import change, compare_to_baseline, judge_gate
+from eval.report import write_report
+from pipeline.config import RunConfig
+from pipeline.metrics import measure
+from pipeline.stages.dequantize import run_dequantize
+from pipeline.stages.evaluate import RESULTS, check_no_overlap, run_evaluate
+from pipeline.stages.merge import run_merge
+from pipeline.stages.requantize import run_requantize
+from quant.calibration import load_texts
+from quant.errors import InputError
+
+log = logging.getLogger(__name__)
+
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "gptqmodel", "safetensors", "datasets")
+LOG_FILE = "run.log"
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a completed stage folder into place, replacing an older one."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class Pipeline:
+    """dequantize -> merge -> requantize -> evaluate -> report, for one RunConfig."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.run_dir = config.output_dir
+        self.stages: dict[str, dict] = {}
+        self.device = "cpu"
+        self.calibration_texts: list[str] = []
+        self._log_handler: logging.Handler | None = None
+
+    def setup(self) -> None:
+        """Check inputs that need reading before anything is written, then create the run directory."""
+        config = self.config
+        for key, path in (("base.path", config.base.path), ("adapter.path", config.adapter.path)):
+            if self.run_dir == path or path in self.run_dir.parents:
+                raise InputError(f"output_dir {self.run_dir} is inside {key} {path}; choose another output_dir")
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise InputError("device: cuda, but torch sees no CUDA device; set device: cpu or auto")
+        self.device = "cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        calibration, text = config.requantize.calibration, config.evaluation.text
+        self.calibration_texts = load_texts(calibration.path, calibration.text_field, calibration.dataset,
+                                            calibration.dataset_config, calibration.split)
+        check_no_overlap(load_texts(text.path, text.text_field, text.dataset, text.dataset_config, text.split),
+                         self.calibration_texts, config)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._log_handler = logging.FileHandler(self.run_dir / LOG_FILE, mode="w")
+        self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(self._log_handler)
+        log.info("run %s on %s", self.run_dir, self.device)
+
+    def run(self) -> None:
+        """Run the four model stages in order."""
+        config = self.config
+        dequantized, merged, gptq = (self.run_dir / name for name in ("dequantized", "merged", "gptq"))
+        self._stage("dequantize", dequantized, lambda out: run_dequantize(config.base, out))
+        self._stage("merge", merged, lambda out: run_merge(dequantized, config.adapter.path, config.merge.dtype, out))
+        self._stage("requantize", gptq,
+                    lambda out: run_requantize(config.requantize, self.calibration_texts, merged, self.device, out))
+        self._stage("evaluate", self.run_dir / "evaluation",
+                    lambda out: run_evaluate(config, self.device, merged, gptq, self.calibration_texts, out))
+
+    def save(self) -> dict:
+        """Write report.json and report.md; return the report."""
+        results = json.loads((self.run_dir / "evaluation" / RESULTS).read_text())
+        compared = compare_to_baseline(results["models"])
+        report = {
+            "schema_version": 1,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "device": self.device,
+            "protocol": results["protocol"],
+            "models": compared,
+            "adapter_ppl_change_pct": change(compared["baseline"]["ppl"], compared["base_nf4"]["ppl"])["pct"],
+            "requantize": {k: v for k, v in self.stages["requantize"].items() if k not in ("seconds", "peak_rss_mb")},
+            "gate": judge_gate(compared, self.config.gate.max_ppl_increase_pct),
+            "artifacts": {name: str(self.run_dir / name) for name in ("dequantized", "merged", "gptq")},
+            "stages": self.stages,
+            "versions": {name: version(name) for name in LIBRARIES},
+            "config": self.config.model_dump(mode="json"),
+        }
+        write_report(report, self.run_dir)
+        return report
+
+    def close(self) -> None:
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler.close()
+
+    def _stage(self, name: str, final: Path, work: Callable[[Path], dict]) -> None:
+        tmp = self.run_dir / f".{final.name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        log.info("stage %s: start", name)
+        try:
+            with measure() as record:
+                summary = work(tmp)
+            _replace_dir(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.stages[name] = {**record, **summary}
+        log.info("stage %s: done in %.1f s, peak RSS %.0f MB", name, record["seconds"], record["peak_rss_mb"])

@@ -1,0 +1,108 @@
+"""Stage 4, evaluate: perplexity of every model on exactly the same token windows.
+
+Models, each loaded as a user would load it:
+  base_nf4  the NF4 base alone (adapter disabled): what the fine-tune improved on
+  baseline  the NF4 base + the adapter unmerged through PEFT: the model as trained
+  merged    the merged 16-bit checkpoint
+  gptq      the re-quantized checkpoint
+Output: results.json with the window protocol and, per model, PPL, tokens scored and the
+summed NLL of every window (for later statistics).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from eval.models import load_plain, load_separate_adapter
+from eval.perplexity import eval_windows, perplexity, window_nll
+from pipeline.checkpoint import dtype_of, read_model_config
+from pipeline.config import RunConfig
+from pipeline.stages.dequantize import bnb_settings, load_dtype
+from quant.calibration import load_texts, token_stream
+from quant.errors import InputError
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.json"
+
+
+def text_fingerprints(texts: list[str]) -> set[str]:
+    """Hashes of whitespace-normalized texts, to detect eval text that also calibrates."""
+    return {hashlib.sha1(" ".join(t.split()).encode()).hexdigest() for t in texts}
+
+
+def check_no_overlap(eval_texts: list[str], calibration_texts: list[str], config: RunConfig) -> None:
+    """Refuse evaluation text that shares passages with the calibration text."""
+    shared = text_fingerprints(eval_texts) & text_fingerprints(calibration_texts)
+    if shared:
+        raise InputError(f"evaluation.text ({config.evaluation.text.path or config.evaluation.text.dataset}) shares "
+                         f"{len(shared)} passage(s) with requantize.calibration; held-out text must not calibrate")
+
+
+def _score(name: str, model, windows: torch.Tensor, batch_size: int, tokens_per_window: int) -> dict:
+    started = time.perf_counter()
+    nll = window_nll(model, windows, batch_size)
+    result = {"ppl": perplexity(nll, tokens_per_window), "tokens": len(windows) * tokens_per_window,
+              "windows": len(windows), "seconds": round(time.perf_counter() - started, 2),
+              "window_nll": nll.tolist()}
+    log.info("evaluate: %-9s ppl %.4f on %d tokens", name, result["ppl"], result["tokens"])
+    return result
+
+
+def run_evaluate(config: RunConfig, device: str, merged_dir: Path, gptq_dir: Path,
+                 calibration_texts: list[str], out_dir: Path) -> dict:
+    """Score base_nf4, baseline, merged and gptq on the same windows; write results.json into `out_dir`.
+
+    Returns a short summary; the scores themselves are in results.json.
+    """
+    from transformers import AutoTokenizer
+
+    section = config.evaluation
+    source = section.text
+    texts = load_texts(source.path, source.text_field, source.dataset, source.dataset_config, source.split)
+    check_no_overlap(texts, calibration_texts, config)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    windows = eval_windows(token_stream(tokenizer, texts), section.seq_len, section.max_windows,
+                           where=str(source.path or source.dataset))
+    tokens_per_window = section.seq_len - 1
+
+    base_config = read_model_config(config.base.path)
+    prequantized = "quantization_config" in base_config
+    quantization = None if prequantized else bnb_settings(config.base).to_transformers()
+    dtype = load_dtype(config.base, base_config) if not prequantized else "auto"
+    models: dict[str, dict] = {}
+    separate = load_separate_adapter(config.base.path, config.adapter.path, quantization, dtype, device)
+    with separate.disable_adapter():
+        models["base_nf4"] = _score("base_nf4", separate, windows, section.batch_size, tokens_per_window)
+    models["baseline"] = _score("baseline", separate, windows, section.batch_size, tokens_per_window)
+    del separate
+    gc.collect()
+    plain_dtype = _plain_dtype(section.dtype, device)
+    for name, model_dir in (("merged", merged_dir), ("gptq", gptq_dir)):
+        model = load_plain(model_dir, device, plain_dtype)
+        models[name] = _score(name, model, windows, section.batch_size, tokens_per_window)
+        del model
+        gc.collect()
+
+    results = {"protocol": {"kind": "non-overlapping windows", "seq_len": section.seq_len,
+                            "windows": len(windows), "tokens_per_window": tokens_per_window, "bos": "none",
+                            "compute_dtype": str(plain_dtype).removeprefix("torch."),
+                            "text": str(source.path or source.dataset), "documents": len(texts)},
+               "models": models}
+    (out_dir / RESULTS).write_text(json.dumps(results, indent=1) + "\n")
+    return {"windows": len(windows), "models": list(models)}
+
+
+
+def _plain_dtype(name: str, device: str) -> torch.dtype | str:
+    """The compute dtype for the merged and GPTQ models (see EvaluationSection.dtype)."""
+    if name != "auto":
+        return dtype_of(name)
+    return torch.float32 if device == "cpu" else "auto"

@@ -1,0 +1,59 @@
+"""Text for calibration and evaluation: read with `datasets`, tokenized into one stream, cut into windows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from quant.errors import InputError
+
+LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def load_texts(path: Path | None, text_field: str = "text", dataset: str | None = None,
+               dataset_config: str | None = None, split: str = "train") -> list[str]:
+    """Non-empty texts from a local text/jsonl/parquet file or a hub dataset.
+
+    A .txt file yields one text per paragraph (blank-line separated).
+    """
+    from datasets import load_dataset
+
+    where = str(path) if path is not None else f"dataset {dataset!r}"
+    if path is not None:
+        builder = LOCAL_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise InputError(f"{path}: unsupported text file type; use one of {sorted(LOCAL_BUILDERS)}")
+        options = {"sample_by": "paragraph"} if builder == "text" else {}
+        try:
+            table = load_dataset(builder, data_files=str(path), split="train", **options)
+        except Exception as exc:  # datasets raises many types for unreadable files
+            raise InputError(f"{path}: cannot be read as {builder} ({exc})") from None
+    else:
+        table = load_dataset(dataset, dataset_config, split=split)
+    if text_field not in table.column_names:
+        raise InputError(f"{where}: has no field {text_field!r} (fields: {table.column_names}); set text_field")
+    texts = [text for text in table[text_field] if isinstance(text, str) and text.strip()]
+    if not texts:
+        raise InputError(f"{where}: holds no text")
+    return texts
+
+
+def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """All texts tokenized without special tokens and joined by EOS into one 1-D tensor."""
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(stream: torch.Tensor, n_samples: int, seq_len: int, seed: int,
+                        where: str = "calibration text") -> list[dict[str, torch.Tensor]]:
+    """`n_samples` windows of `seq_len` tokens at seeded random offsets, as gptqmodel inputs."""
+    if len(stream) <= seq_len:
+        raise InputError(f"{where}: {len(stream)} tokens, fewer than calibration seq_len {seq_len}; "
+                         "give more text or lower requantize.calibration.seq_len")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - seq_len, (n_samples,), generator=generator).tolist()
+    return [{"input_ids": stream[s:s + seq_len].unsqueeze(0),
+             "attention_mask": torch.ones(1, seq_len, dtype=torch.long)} for s in starts]
