@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(logging.INFO)
     for noisy in ("transformers", "datasets", "accelerate", "peft", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

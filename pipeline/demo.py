@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from quant.calibration import token_stream
+from quant.calibration import passage_fingerprints, token_stream
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,17 @@ def stdlib_corpus() -> tuple[list[str], list[str]]:
 
 
 def split_docstrings(docstrings: list[str]) -> dict[str, list[str]]:
-    """Split docstrings by content hash: 70% adapter training, 15% calibration, 15% evaluation."""
+    """Split docstrings by content hash: 70% adapter training, 15% calibration, 15% evaluation.
+
+    Evaluation docstrings that share a passage with the other parts (the standard library repeats
+    some paragraphs) are dropped, so the evaluation text is truly held out.
+    """
     parts: dict[str, list[str]] = {"adapter": [], "calibration": [], "eval": []}
     for doc in docstrings:
         bucket = _bucket(doc, 20)
         parts["adapter" if bucket < 14 else "calibration" if bucket < 17 else "eval"].append(doc)
+    seen = passage_fingerprints(parts["adapter"] + parts["calibration"])
+    parts["eval"] = [doc for doc in parts["eval"] if not passage_fingerprints([doc]) & seen]
     return parts
 
 

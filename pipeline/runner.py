@@ -21,10 +21,10 @@ from eval.report import write_report
 from pipeline.config import RunConfig
 from pipeline.metrics import measure
 from pipeline.stages.dequantize import run_dequantize
-from pipeline.stages.evaluate import RESULTS, check_no_overlap, run_evaluate
+from pipeline.stages.evaluate import RESULTS, run_evaluate
 from pipeline.stages.merge import run_merge
 from pipeline.stages.requantize import run_requantize
-from quant.calibration import load_texts
+from quant.calibration import check_held_out, load_texts
 from quant.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class Pipeline:
         self.stages: dict[str, dict] = {}
         self.device = "cpu"
         self.calibration_texts: list[str] = []
+        self.eval_texts: list[str] = []
         self._log_handler: logging.Handler | None = None
 
     def setup(self) -> None:
@@ -66,8 +67,8 @@ class Pipeline:
         calibration, text = config.requantize.calibration, config.evaluation.text
         self.calibration_texts = load_texts(calibration.path, calibration.text_field, calibration.dataset,
                                             calibration.dataset_config, calibration.split)
-        check_no_overlap(load_texts(text.path, text.text_field, text.dataset, text.dataset_config, text.split),
-                         self.calibration_texts, config)
+        self.eval_texts = load_texts(text.path, text.text_field, text.dataset, text.dataset_config, text.split)
+        check_held_out(self.eval_texts, self.calibration_texts, str(text.path or text.dataset))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._log_handler = logging.FileHandler(self.run_dir / LOG_FILE, mode="w")
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -83,7 +84,7 @@ class Pipeline:
         self._stage("requantize", gptq,
                     lambda out: run_requantize(config.requantize, self.calibration_texts, merged, self.device, out))
         self._stage("evaluate", self.run_dir / "evaluation",
-                    lambda out: run_evaluate(config, self.device, merged, gptq, self.calibration_texts, out))
+                    lambda out: run_evaluate(config, self.device, merged, gptq, self.eval_texts, out))
 
     def save(self) -> dict:
         """Write report.json and report.md; return the report."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 
 import torch
 
 from quant.errors import InputError
 
+MIN_PASSAGE_WORDS = 8
 LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -57,3 +60,22 @@ def calibration_windows(stream: torch.Tensor, n_samples: int, seq_len: int, seed
     starts = torch.randint(0, len(stream) - seq_len, (n_samples,), generator=generator).tolist()
     return [{"input_ids": stream[s:s + seq_len].unsqueeze(0),
              "attention_mask": torch.ones(1, seq_len, dtype=torch.long)} for s in starts]
+
+
+def passage_fingerprints(texts: list[str]) -> set[str]:
+    """Hashes of the whitespace-normalized paragraphs of 8+ words in `texts`, to detect shared text."""
+    fingerprints = set()
+    for text in texts:
+        for paragraph in re.split(r"\n\s*\n", text):
+            words = paragraph.split()
+            if len(words) >= MIN_PASSAGE_WORDS:
+                fingerprints.add(hashlib.sha1(" ".join(words).encode()).hexdigest())
+    return fingerprints
+
+
+def check_held_out(eval_texts: list[str], calibration_texts: list[str], eval_name: str) -> None:
+    """Refuse evaluation text that shares passages (paragraphs of 8+ words) with the calibration text."""
+    shared = passage_fingerprints(eval_texts) & passage_fingerprints(calibration_texts)
+    if shared:
+        raise InputError(f"evaluation.text ({eval_name}) shares {len(shared)} passage(s) with "
+                         "requantize.calibration; held-out text must not calibrate")

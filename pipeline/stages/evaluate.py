@@ -12,7 +12,6 @@ summed NLL of every window (for later statistics).
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
 import time
@@ -25,25 +24,11 @@ from eval.perplexity import eval_windows, perplexity, window_nll
 from pipeline.checkpoint import dtype_of, read_model_config
 from pipeline.config import RunConfig
 from pipeline.stages.dequantize import bnb_settings, load_dtype
-from quant.calibration import load_texts, token_stream
-from quant.errors import InputError
+from quant.calibration import token_stream
 
 log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
-
-
-def text_fingerprints(texts: list[str]) -> set[str]:
-    """Hashes of whitespace-normalized texts, to detect eval text that also calibrates."""
-    return {hashlib.sha1(" ".join(t.split()).encode()).hexdigest() for t in texts}
-
-
-def check_no_overlap(eval_texts: list[str], calibration_texts: list[str], config: RunConfig) -> None:
-    """Refuse evaluation text that shares passages with the calibration text."""
-    shared = text_fingerprints(eval_texts) & text_fingerprints(calibration_texts)
-    if shared:
-        raise InputError(f"evaluation.text ({config.evaluation.text.path or config.evaluation.text.dataset}) shares "
-                         f"{len(shared)} passage(s) with requantize.calibration; held-out text must not calibrate")
 
 
 def _score(name: str, model, windows: torch.Tensor, batch_size: int, tokens_per_window: int) -> dict:
@@ -56,8 +41,8 @@ def _score(name: str, model, windows: torch.Tensor, batch_size: int, tokens_per_
     return result
 
 
-def run_evaluate(config: RunConfig, device: str, merged_dir: Path, gptq_dir: Path,
-                 calibration_texts: list[str], out_dir: Path) -> dict:
+def run_evaluate(config: RunConfig, device: str, merged_dir: Path, gptq_dir: Path, texts: list[str],
+                 out_dir: Path) -> dict:
     """Score base_nf4, baseline, merged and gptq on the same windows; write results.json into `out_dir`.
 
     Returns a short summary; the scores themselves are in results.json.
@@ -66,8 +51,6 @@ def run_evaluate(config: RunConfig, device: str, merged_dir: Path, gptq_dir: Pat
 
     section = config.evaluation
     source = section.text
-    texts = load_texts(source.path, source.text_field, source.dataset, source.dataset_config, source.split)
-    check_no_overlap(texts, calibration_texts, config)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     windows = eval_windows(token_stream(tokenizer, texts), section.seq_len, section.max_windows,
                            where=str(source.path or source.dataset))
@@ -98,7 +81,6 @@ def run_evaluate(config: RunConfig, device: str, merged_dir: Path, gptq_dir: Pat
                "models": models}
     (out_dir / RESULTS).write_text(json.dumps(results, indent=1) + "\n")
     return {"windows": len(windows), "models": list(models)}
-
 
 
 def _plain_dtype(name: str, device: str) -> torch.dtype | str:

@@ -1,0 +1,81 @@
+"""Config validation through the CLI: bad configs exit 2 with an error naming the key, writing nothing."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import write_config
+from pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from pipeline.config import ConfigError, apply_override, load_config
+
+
+@pytest.fixture
+def config_path(tmp_path, tiny_base, tiny_adapter, text_files):
+    return write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, tmp_path / "out")
+
+
+def edit(path, change) -> None:
+    tree = yaml.safe_load(path.read_text())
+    change(tree)
+    path.write_text(yaml.safe_dump(tree))
+
+
+def test_valid_config_validates(config_path, capsys):
+    assert main(["validate", str(config_path)]) == EXIT_OK
+    assert "valid" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda t: t["requantize"].update(bitz=4), "requantize.bitz: unknown key"),
+    (lambda t: t["requantize"].update(bits="four"), "requantize.bits: Input should be 2, 3, 4 or 8"),
+    (lambda t: t["evaluation"].update(seq_len="long"), "evaluation.seq_len: Input should be a valid integer"),
+    (lambda t: t["adapter"].update(path="no/such/adapter"), "adapter.path: path does not exist"),
+    (lambda t: t.pop("base"), "base: Field required"),
+    (lambda t: t["base"]["bnb"].update(blocksize=128), "base.bnb.blocksize: transformers always loads"),
+    (lambda t: t["evaluation"]["text"].update(dataset="wikitext"), "evaluation.text: set exactly one of"),
+])
+def test_bad_config_exits_2_naming_the_key(config_path, tmp_path, capsys, change, expected):
+    edit(config_path, change)
+    assert main(["run", str(config_path)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert str(config_path) in err and expected in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_invalid_yaml_names_the_file(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("base: [unclosed\n")
+    assert main(["validate", str(path)]) == EXIT_BAD_INPUT
+    assert f"{path}: not valid YAML" in capsys.readouterr().err
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path, tiny_base, tiny_adapter, text_files):
+    path = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, "out")
+    assert load_config(path).output_dir == tmp_path / "out"
+
+
+def test_set_overrides_any_key(config_path):
+    config = load_config(config_path, ["requantize.bits=3", "evaluation.max_windows=5", "gate.max_ppl_increase_pct=2.5"])
+    assert (config.requantize.bits, config.evaluation.max_windows, config.gate.max_ppl_increase_pct) == (3, 5, 2.5)
+
+
+def test_set_rejects_malformed_assignments():
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        apply_override({}, "requantize.bits")
+    with pytest.raises(ConfigError, match="'bits' is not a section"):
+        apply_override({"requantize": {"bits": 4}}, "requantize.bits.x=1")
+
+
+def test_output_inside_an_input_is_refused(tmp_path, tiny_base, tiny_adapter, text_files, capsys):
+    path = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, tiny_adapter / "run")
+    assert main(["run", str(path)]) == EXIT_BAD_INPUT
+    assert "is inside adapter.path" in capsys.readouterr().err
+    assert not (tiny_adapter / "run").exists()
+
+
+def test_eval_text_overlapping_calibration_is_refused(tmp_path, tiny_base, tiny_adapter, text_files, capsys):
+    texts = {"calibration": text_files["calibration"], "eval": text_files["calibration"]}
+    path = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, texts, tmp_path / "out")
+    assert main(["run", str(path)]) == EXIT_BAD_INPUT
+    assert "shares" in capsys.readouterr().err and not (tmp_path / "out").exists()
