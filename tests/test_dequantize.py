@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnb_functional
 import pytest
@@ -116,3 +118,21 @@ def test_prequantized_base_refuses_contradicting_settings(tmp_path, tiny_base):
                                          dtype=torch.bfloat16, device_map="cpu").save_pretrained(quantized_dir)
     with pytest.raises(InputError, match="base.bnb.quant_type is 'fp4' but .*saved with 'nf4'"):
         dequantized_tensors(tmp_path, BaseSection(path=quantized_dir, bnb=BnbSection(quant_type="fp4")))
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path, tiny_base):
+    base = tmp_path / "pickled"
+    base.mkdir()
+    shutil.copy(tiny_base / "config.json", base)
+    (base / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(InputError, match="found pytorch_model.bin: convert it to safetensors first"):
+        dequantized_tensors(tmp_path, BaseSection(path=base))
+
+
+def test_truncated_safetensors_is_refused(tmp_path, tiny_base):
+    base = tmp_path / "truncated"
+    shutil.copytree(tiny_base, base)
+    weights = base / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(InputError, match="model.safetensors: .*(cannot be read|truncated)"):
+        dequantized_tensors(tmp_path, BaseSection(path=base, dtype="bfloat16"))

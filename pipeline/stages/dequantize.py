@@ -78,8 +78,12 @@ def run_dequantize(section: BaseSection, out_dir: Path) -> dict:
 
 def _roundtrip_16bit(reader: CheckpointReader, model_config: dict, settings: Bnb4bitSettings,
                      dtype: torch.dtype, out_dir: Path) -> dict:
-    from transformers import AutoConfig
+    from transformers import CONFIG_MAPPING, AutoConfig
 
+    model_type = model_config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise InputError(f"{reader.model_dir / 'config.json'}: model_type {model_type!r} is not an architecture "
+                         "built into this transformers version; only built-in architectures are supported")
     config = AutoConfig.for_model(**model_config)
     linear, conv1d = quantized_module_names(config, settings)
     expected = {f"{name}.weight" for name in linear | conv1d}
