@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from eval.compare import change, compare_to_baseline, judge_gate
-from eval.report import write_report
+from eval.report import SCHEMA_VERSION, write_report
 from pipeline.config import RunConfig
 from pipeline.metrics import measure
 from pipeline.stages.dequantize import run_dequantize
@@ -49,7 +49,8 @@ class Pipeline:
     def __init__(self, config: RunConfig):
         self.config = config
         self.run_dir = config.output_dir
-        self.stages: dict[str, dict] = {}
+        self.summaries: dict[str, dict] = {}
+        self.measures: dict[str, dict] = {}
         self.device = "cpu"
         self.calibration_texts: list[str] = []
         self.eval_texts: list[str] = []
@@ -91,16 +92,16 @@ class Pipeline:
         results = json.loads((self.run_dir / "evaluation" / RESULTS).read_text())
         compared = compare_to_baseline(results["models"])
         report = {
-            "schema_version": 1,
+            "schema_version": SCHEMA_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": self.device,
             "protocol": results["protocol"],
             "models": compared,
             "adapter_ppl_change_pct": change(compared["baseline"]["ppl"], compared["base_nf4"]["ppl"])["pct"],
-            "requantize": {k: v for k, v in self.stages["requantize"].items() if k not in ("seconds", "peak_rss_mb")},
+            "requantize": self.summaries["requantize"],
             "gate": judge_gate(compared, self.config.gate.max_ppl_increase_pct),
             "artifacts": {name: str(self.run_dir / name) for name in ("dequantized", "merged", "gptq")},
-            "stages": self.stages,
+            "stages": {name: {**self.measures[name], **summary} for name, summary in self.summaries.items()},
             "versions": {name: version(name) for name in LIBRARIES},
             "config": self.config.model_dump(mode="json"),
         }
@@ -123,5 +124,5 @@ class Pipeline:
             _replace_dir(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        self.stages[name] = {**record, **summary}
+        self.summaries[name], self.measures[name] = summary, record
         log.info("stage %s: done in %.1f s, peak RSS %.0f MB", name, record["seconds"], record["peak_rss_mb"])
