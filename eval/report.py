@@ -72,8 +72,9 @@ def render_markdown(report: dict) -> str:
         "",
         "## Stages",
         "",
-        markdown_table([["stage", "seconds", "peak RSS (MB)"]] + [
-            [name, f"{stage['seconds']:.1f}", f"{stage['peak_rss_mb']:.0f}"] for name, stage in report["stages"].items()
+        markdown_table([["stage", "seconds", "RSS at start (MB)", "peak RSS (MB)"]] + [
+            [name, f"{stage['seconds']:.1f}", f"{stage.get('rss_start_mb', float('nan')):.0f}",
+             f"{stage['peak_rss_mb']:.0f}"] for name, stage in report["stages"].items()
         ]),
         "",
     ]

@@ -24,13 +24,20 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_mb() -> float:
+def _proc_status_mb(field: str) -> float | None:
     try:
         for line in _PROC_STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def _peak_rss_mb() -> float:
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
@@ -39,10 +46,14 @@ def _peak_rss_mb() -> float:
 def measure() -> Iterator[dict]:
     """Yield a dict that is filled with seconds, peak_rss_mb (and peak_gpu_mb on CUDA) on exit.
 
-    Where the peak-RSS mark cannot be reset, peak_rss_mb is the process's peak so far.
+    rss_start_mb is the resident memory when the step began (Linux), so the step's own peak is
+    the difference. Where the peak-RSS mark cannot be reset, peak_rss_mb is the process's peak so far.
     """
     record: dict = {}
     _reset_peak_rss()
+    start = _proc_status_mb("VmRSS")
+    if start is not None:
+        record["rss_start_mb"] = round(start, 1)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
