@@ -37,6 +37,8 @@ def load_texts(path: Path | None, text_field: str = "text", dataset: str | None 
     if text_field not in table.column_names:
         raise InputError(f"{where}: has no field {text_field!r} (fields: {table.column_names}); set text_field")
     texts = [text for text in table[text_field] if isinstance(text, str) and text.strip()]
+    if path is not None and LOCAL_BUILDERS[path.suffix.lower()] == "text":
+        texts = [text.rstrip("\n") for text in texts]  # paragraphs keep the newline that ended them
     if not texts:
         raise InputError(f"{where}: holds no text")
     return texts

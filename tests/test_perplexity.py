@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from eval.perplexity import eval_windows, perplexity, window_nll
-from quant.calibration import calibration_windows, check_held_out
+from quant.calibration import calibration_windows, check_held_out, load_texts
 from quant.errors import InputError
 
 
@@ -54,3 +54,27 @@ def test_held_out_check_ignores_short_shared_lines():
     check_held_out(["For example::\n\nsomething else entirely here"], ["For example::"], "eval.txt")
     with pytest.raises(InputError, match=r"evaluation.text \(eval.txt\) shares 1 passage"):
         check_held_out([f"intro\n\n{shared}"], [f"{shared}\n\nother"], "eval.txt")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".txt"])
+def test_local_text_files_of_each_format_are_read(tmp_path, suffix):
+    import datasets
+
+    texts = ["first document, one line", "second document\nwith two lines"]
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".txt":
+        path.write_text("\n\n".join(texts) + "\n")
+    else:
+        table = datasets.Dataset.from_dict({"content": texts})
+        table.to_json(path) if suffix == ".jsonl" else table.to_parquet(path)
+    field = "text" if suffix == ".txt" else "content"
+    assert load_texts(path, text_field=field) == texts
+
+
+def test_missing_text_field_and_unknown_format_are_refused(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"body": "x"}\n')
+    with pytest.raises(InputError, match=r"has no field 'text' \(fields: \['body'\]\); set text_field"):
+        load_texts(path)
+    with pytest.raises(InputError, match="unsupported text file type"):
+        load_texts(tmp_path / "data.csv")

@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 
-from conftest import write_config
+from conftest import random_adapter, save_model, tiny_llama, write_config
 from eval.compare import compare_to_baseline, judge_gate
-from pipeline.cli import EXIT_OK, main
+from pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
 
 MODELS = ("base_nf4", "baseline", "merged", "gptq")
 
@@ -75,15 +75,14 @@ def test_gptq_loads_in_a_fresh_process_close_to_merged(run_dir):
         spread = (b - b.mean()).norm()
         print(json.dumps({{"finite": bool(torch.isfinite(a).all()),
                           "gptq_error": ((a - b).norm() / spread).item(),
-                          "adapter_effect": ((c - b).norm() / spread).item(),
-                          "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item()}}))
+                          "adapter_effect": ((c - b).norm() / spread).item()}}))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["finite"]
-    assert result["gptq_error"] < 0.5 * result["adapter_effect"], result
-    assert result["top1_agreement"] > 0.7, result
+    # 4-bit error on this random tiny model is ~0.25 of the logits' spread; the adapter moves them ~1.4.
+    assert result["gptq_error"] < 0.5 and result["gptq_error"] < 0.5 * result["adapter_effect"], result
 
 
 def test_gate_judges_the_gptq_change_against_the_limit():
@@ -94,3 +93,14 @@ def test_gate_judges_the_gptq_change_against_the_limit():
     assert judge_gate(compared, 5.0)["passed"]
     failed = judge_gate(compared, 2.0)
     assert not failed["passed"] and failed["message"] == "GPTQ PPL change +3.00% > limit 2.00%"
+
+
+def test_adapter_for_another_base_exits_2_and_keeps_completed_stages(tmp_path, tokenizer, tiny_base, text_files,
+                                                                     capsys):
+    wider = save_model(tiny_llama(tokenizer, intermediate_size=384), tokenizer, tmp_path / "wider")
+    adapter = random_adapter(wider, tmp_path / "wrong-adapter")
+    config = write_config(tmp_path / "run.yaml", tiny_base, adapter, text_files, tmp_path / "run")
+    assert main(["run", str(config)]) == EXIT_BAD_INPUT
+    assert "was the adapter trained on another base model?" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["dequantized", "run.log"]
+    assert (tmp_path / "run" / "dequantized" / "model.safetensors").is_file()
