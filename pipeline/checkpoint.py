@@ -1,7 +1,8 @@
-"""Hugging Face checkpoint folders on disk: reading tensors shard by shard, writing shards, side files.
+"""Hugging Face checkpoint folders on disk: reading tensors one at a time, writing shards, side files.
 
-Only safetensors are read. A stage rewrites a checkpoint with `rewrite_checkpoint`, which keeps
-the input's shard layout and writes the index file when there is more than one shard.
+Only safetensors are read. A stage rewrites a checkpoint with `rewrite_checkpoint`, which streams
+tensors from the input shards into output shards of a maximum size, with the index file when
+there is more than one shard.
 """
 
 from __future__ import annotations
@@ -59,12 +60,9 @@ class CheckpointReader:
         self.model_dir = model_dir
         self.shards = shard_files(model_dir)
         self._handles = {}
-        self.shard_keys: dict[Path, list[str]] = {}
         self._shard_of: dict[str, Path] = {}
         for shard in self.shards:
-            keys = list(self._handle(shard).keys())
-            self.shard_keys[shard] = keys
-            self._shard_of.update(dict.fromkeys(keys, shard))
+            self._shard_of.update(dict.fromkeys(self._handle(shard).keys(), shard))
 
     def _handle(self, shard: Path):
         if shard not in self._handles:
@@ -89,31 +87,62 @@ class CheckpointReader:
 
 
 TensorTransform = Callable[[str, CheckpointReader], dict[str, torch.Tensor]]
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 
-def rewrite_checkpoint(reader: CheckpointReader, out_dir: Path, transform: TensorTransform) -> int:
-    """Write `transform(key, reader)` for every input tensor into shards named like the input's.
+class ShardWriter:
+    """Writes tensors into safetensors shards of at most `max_shard_bytes` (a larger tensor gets
+    a shard of its own), named and indexed as transformers names them. Holds one shard in memory."""
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+        self.out_dir = out_dir
+        self.max_shard_bytes = max_shard_bytes
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._shard_keys: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._buffer[name] = tensor.contiguous()
+        self._buffer_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        save_file(self._buffer, self.out_dir / f"shard-{len(self._shard_keys)}.partial", metadata={"format": "pt"})
+        self._shard_keys.append(list(self._buffer))
+        self._buffer, self._buffer_bytes = {}, 0
+
+    def close(self) -> int:
+        """Write the last shard, give shards their final names and the index; return the tensor count."""
+        if self._buffer:
+            self._flush()
+        count = len(self._shard_keys)
+        names = [SINGLE_SHARD] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        weight_map = {}
+        for i, (name, keys) in enumerate(zip(names, self._shard_keys)):
+            (self.out_dir / f"shard-{i}.partial").rename(self.out_dir / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        if count > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return len(weight_map)
+
+
+def rewrite_checkpoint(reader: CheckpointReader, out_dir: Path, transform: TensorTransform,
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> int:
+    """Write `transform(key, reader)` for every input tensor, one tensor at a time, into shards.
 
     `transform` returns the output tensors for one input key (none to drop it). Returns the
     number of tensors written.
     """
-    weight_map: dict[str, str] = {}
-    total_bytes = 0
-    for shard in reader.shards:
-        tensors: dict[str, torch.Tensor] = {}
-        for key in reader.shard_keys[shard]:
-            tensors.update(transform(key, reader))
-        if not tensors:
-            continue
-        save_file({k: v.contiguous() for k, v in tensors.items()}, out_dir / shard.name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, shard.name))
-        total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
-    if len(set(weight_map.values())) > 1:
-        index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    elif weight_map and next(iter(weight_map.values())) != SINGLE_SHARD:
-        (out_dir / next(iter(weight_map.values()))).rename(out_dir / SINGLE_SHARD)
-    return len(weight_map)
+    writer = ShardWriter(out_dir, max_shard_bytes)
+    for key in reader.keys():
+        for name, tensor in transform(key, reader).items():
+            writer.add(name, tensor)
+    return writer.close()
 
 
 def side_files(model_dir: Path) -> Iterator[Path]:

@@ -6,6 +6,7 @@ is a `ConfigError` naming the dotted key. Relative paths resolve against the con
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -126,9 +127,30 @@ class GateSection(Section):
     max_ppl_increase_pct: float | None = Field(None, ge=0)
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _bytes(value: int | str) -> int:
+    """A size as an int of bytes, or a string such as '500MB' or '2GiB'."""
+    if isinstance(value, int):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+        if not match or match.group(2).upper() not in _SIZE_UNITS:
+            raise ValueError(f"{value!r} is not a size; write bytes or e.g. '500MB', '5GB', '2GiB'")
+        size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise ValueError("must be a positive size")
+    return size
+
+
+ByteSize = Annotated[int | str, AfterValidator(_bytes)]
+
+
 class RunConfig(Section):
     output_dir: OutputPath
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_shard_size: ByteSize = 5 * 10**9  # of the dequantized and merged checkpoints
     base: BaseSection
     adapter: AdapterSection
     merge: MergeSection = Field(default_factory=MergeSection)

@@ -80,8 +80,9 @@ class Pipeline:
         """Run the four model stages in order."""
         config = self.config
         dequantized, merged, gptq = (self.run_dir / name for name in ("dequantized", "merged", "gptq"))
-        self._stage("dequantize", dequantized, lambda out: run_dequantize(config.base, out))
-        self._stage("merge", merged, lambda out: run_merge(dequantized, config.adapter.path, config.merge.dtype, out))
+        self._stage("dequantize", dequantized, lambda out: run_dequantize(config.base, out, config.max_shard_size))
+        self._stage("merge", merged, lambda out: run_merge(dequantized, config.adapter.path, config.merge.dtype, out,
+                                                           config.max_shard_size))
         self._stage("requantize", gptq,
                     lambda out: run_requantize(config.requantize, self.calibration_texts, merged, self.device, out))
         self._stage("evaluate", self.run_dir / "evaluation",

@@ -79,3 +79,14 @@ def test_eval_text_overlapping_calibration_is_refused(tmp_path, tiny_base, tiny_
     path = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, texts, tmp_path / "out")
     assert main(["run", str(path)]) == EXIT_BAD_INPUT
     assert "shares" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value, expected", [("500MB", 500 * 10**6), ("2GiB", 2 * 2**30), (1234, 1234)])
+def test_max_shard_size_accepts_units(config_path, value, expected):
+    assert load_config(config_path, [f"max_shard_size={value}"]).max_shard_size == expected
+
+
+def test_max_shard_size_default_and_bad_unit(config_path):
+    assert load_config(config_path).max_shard_size == 5 * 10**9
+    with pytest.raises(ConfigError, match="max_shard_size: '5 parsecs' is not a size"):
+        load_config(config_path, ["max_shard_size=5 parsecs"])

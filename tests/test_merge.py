@@ -127,3 +127,24 @@ def test_adapter_targeting_absent_modules_is_refused(tmp_path, dequantized, tiny
     adapter = _edit_adapter(tmp_path, tiny_adapter, rename=lambda k: k.replace("q_proj", "query"))
     with pytest.raises(AdapterError, match="targets 2 module.* the base does not have"):
         run_merge(dequantized, adapter, None, tmp_path)
+
+
+def test_streamed_shards_equal_the_single_file_result(tmp_path, dequantized, tiny_adapter):
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    whole.mkdir(), sharded.mkdir()
+    run_merge(dequantized, tiny_adapter, "float16", whole)
+    run_merge(dequantized, tiny_adapter, "float16", sharded, max_shard_bytes=60_000)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(shards) > 3 and set(index["weight_map"].values()) == set(shards)
+    for name in shards:  # at most the limit (plus the header), unless one tensor alone is larger
+        tensors = load_file(sharded / name)
+        assert len(tensors) == 1 or sum(t.numel() * t.element_size() for t in tensors.values()) <= 60_000
+    reference = load_file(whole / "model.safetensors")
+    streamed = {}
+    for name in shards:
+        streamed.update(load_file(sharded / name))
+    assert streamed.keys() == reference.keys() == index["weight_map"].keys()
+    assert all(torch.equal(streamed[k], reference[k]) for k in reference)
+    model = AutoModelForCausalLM.from_pretrained(sharded)
+    assert torch.equal(model.model.layers[1].mlp.up_proj.weight, reference["model.layers.1.mlp.up_proj.weight"])

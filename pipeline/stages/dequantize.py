@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import (CheckpointReader, copy_side_files, dtype_of, read_model_config,
+from pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, CheckpointReader, copy_side_files, dtype_of, read_model_config,
                                  rewrite_checkpoint, write_model_config)
 from pipeline.config import BaseSection
 from quant.errors import InputError
@@ -54,7 +54,7 @@ def prequantized_settings(section: BaseSection, quantization: dict) -> Bnb4bitSe
                            quant_storage=dtype_of(stored["quant_storage"]))
 
 
-def run_dequantize(section: BaseSection, out_dir: Path) -> dict:
+def run_dequantize(section: BaseSection, out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
     """Write the dequantized base into `out_dir`; return a summary for the report."""
     model_config = read_model_config(section.path)
     quantization = model_config.get("quantization_config")
@@ -63,12 +63,12 @@ def run_dequantize(section: BaseSection, out_dir: Path) -> dict:
         raise InputError(f"{section.path / 'config.json'}: base is quantized with "
                          f"{quantization.get('quant_method')!r}; give a 16-bit or bitsandbytes 4-bit checkpoint")
     if quantization:
-        summary = _dequantize_stored_4bit(reader, out_dir)
+        summary = _dequantize_stored_4bit(reader, out_dir, max_shard_bytes)
         summary["settings"] = _describe(prequantized_settings(section, quantization))
         dtype = dtype_of(summary["dtype"])
     else:
         dtype = load_dtype(section, model_config)
-        summary = _roundtrip_16bit(reader, model_config, bnb_settings(section), dtype, out_dir)
+        summary = _roundtrip_16bit(reader, model_config, bnb_settings(section), dtype, out_dir, max_shard_bytes)
     write_model_config(model_config, out_dir, dtype)
     copy_side_files(section.path, out_dir)
     log.info("dequantize: %d weights through 4-bit, %d tensors copied, dtype %s",
@@ -77,7 +77,7 @@ def run_dequantize(section: BaseSection, out_dir: Path) -> dict:
 
 
 def _roundtrip_16bit(reader: CheckpointReader, model_config: dict, settings: Bnb4bitSettings,
-                     dtype: torch.dtype, out_dir: Path) -> dict:
+                     dtype: torch.dtype, out_dir: Path, max_shard_bytes: int) -> dict:
     from transformers import CONFIG_MAPPING, AutoConfig
 
     model_type = model_config.get("model_type")
@@ -103,11 +103,11 @@ def _roundtrip_16bit(reader: CheckpointReader, model_config: dict, settings: Bnb
             return {key: roundtrip_4bit(tensor.T, dtype, settings).T}
         return {key: roundtrip_4bit(tensor, dtype, settings)}
 
-    rewrite_checkpoint(reader, out_dir, transform)
+    rewrite_checkpoint(reader, out_dir, transform, max_shard_bytes)
     return {"source": "16-bit", "dtype": str(dtype).removeprefix("torch."), "settings": _describe(settings), **counts}
 
 
-def _dequantize_stored_4bit(reader: CheckpointReader, out_dir: Path) -> dict:
+def _dequantize_stored_4bit(reader: CheckpointReader, out_dir: Path, max_shard_bytes: int) -> dict:
     packed = {key for key in reader.keys() if f"{key}.absmax" in reader}
     state_keys = {f"{key}{suffix}" for key in packed for suffix in QUANT_STATE_SUFFIXES}
     counts = {"quantized": 0, "copied": 0}
@@ -125,7 +125,7 @@ def _dequantize_stored_4bit(reader: CheckpointReader, out_dir: Path) -> dict:
         dtypes.add(weight.dtype)
         return {key: weight}
 
-    rewrite_checkpoint(reader, out_dir, transform)
+    rewrite_checkpoint(reader, out_dir, transform, max_shard_bytes)
     if len(dtypes) != 1:
         raise InputError(f"{reader.model_dir}: found {len(packed)} 4-bit weights with dtypes {dtypes}; expected one dtype")
     return {"source": "bitsandbytes 4-bit", "dtype": str(dtypes.pop()).removeprefix("torch."), **counts}

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import (CheckpointReader, copy_side_files, dtype_of, read_model_config,
+from pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, CheckpointReader, copy_side_files, dtype_of, read_model_config,
                                  rewrite_checkpoint, write_model_config)
 from quant.merge import AdapterError, lora_delta, merge_weight, read_lora_adapter
 
 log = logging.getLogger(__name__)
 
 
-def run_merge(dequantized_dir: Path, adapter_dir: Path, dtype_name: str | None, out_dir: Path) -> dict:
+def run_merge(dequantized_dir: Path, adapter_dir: Path, dtype_name: str | None, out_dir: Path,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
     """Merge the adapter in `adapter_dir` into `dequantized_dir`, writing `out_dir`; return a summary."""
     modules = read_lora_adapter(adapter_dir)
     model_config = read_model_config(dequantized_dir)
@@ -42,7 +43,7 @@ def run_merge(dequantized_dir: Path, adapter_dir: Path, dtype_name: str | None, 
         largest.append((delta.abs().max().item(), key))
         return {key: merge_weight(tensor, delta, dtype)}
 
-    rewrite_checkpoint(reader, out_dir, transform)
+    rewrite_checkpoint(reader, out_dir, transform, max_shard_bytes)
     write_model_config(model_config, out_dir, dtype)
     copy_side_files(dequantized_dir, out_dir)
     log.info("merge: %d LoRA modules merged in fp32, written as %s", len(modules), dtype)
