@@ -11,9 +11,11 @@ def device_map(device: str) -> dict[str, str | int]:
     return {"": 0 if device == "cuda" else "cpu"}
 
 
-def load_separate_adapter(base_dir: Path, adapter_dir: Path, quantization, dtype: torch.dtype, device: str):
+def load_separate_adapter(base_dir: Path, adapters: list[tuple[Path, float]], combination: str | None,
+                          quantization, dtype: torch.dtype, device: str):
     """The model as trained: the base loaded in 4-bit by transformers + bitsandbytes, adapter unmerged (PEFT).
 
+    Several `adapters` (path, weight) are combined with PEFT's add_weighted_adapter(combination).
     `quantization` is a BitsAndBytesConfig, or None when the base checkpoint is already 4-bit.
     """
     from peft import PeftModel
@@ -21,7 +23,14 @@ def load_separate_adapter(base_dir: Path, adapter_dir: Path, quantization, dtype
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization, dtype=dtype,
                                                 device_map=device_map(device))
-    return PeftModel.from_pretrained(base, adapter_dir, is_trainable=False).eval()
+    model = PeftModel.from_pretrained(base, adapters[0][0], adapter_name="adapter0", is_trainable=False)
+    if len(adapters) > 1:
+        names = [f"adapter{i}" for i in range(len(adapters))]
+        for name, (path, _) in zip(names[1:], adapters[1:]):
+            model.load_adapter(path, adapter_name=name, is_trainable=False)
+        model.add_weighted_adapter(names, [w for _, w in adapters], "combined", combination_type=combination)
+        model.set_adapter("combined")
+    return model.eval()
 
 
 def load_plain(model_dir: Path, device: str, dtype: torch.dtype | str = "auto"):

@@ -71,8 +71,37 @@ class BaseSection(Section):
     bnb: BnbSection = Field(default_factory=BnbSection)
 
 
-class AdapterSection(Section):
+class WeightedAdapter(Section):
     path: InputPath
+    weight: float = 1.0
+
+
+class AdapterSection(Section):
+    """One adapter (`path`), or several combined as PEFT's add_weighted_adapter does."""
+
+    path: InputPath | None = None
+    combination: Literal["linear", "cat"] | None = None
+    adapters: list[WeightedAdapter] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "AdapterSection":
+        if self.path is not None and (self.adapters or self.combination):
+            raise ValueError("set either 'path' (one adapter) or 'combination' with 'adapters', not both")
+        if self.path is None and (len(self.adapters) < 2 or self.combination is None):
+            raise ValueError("set 'path', or 'combination' (linear | cat) with two or more 'adapters'")
+        return self
+
+    def keyed_paths(self) -> list[tuple[str, Path]]:
+        """(config key, path) of every adapter directory."""
+        if self.path is not None:
+            return [("adapter.path", self.path)]
+        return [(f"adapter.adapters.{i}.path", a.path) for i, a in enumerate(self.adapters)]
+
+    def describe(self) -> str:
+        """How error messages name the adapter(s)."""
+        if self.path is not None:
+            return str(self.path)
+        return f"{self.combination} combination of " + ", ".join(str(a.path) for a in self.adapters)
 
 
 class MergeSection(Section):

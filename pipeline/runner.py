@@ -59,7 +59,7 @@ class Pipeline:
     def setup(self) -> None:
         """Check inputs that need reading before anything is written, then create the run directory."""
         config = self.config
-        for key, path in (("base.path", config.base.path), ("adapter.path", config.adapter.path)):
+        for key, path in [("base.path", config.base.path), *config.adapter.keyed_paths()]:
             if self.run_dir == path or path in self.run_dir.parents:
                 raise InputError(f"output_dir {self.run_dir} is inside {key} {path}; choose another output_dir")
         if config.device == "cuda" and not torch.cuda.is_available():
@@ -81,7 +81,7 @@ class Pipeline:
         config = self.config
         dequantized, merged, gptq = (self.run_dir / name for name in ("dequantized", "merged", "gptq"))
         self._stage("dequantize", dequantized, lambda out: run_dequantize(config.base, out, config.max_shard_size))
-        self._stage("merge", merged, lambda out: run_merge(dequantized, config.adapter.path, config.merge.dtype, out,
+        self._stage("merge", merged, lambda out: run_merge(dequantized, config.adapter, config.merge.dtype, out,
                                                            config.max_shard_size))
         self._stage("requantize", gptq,
                     lambda out: run_requantize(config.requantize, self.calibration_texts, merged, self.device, out))

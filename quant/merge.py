@@ -1,14 +1,16 @@
-"""Reading a PEFT LoRA adapter and merging it into dequantized weights, in fp32.
+"""Reading PEFT LoRA adapters and merging them into dequantized weights, in fp32.
 
-The math is two pure functions, `lora_delta` and `merge_weight`; `read_lora_adapter` turns an
-adapter directory into per-module (A, B, scaling) triples and refuses what it cannot merge.
+The math is a few pure functions: `lora_delta` (scaling · B @ A), `merge_weight` (W + delta, or
+DoRA's magnitude-normalized W + delta), `merge_bias` and `combine_adapters` (PEFT's
+add_weighted_adapter "linear" and "cat"). `read_lora_adapter` turns an adapter directory into a
+`LoraAdapter` and refuses, naming the feature, what it cannot merge.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from quant.errors import InputError
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector")
 
 
 class AdapterError(InputError):
@@ -27,12 +30,34 @@ class AdapterError(InputError):
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One LoRA-adapted Linear: delta = scaling * B @ A (transposed when fan_in_fan_out)."""
+    """One LoRA-adapted layer of the base.
+
+    Linear: delta = scaling · B @ A, transposed when fan_in_fan_out (Conv1D layout).
+    Embedding: A is (r, num_embeddings), B is (dim, r), delta = scaling · (B @ A)ᵀ.
+    `magnitude` is DoRA's per-output-row magnitude vector; `bias` is lora_B's bias (lora_bias).
+    """
 
     lora_a: torch.Tensor
     lora_b: torch.Tensor
     scaling: float
-    fan_in_fan_out: bool
+    fan_in_fan_out: bool = False
+    embedding: bool = False
+    magnitude: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """An adapter as the merge needs it: LoRA modules and whole tensors that replace the base's.
+
+    `replacements` holds tensors PEFT saved in full (biases trained with bias="lora_only"/"all",
+    modules_to_save, saved embedding layers), keyed by the base checkpoint's tensor name.
+    """
+
+    modules: dict[str, LoraModule]
+    replacements: dict[str, torch.Tensor] = field(default_factory=dict)
+    rank: int = 8  # the config's r
+    use_rslora: bool = False
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -43,14 +68,26 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
 def lora_delta(module: LoraModule) -> torch.Tensor:
     """The fp32 weight delta of one LoRA module, in the base weight's layout."""
     delta = module.scaling * (module.lora_b.float() @ module.lora_a.float())
-    return delta.T if module.fan_in_fan_out else delta
+    return delta.T if module.fan_in_fan_out or module.embedding else delta
 
 
-def merge_weight(weight: torch.Tensor, delta: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """Add an fp32 delta to the fp32 upcast of `weight` and cast once to `out_dtype`."""
+def merge_weight(weight: torch.Tensor, module: LoraModule, out_dtype: torch.dtype) -> torch.Tensor:
+    """W + delta in fp32, cast once to `out_dtype`; with DoRA, each output row of W + delta is
+    rescaled to the trained magnitude (its norm taken as PEFT takes it, in the (out, in) layout)."""
+    delta = lora_delta(module)
     if weight.shape != delta.shape:
         raise ValueError(f"delta shape {tuple(delta.shape)} does not match weight shape {tuple(weight.shape)}")
-    return (weight.float() + delta).to(out_dtype)
+    merged = weight.float() + delta
+    if module.magnitude is not None:
+        rows = merged.T if module.fan_in_fan_out else merged
+        rows = rows * (module.magnitude.float() / torch.linalg.norm(rows, dim=1)).view(-1, 1)
+        merged = rows.T if module.fan_in_fan_out else rows
+    return merged.to(out_dtype)
+
+
+def merge_bias(bias: torch.Tensor, module: LoraModule, out_dtype: torch.dtype) -> torch.Tensor:
+    """The base bias plus scaling · lora_B's bias, in fp32, cast once."""
+    return (bias.float() + module.scaling * module.bias.float()).to(out_dtype)
 
 
 def _refuse_unsupported(config: dict, tensor_names: list[str], where: Path) -> None:
@@ -58,41 +95,46 @@ def _refuse_unsupported(config: dict, tensor_names: list[str], where: Path) -> N
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise AdapterError(f"{where}: adapter type {peft_type} is not supported; only LORA adapters can be merged")
+    dora_embedding = config.get("use_dora") and any(".lora_embedding_" in n for n in tensor_names)
     refusals = [
-        (config.get("use_dora"), "DoRA (use_dora: true)"),
-        (config.get("modules_to_save"), f"modules_to_save {config.get('modules_to_save')}"),
-        (config.get("bias", "none") != "none", f"bias: {config.get('bias')!r}"),
-        (config.get("lora_bias"), "lora_bias: true"),
+        (dora_embedding, "DoRA on embedding layers"),
+        (config.get("use_dora") and config.get("lora_bias"), "DoRA together with lora_bias"),
         (config.get("layer_replication"), "layer_replication"),
         (config.get("target_parameters"), "target_parameters (LoRA on raw parameters)"),
         (config.get("trainable_token_indices"), "trainable_token_indices"),
-        (any("lora_embedding_" in n for n in tensor_names), "LoRA on embedding layers (lora_embedding_A/B)"),
     ]
     for present, feature in refusals:
         if present:
-            raise AdapterError(f"{where}: {feature} is not supported by the merge yet; retrain without it")
-    unknown = [n for n in tensor_names if ".lora_A." not in n and ".lora_B." not in n]
-    if unknown:
-        raise AdapterError(f"{where}: tensor {unknown[0]!r} is not a LoRA A/B matrix; this adapter cannot be merged")
+            raise AdapterError(f"{where}: {feature} is not supported by the merge; retrain without it")
 
 
-def read_lora_adapter(adapter_dir: Path) -> dict[str, LoraModule]:
-    """Read a PEFT LoRA adapter directory into {base module name: LoraModule}."""
+def _base_name(saved_name: str) -> str:
+    """The base checkpoint's tensor name for a whole tensor saved in an adapter file."""
+    return saved_name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+
+
+def read_lora_adapter(adapter_dir: Path) -> LoraAdapter:
+    """Read a PEFT LoRA adapter directory into a LoraAdapter keyed by base module names."""
     from peft.utils.other import get_pattern_key
 
     config_path, weights_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise AdapterError(f"{path}: not found; a PEFT adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+            hint = " (found adapter_model.bin: save it as safetensors)" if (adapter_dir / "adapter_model.bin").is_file() else ""
+            raise AdapterError(f"{path}: not found{hint}; a PEFT adapter directory holds {ADAPTER_CONFIG} "
+                               f"and {ADAPTER_WEIGHTS}")
     config = json.loads(config_path.read_text())
     tensors = load_file(weights_path)
     _refuse_unsupported(config, list(tensors), weights_path)
 
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    use_rslora = bool(config.get("use_rslora"))
     modules: dict[str, LoraModule] = {}
-    for name_a in sorted(n for n in tensors if ".lora_A." in n):
-        module_name = name_a.split(".lora_A.")[0].removeprefix(PEFT_PREFIX)
-        name_b = name_a.replace(".lora_A.", ".lora_B.")
+    for name_a in sorted(n for n in tensors if ".lora_A." in n or n.endswith(".lora_embedding_A")):
+        embedding = name_a.endswith(".lora_embedding_A")
+        prefix = name_a.removesuffix(".lora_embedding_A") if embedding else name_a.split(".lora_A.")[0]
+        module_name = prefix.removeprefix(PEFT_PREFIX)
+        name_b = f"{prefix}.lora_embedding_B" if embedding else f"{prefix}.lora_B.weight"
         if name_b not in tensors:
             raise AdapterError(f"{weights_path}: {name_a} has no matching {name_b}")
         lora_a, lora_b = tensors[name_a], tensors[name_b]
@@ -103,11 +145,48 @@ def read_lora_adapter(adapter_dir: Path) -> dict[str, LoraModule]:
                 f"{weights_path}: {module_name} has rank {lora_a.shape[0]} but {ADAPTER_CONFIG} says r={rank}"
             )
         modules[module_name] = LoraModule(
-            lora_a=lora_a,
-            lora_b=lora_b,
-            scaling=lora_scaling(alpha, rank, bool(config.get("use_rslora"))),
-            fan_in_fan_out=bool(config.get("fan_in_fan_out")),
+            lora_a=lora_a, lora_b=lora_b, scaling=lora_scaling(alpha, rank, use_rslora),
+            fan_in_fan_out=bool(config.get("fan_in_fan_out")) and not embedding, embedding=embedding,
+            magnitude=tensors.get(f"{prefix}.lora_magnitude_vector"), bias=tensors.get(f"{prefix}.lora_B.bias"),
         )
-    if not modules:
+    consumed = {n for n in tensors if any(marker in n for marker in LORA_MARKERS)}
+    replacements = {_base_name(n): t for n, t in tensors.items() if n not in consumed}
+    if not modules and not replacements:
         raise AdapterError(f"{weights_path}: holds no LoRA matrices")
-    return modules
+    return LoraAdapter(modules=modules, replacements=replacements, rank=config["r"], use_rslora=use_rslora)
+
+
+def combine_adapters(adapters: list[LoraAdapter], weights: list[float], combination: str) -> LoraAdapter:
+    """One adapter equal to PEFT's add_weighted_adapter(adapters, weights, combination_type).
+
+    "cat" stacks the weighted A matrices (w·scaling·A) and the B matrices: the delta is exactly the
+    weighted sum of the deltas. "linear" (all adapters of one rank) sums sqrt(|w·scaling|)-weighted
+    A and B matrices separately, cross terms included, as PEFT does. The result has r = alpha =
+    new rank, so its scaling is 1 (sqrt(new rank) with rsLoRA, as PEFT copies the first config).
+    """
+    if combination not in ("linear", "cat"):
+        raise AdapterError(f"adapter.combination {combination!r} is not supported; use 'linear' or 'cat'")
+    for adapter in adapters:
+        if adapter.replacements or any(m.magnitude is not None or m.bias is not None for m in adapter.modules.values()):
+            raise AdapterError("adapters with DoRA, lora_bias, trained biases or modules_to_save cannot be combined; "
+                               "merge them one at a time")
+    if combination == "linear" and len({a.rank for a in adapters}) > 1:
+        raise AdapterError(f"combination 'linear' needs adapters of one rank, got r={[a.rank for a in adapters]}; "
+                           "use 'cat'")
+    new_rank = sum(a.rank for a in adapters) if combination == "cat" else adapters[0].rank
+    combined = {}
+    for name in sorted(set().union(*(a.modules for a in adapters))):
+        parts = [(w, a.modules[name]) for a, w in zip(adapters, weights) if name in a.modules]
+        if combination == "cat":
+            lora_a = torch.cat([w * m.scaling * m.lora_a.float() for w, m in parts], dim=0)
+            lora_b = torch.cat([m.lora_b.float() for _, m in parts], dim=1)
+        else:
+            factors = [(math.copysign(math.sqrt(abs(w * m.scaling)), w * m.scaling), math.sqrt(abs(w * m.scaling)))
+                       for w, m in parts]
+            lora_a = sum(fa * m.lora_a.float() for (fa, _), (_, m) in zip(factors, parts))
+            lora_b = sum(fb * m.lora_b.float() for (_, fb), (_, m) in zip(factors, parts))
+        first = parts[0][1]
+        combined[name] = LoraModule(lora_a=lora_a, lora_b=lora_b,
+                                    scaling=lora_scaling(new_rank, new_rank, adapters[0].use_rslora),
+                                    fan_in_fan_out=first.fan_in_fan_out, embedding=first.embedding)
+    return LoraAdapter(modules=combined, rank=new_rank, use_rslora=adapters[0].use_rslora)

@@ -79,7 +79,7 @@ def text_files(tmp_path_factory, corpus) -> dict[str, Path]:
     return files
 
 
-def write_config(path: Path, base: Path, adapter: Path, texts: dict[str, Path], output_dir: Path,
+def write_config(path: Path, base: Path, adapter_dir: Path, texts: dict[str, Path], output_dir: Path,
                  **sections) -> Path:
     """A valid YAML run config for the tiny fixtures; `sections` replace whole top-level sections."""
     import yaml
@@ -88,7 +88,7 @@ def write_config(path: Path, base: Path, adapter: Path, texts: dict[str, Path], 
         "output_dir": str(output_dir),
         "device": "cpu",
         "base": {"path": str(base), "dtype": "float32", "bnb": {"compute_dtype": "float32"}},
-        "adapter": {"path": str(adapter)},
+        "adapter": {"path": str(adapter_dir)},
         "merge": {"dtype": "float16"},
         "requantize": {"bits": 4, "group_size": 64, "batch_size": 4,
                        "calibration": {"path": str(texts["calibration"]), "n_samples": 16, "seq_len": 64}},

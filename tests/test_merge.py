@@ -10,8 +10,8 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import random_adapter, save_model
-from pipeline.config import BaseSection
+from conftest import random_adapter, save_model, tiny_llama
+from pipeline.config import AdapterSection, BaseSection
 from pipeline.stages.dequantize import run_dequantize
 from pipeline.stages.merge import run_merge
 from quant.merge import AdapterError
@@ -20,34 +20,60 @@ FP32_ROUNDING = 1e-6
 
 
 @pytest.fixture(scope="module")
-def dequantized(tmp_path_factory, tiny_base):
-    out = tmp_path_factory.mktemp("merge") / "dequantized"
+def dequantized(tmp_path_factory, tokenizer):
+    """A dequantized tiny LLaMA whose attention and MLP Linears have biases."""
+    folder = tmp_path_factory.mktemp("merge")
+    base = save_model(tiny_llama(tokenizer, attention_bias=True, mlp_bias=True), tokenizer, folder / "base")
+    out = folder / "dequantized"
     out.mkdir()
-    run_dequantize(BaseSection(path=tiny_base, dtype="bfloat16"), out)
+    run_dequantize(BaseSection(path=base, dtype="bfloat16"), out)
     return out
 
 
-def peft_merged(model_dir, adapter_dir) -> dict[str, torch.Tensor]:
+def as_if_trained(adapter_dir, seed: int = 1) -> None:
+    """Perturb every saved tensor of an adapter (DoRA magnitudes, biases, saved modules), as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    path = adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(path)
+    save_file({k: v * (1 + 0.2 * torch.randn(v.shape, generator=generator)) for k, v in tensors.items()}, path)
+
+
+def peft_merged(model_dir, adapter_dir, weights=None, combination=None) -> dict[str, torch.Tensor]:
+    """PEFT's merge_and_unload on the fp32 model; several adapters go through add_weighted_adapter."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().state_dict()
+    adapter_dirs = adapter_dir if isinstance(adapter_dir, list) else [adapter_dir]
+    peft_model = PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name="a0")
+    if len(adapter_dirs) > 1:
+        names = [f"a{i}" for i in range(len(adapter_dirs))]
+        for name, path in zip(names[1:], adapter_dirs[1:]):
+            peft_model.load_adapter(path, adapter_name=name)
+        peft_model.add_weighted_adapter(names, weights, "combined", combination_type=combination)
+        peft_model.set_adapter("combined")
+    return peft_model.merge_and_unload().state_dict()
 
 
-def our_merged(tmp_path, model_dir, adapter_dir, dtype="float32") -> tuple[dict[str, torch.Tensor], dict]:
+def our_merged(tmp_path, model_dir, section: AdapterSection, dtype="float32") -> tuple[dict[str, torch.Tensor], dict]:
     out = tmp_path / "merged"
     out.mkdir()
-    summary = run_merge(model_dir, adapter_dir, dtype, out)
+    summary = run_merge(model_dir, section, dtype, out)
     return load_file(out / "model.safetensors"), summary
 
 
-def assert_matches_peft(tmp_path, model_dir, adapter_dir) -> None:
-    ours, summary = our_merged(tmp_path, model_dir, adapter_dir)
-    reference = peft_merged(model_dir, adapter_dir)
+def assert_matches_peft(tmp_path, model_dir, adapter_dir, weights=None, combination=None) -> dict:
+    if combination is None:
+        section = AdapterSection(path=adapter_dir)
+    else:
+        section = AdapterSection(combination=combination,
+                                 adapters=[{"path": p, "weight": w} for p, w in zip(adapter_dir, weights)])
+    ours, summary = our_merged(tmp_path, model_dir, section)
+    reference = peft_merged(model_dir, adapter_dir, weights, combination)
     original = load_file(next(model_dir.glob("*.safetensors")))
     changed = 0
     for key, tensor in ours.items():
         assert (tensor - reference[key]).abs().max().item() <= FP32_ROUNDING, key
         changed += not torch.equal(tensor, original[key].float())
-    assert changed == summary["modules_merged"] > 0
+    assert changed >= summary["modules_merged"] > 0
+    return summary
 
 
 @pytest.mark.parametrize("lora_kwargs", [
@@ -55,10 +81,31 @@ def assert_matches_peft(tmp_path, model_dir, adapter_dir) -> None:
     {"use_rslora": True, "r": 16, "lora_alpha": 8},
     {"target_modules": ["q_proj", "v_proj", "down_proj"], "rank_pattern": {"v_proj": 4, "layers.1.mlp.down_proj": 2},
      "alpha_pattern": {"q_proj": 3.0}},
-], ids=["lora", "rslora", "rank-alpha-pattern"])
+    {"target_modules": r".*layers\.1\.(mlp\.up_proj|self_attn\.k_proj)"},
+    {"use_dora": True},
+    {"bias": "lora_only"},
+    {"bias": "all"},
+    {"lora_bias": True},
+    {"target_modules": ["q_proj"], "modules_to_save": ["lm_head", "embed_tokens"]},
+    {"target_modules": ["embed_tokens", "q_proj", "down_proj"]},
+], ids=["lora", "rslora", "rank-alpha-pattern", "regex-targets", "dora", "bias-lora-only", "bias-all", "lora-bias",
+        "modules-to-save", "embedding-lora"])
 def test_merge_equals_peft_merge_and_unload(tmp_path, dequantized, lora_kwargs):
     adapter = random_adapter(dequantized, tmp_path / "adapter", **lora_kwargs)
+    as_if_trained(adapter)
     assert_matches_peft(tmp_path, dequantized, adapter)
+
+
+@pytest.mark.parametrize("combination, ranks, weights", [
+    ("cat", (8, 4), [0.7, 0.5]),
+    ("linear", (8, 8), [0.7, -0.4]),
+])
+def test_weighted_adapters_equal_peft_add_weighted_adapter(tmp_path, dequantized, combination, ranks, weights):
+    adapters = [random_adapter(dequantized, tmp_path / f"adapter{i}", seed=i, r=r,
+                               target_modules=["q_proj", "v_proj", "up_proj"] if i else ["q_proj", "down_proj"])
+                for i, r in enumerate(ranks)]
+    summary = assert_matches_peft(tmp_path, dequantized, adapters, weights, combination)
+    assert summary["modules_merged"] == 2 * 4  # q, v, up, down in each of 2 layers
 
 
 def test_fan_in_fan_out_on_gpt2(tmp_path, tokenizer):
@@ -74,7 +121,7 @@ def test_fan_in_fan_out_on_gpt2(tmp_path, tokenizer):
 def test_merged_checkpoint_is_plain_transformers(tmp_path, dequantized, tiny_adapter):
     out = tmp_path / "merged"
     out.mkdir()
-    run_merge(dequantized, tiny_adapter, "float16", out)
+    run_merge(dequantized, AdapterSection(path=tiny_adapter), "float16", out)
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "float16"
     assert (out / "tokenizer.json").is_file()
@@ -97,21 +144,29 @@ def _edit_adapter(tmp_path, adapter_dir, config_changes=None, rename=None):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"use_dora": True}, "DoRA"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ({"bias": "all"}, "bias: 'all'"),
     ({"peft_type": "IA3"}, "adapter type IA3 is not supported"),
+    ({"peft_type": "LOHA"}, "adapter type LOHA is not supported"),
+    ({"layer_replication": [[0, 2]]}, "layer_replication is not supported"),
+    ({"trainable_token_indices": [1, 2]}, "trainable_token_indices is not supported"),
 ])
 def test_unsupported_adapter_features_are_refused(tmp_path, dequantized, tiny_adapter, changes, message):
     adapter = _edit_adapter(tmp_path, tiny_adapter, changes)
     with pytest.raises(AdapterError, match=message):
-        run_merge(dequantized, adapter, None, tmp_path)
+        run_merge(dequantized, AdapterSection(path=adapter), None, tmp_path)
 
 
-def test_embedding_lora_is_refused(tmp_path, dequantized, tiny_adapter):
-    adapter = _edit_adapter(tmp_path, tiny_adapter, rename=lambda k: k.replace("lora_A", "lora_embedding_A"))
-    with pytest.raises(AdapterError, match="LoRA on embedding layers"):
-        run_merge(dequantized, adapter, None, tmp_path)
+def test_dora_on_embeddings_is_refused(tmp_path, dequantized):
+    adapter = random_adapter(dequantized, tmp_path / "embedding", target_modules=["embed_tokens", "q_proj"])
+    adapter = _edit_adapter(tmp_path, adapter, {"use_dora": True})
+    with pytest.raises(AdapterError, match="DoRA on embedding layers is not supported"):
+        run_merge(dequantized, AdapterSection(path=adapter), None, tmp_path)
+
+
+def test_linear_combination_of_different_ranks_is_refused(tmp_path, dequantized):
+    adapters = [random_adapter(dequantized, tmp_path / f"a{r}", r=r) for r in (4, 8)]
+    section = AdapterSection(combination="linear", adapters=[{"path": p} for p in adapters])
+    with pytest.raises(AdapterError, match=r"'linear' needs adapters of one rank, got r=\[4, 8\]; use 'cat'"):
+        run_merge(dequantized, section, None, tmp_path)
 
 
 def test_adapter_for_another_base_is_refused(tmp_path, dequantized, tokenizer):
@@ -120,20 +175,20 @@ def test_adapter_for_another_base_is_refused(tmp_path, dequantized, tokenizer):
     wider = save_model(tiny_llama(tokenizer, intermediate_size=384), tokenizer, tmp_path / "wider")
     adapter = random_adapter(wider, tmp_path / "adapter")
     with pytest.raises(AdapterError, match=r"delta for .* has shape .* another base model"):
-        run_merge(dequantized, adapter, None, tmp_path / "x")
+        run_merge(dequantized, AdapterSection(path=adapter), None, tmp_path / "x")
 
 
 def test_adapter_targeting_absent_modules_is_refused(tmp_path, dequantized, tiny_adapter):
     adapter = _edit_adapter(tmp_path, tiny_adapter, rename=lambda k: k.replace("q_proj", "query"))
-    with pytest.raises(AdapterError, match="targets 2 module.* the base does not have"):
-        run_merge(dequantized, adapter, None, tmp_path)
+    with pytest.raises(AdapterError, match="needs 2 tensor.* the base does not have, e.g. 'model.layers.0.self_attn.query"):
+        run_merge(dequantized, AdapterSection(path=adapter), None, tmp_path)
 
 
 def test_streamed_shards_equal_the_single_file_result(tmp_path, dequantized, tiny_adapter):
     whole, sharded = tmp_path / "whole", tmp_path / "sharded"
     whole.mkdir(), sharded.mkdir()
-    run_merge(dequantized, tiny_adapter, "float16", whole)
-    run_merge(dequantized, tiny_adapter, "float16", sharded, max_shard_bytes=60_000)
+    run_merge(dequantized, AdapterSection(path=tiny_adapter), "float16", whole)
+    run_merge(dequantized, AdapterSection(path=tiny_adapter), "float16", sharded, max_shard_bytes=60_000)
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in sharded.glob("*.safetensors"))
     assert len(shards) > 3 and set(index["weight_map"].values()) == set(shards)

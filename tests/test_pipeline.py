@@ -104,3 +104,15 @@ def test_adapter_for_another_base_exits_2_and_keeps_completed_stages(tmp_path, t
     assert "was the adapter trained on another base model?" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["dequantized", "run.log"]
     assert (tmp_path / "run" / "dequantized" / "model.safetensors").is_file()
+
+
+def test_weighted_adapters_run_end_to_end(tmp_path, tiny_base, text_files):
+    adapters = [random_adapter(tiny_base, tmp_path / f"adapter{i}", seed=i, r=r) for i, r in enumerate((8, 4))]
+    section = {"combination": "cat", "adapters": [{"path": str(adapters[0]), "weight": 0.6},
+                                                   {"path": str(adapters[1]), "weight": 0.4}]}
+    config = write_config(tmp_path / "run.yaml", tiny_base, adapters[0], text_files, tmp_path / "run",
+                          adapter=section)
+    assert main(["run", str(config)]) == EXIT_OK
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert abs(report["models"]["merged"]["delta_pct"]) < 0.5
+    assert report["stages"]["merge"]["modules_merged"] == 14

@@ -61,7 +61,9 @@ def run_evaluate(config: RunConfig, device: str, merged_dir: Path, gptq_dir: Pat
     quantization = None if prequantized else bnb_settings(config.base).to_transformers()
     dtype = load_dtype(config.base, base_config) if not prequantized else "auto"
     models: dict[str, dict] = {}
-    separate = load_separate_adapter(config.base.path, config.adapter.path, quantization, dtype, device)
+    adapter = config.adapter
+    weighted = [(adapter.path, 1.0)] if adapter.path else [(a.path, a.weight) for a in adapter.adapters]
+    separate = load_separate_adapter(config.base.path, weighted, adapter.combination, quantization, dtype, device)
     with separate.disable_adapter():
         models["base_nf4"] = _score("base_nf4", separate, windows, section.batch_size, tokens_per_window)
     models["baseline"] = _score("baseline", separate, windows, section.batch_size, tokens_per_window)

@@ -1,7 +1,8 @@
-"""Stage 2, merge: add the LoRA deltas, computed in fp32, to the dequantized weights.
+"""Stage 2, merge: apply the adapter(s), with deltas computed in fp32, to the dequantized weights.
 
-Input: the dequantized checkpoint and the adapter folder. Output: a plain checkpoint in the
-merge dtype that `AutoModelForCausalLM.from_pretrained` loads without PEFT or quantization.
+Input: the dequantized checkpoint and the adapter section (one adapter, or several combined with
+PEFT's add_weighted_adapter semantics). Output: a plain checkpoint in the merge dtype that
+`AutoModelForCausalLM.from_pretrained` loads without PEFT or quantization.
 """
 
 from __future__ import annotations
@@ -11,41 +12,63 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, CheckpointReader, copy_side_files, dtype_of, read_model_config,
-                                 rewrite_checkpoint, write_model_config)
-from quant.merge import AdapterError, lora_delta, merge_weight, read_lora_adapter
+from pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, CheckpointReader, copy_side_files, dtype_of,
+                                 read_model_config, rewrite_checkpoint, write_model_config)
+from pipeline.config import AdapterSection
+from quant.merge import AdapterError, LoraAdapter, combine_adapters, lora_delta, merge_bias, merge_weight, read_lora_adapter
 
 log = logging.getLogger(__name__)
 
 
-def run_merge(dequantized_dir: Path, adapter_dir: Path, dtype_name: str | None, out_dir: Path,
+def load_adapter(section: AdapterSection) -> LoraAdapter:
+    """The adapter to merge: the one adapter, or the weighted combination of several."""
+    if section.path is not None:
+        return read_lora_adapter(section.path)
+    return combine_adapters([read_lora_adapter(a.path) for a in section.adapters],
+                            [a.weight for a in section.adapters], section.combination)
+
+
+def run_merge(dequantized_dir: Path, section: AdapterSection, dtype_name: str | None, out_dir: Path,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
-    """Merge the adapter in `adapter_dir` into `dequantized_dir`, writing `out_dir`; return a summary."""
-    modules = read_lora_adapter(adapter_dir)
+    """Merge the adapter(s) of `section` into `dequantized_dir`, writing `out_dir`; return a summary."""
+    adapter = load_adapter(section)
+    where = section.describe()
     model_config = read_model_config(dequantized_dir)
     dtype = dtype_of(dtype_name or model_config["dtype"])
     reader = CheckpointReader(dequantized_dir)
-    absent = sorted(name for name in modules if f"{name}.weight" not in reader)
+    wanted = [f"{name}.weight" for name in adapter.modules] + list(adapter.replacements)
+    wanted += [f"{name}.bias" for name, m in adapter.modules.items() if m.bias is not None]
+    absent = sorted(key for key in wanted if key not in reader)
     if absent:
-        raise AdapterError(f"{adapter_dir}: targets {len(absent)} module(s) the base does not have, e.g. "
-                           f"{absent[0]!r}; was the adapter trained on another base model?")
+        raise AdapterError(f"{where}: needs {len(absent)} tensor(s) the base does not have, e.g. {absent[0]!r}; "
+                           "was the adapter trained on another base model?")
     largest: list[tuple[float, str]] = []
 
     def transform(key: str, reader: CheckpointReader) -> dict[str, torch.Tensor]:
-        tensor = reader.get(key)
-        module = modules.get(key.removesuffix(".weight")) if key.endswith(".weight") else None
-        if module is None:
-            return {key: tensor.to(dtype) if tensor.is_floating_point() else tensor}
-        delta = lora_delta(module)
-        if delta.shape != tensor.shape:
-            raise AdapterError(f"{adapter_dir}: delta for {key} has shape {tuple(delta.shape)} but the base weight "
-                               f"is {tuple(tensor.shape)}; was the adapter trained on another base model?")
-        largest.append((delta.abs().max().item(), key))
-        return {key: merge_weight(tensor, delta, dtype)}
+        tensor = adapter.replacements.get(key)
+        if tensor is None:
+            tensor = reader.get(key)
+        elif tensor.shape != reader.get(key).shape:
+            raise AdapterError(f"{where}: saved {key} has shape {tuple(tensor.shape)}, the base's is "
+                               f"{tuple(reader.get(key).shape)}; was the adapter trained on another base model?")
+        module_name, _, kind = key.rpartition(".")
+        module = adapter.modules.get(module_name)
+        if module is not None and kind == "weight":
+            delta = lora_delta(module)
+            if delta.shape != tensor.shape:
+                raise AdapterError(f"{where}: delta for {key} has shape {tuple(delta.shape)} but the base weight "
+                                   f"is {tuple(tensor.shape)}; was the adapter trained on another base model?")
+            largest.append((delta.abs().max().item(), key))
+            return {key: merge_weight(tensor, module, dtype)}
+        if module is not None and kind == "bias" and module.bias is not None:
+            return {key: merge_bias(tensor, module, dtype)}
+        return {key: tensor.to(dtype) if tensor.is_floating_point() else tensor}
 
     rewrite_checkpoint(reader, out_dir, transform, max_shard_bytes)
     write_model_config(model_config, out_dir, dtype)
     copy_side_files(dequantized_dir, out_dir)
-    log.info("merge: %d LoRA modules merged in fp32, written as %s", len(modules), dtype)
-    return {"modules_merged": len(modules), "dtype": str(dtype).removeprefix("torch."),
+    log.info("merge: %d LoRA modules merged in fp32 and %d tensors replaced, written as %s",
+             len(adapter.modules), len(adapter.replacements), dtype)
+    return {"modules_merged": len(adapter.modules), "tensors_replaced": sorted(adapter.replacements),
+            "dtype": str(dtype).removeprefix("torch."),
             "largest_deltas": [{"weight": k, "max_abs_delta": v} for v, k in sorted(largest, reverse=True)[:5]]}
