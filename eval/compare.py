@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 BASELINE = "baseline"
-MODEL_ORDER = ("base_nf4", "baseline", "merged", "gptq")
 MODEL_LABELS = {
     "base_nf4": "NF4 base alone (no adapter)",
     "baseline": "NF4 base + adapter (as trained)",
@@ -12,21 +11,26 @@ MODEL_LABELS = {
 }
 
 
+def model_label(name: str) -> str:
+    """What a result row is, in words; 'merged_original' is the merge into the other merge base."""
+    kind, _, merge_base = name.partition("_") if name.startswith(("merged_", "gptq_")) else (name, "", "")
+    label = MODEL_LABELS.get(kind, name)
+    return f"{label}, merged into {merge_base} weights" if merge_base else label
+
+
 def change(value: float, reference: float) -> dict[str, float]:
     """Absolute and percent change of `value` against `reference`."""
     return {"abs": value - reference, "pct": 100.0 * (value - reference) / reference}
 
 
 def compare_to_baseline(models: dict[str, dict]) -> dict[str, dict]:
-    """Per model: ppl, tokens scored, and its PPL change against the baseline."""
+    """Per model, in the order scored: ppl, tokens scored, and its PPL change against the baseline."""
     reference = models[BASELINE]["ppl"]
     compared = {}
-    for name in MODEL_ORDER:
-        if name in models:
-            result = models[name]
-            delta = change(result["ppl"], reference)
-            compared[name] = {"ppl": result["ppl"], "tokens": result["tokens"], "windows": result["windows"],
-                              "delta_ppl": delta["abs"], "delta_pct": delta["pct"]}
+    for name, result in models.items():
+        delta = change(result["ppl"], reference)
+        compared[name] = {"ppl": result["ppl"], "tokens": result["tokens"], "windows": result["windows"],
+                          "delta_ppl": delta["abs"], "delta_pct": delta["pct"]}
     return compared
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eval.compare import MODEL_LABELS
+from eval.compare import model_label
 
 SCHEMA_VERSION = 1
 
@@ -15,7 +15,7 @@ def model_table(models: dict[str, dict]) -> list[list[str]]:
     rows = [["model", "what it is", "PPL", "tokens", "vs baseline"]]
     for name, result in models.items():
         vs = "reference" if name == "baseline" else f"{result['delta_ppl']:+.3f} ({result['delta_pct']:+.2f}%)"
-        rows.append([name, MODEL_LABELS.get(name, name), f"{result['ppl']:.3f}", str(result["tokens"]), vs])
+        rows.append([name, model_label(name), f"{result['ppl']:.3f}", str(result["tokens"]), vs])
     return rows
 
 

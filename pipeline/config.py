@@ -106,6 +106,16 @@ class AdapterSection(Section):
 
 class MergeSection(Section):
     dtype: DTypeName | None = None
+    # nf4: merge into the dequantized NF4 weights, the ones the adapter was trained against.
+    # original: merge into the base's original 16-bit weights.
+    merge_base: Literal["nf4", "original"] = "nf4"
+    # Also merge into the other base and re-quantize it, and score both side by side.
+    compare_merge_bases: bool = False
+
+    def merge_bases(self) -> list[str]:
+        """The merge bases to build, the chosen one first."""
+        other = "original" if self.merge_base == "nf4" else "nf4"
+        return [self.merge_base, other] if self.compare_merge_bases else [self.merge_base]
 
 
 class TextSource(Section):

@@ -18,6 +18,7 @@ import torch
 
 from eval.compare import change, compare_to_baseline, judge_gate
 from eval.report import SCHEMA_VERSION, write_report
+from pipeline.checkpoint import read_model_config
 from pipeline.config import RunConfig
 from pipeline.metrics import measure
 from pipeline.stages.dequantize import run_dequantize
@@ -54,6 +55,7 @@ class Pipeline:
         self.device = "cpu"
         self.calibration_texts: list[str] = []
         self.eval_texts: list[str] = []
+        self.models: dict[str, Path] = {}  # plain checkpoints to score: merged, gptq (and other merge base)
         self._log_handler: logging.Handler | None = None
 
     def setup(self) -> None:
@@ -62,6 +64,9 @@ class Pipeline:
         for key, path in [("base.path", config.base.path), *config.adapter.keyed_paths()]:
             if self.run_dir == path or path in self.run_dir.parents:
                 raise InputError(f"output_dir {self.run_dir} is inside {key} {path}; choose another output_dir")
+        if "original" in config.merge.merge_bases() and "quantization_config" in read_model_config(config.base.path):
+            raise InputError(f"merge.merge_base: original needs the original 16-bit weights, but {config.base.path} "
+                             "is a 4-bit checkpoint; use merge_base: nf4")
         if config.device == "cuda" and not torch.cuda.is_available():
             raise InputError("device: cuda, but torch sees no CUDA device; set device: cpu or auto")
         self.device = "cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
@@ -77,16 +82,22 @@ class Pipeline:
         log.info("run %s on %s", self.run_dir, self.device)
 
     def run(self) -> None:
-        """Run the four model stages in order."""
+        """Run the model stages in order: dequantize, merge and requantize (once per merge base), evaluate."""
         config = self.config
-        dequantized, merged, gptq = (self.run_dir / name for name in ("dequantized", "merged", "gptq"))
+        dequantized = self.run_dir / "dequantized"
         self._stage("dequantize", dequantized, lambda out: run_dequantize(config.base, out, config.max_shard_size))
-        self._stage("merge", merged, lambda out: run_merge(dequantized, config.adapter, config.merge.dtype, out,
-                                                           config.max_shard_size))
-        self._stage("requantize", gptq,
-                    lambda out: run_requantize(config.requantize, self.calibration_texts, merged, self.device, out))
+        merge_sources = {"nf4": dequantized, "original": config.base.path}
+        for merge_base in config.merge.merge_bases():
+            suffix = "" if merge_base == config.merge.merge_base else f"_{merge_base}"
+            merged, gptq = self.run_dir / f"merged{suffix}", self.run_dir / f"gptq{suffix}"
+            self._stage(f"merge{suffix}", merged,
+                        lambda out, source=merge_sources[merge_base]: run_merge(
+                            source, config.adapter, config.merge.dtype, out, config.max_shard_size))
+            self._stage(f"requantize{suffix}", gptq, lambda out, merged=merged: run_requantize(
+                config.requantize, self.calibration_texts, merged, self.device, out))
+            self.models.update({merged.name: merged, gptq.name: gptq})
         self._stage("evaluate", self.run_dir / "evaluation",
-                    lambda out: run_evaluate(config, self.device, merged, gptq, self.eval_texts, out))
+                    lambda out: run_evaluate(config, self.device, self.models, self.eval_texts, out))
 
     def save(self) -> dict:
         """Write report.json and report.md; return the report."""
@@ -101,7 +112,9 @@ class Pipeline:
             "adapter_ppl_change_pct": change(compared["baseline"]["ppl"], compared["base_nf4"]["ppl"])["pct"],
             "requantize": self.summaries["requantize"],
             "gate": judge_gate(compared, self.config.gate.max_ppl_increase_pct),
-            "artifacts": {name: str(self.run_dir / name) for name in ("dequantized", "merged", "gptq")},
+            "merge_base": self.config.merge.merge_base,
+            "artifacts": {"dequantized": str(self.run_dir / "dequantized"),
+                          **{name: str(path) for name, path in self.models.items()}},
             "stages": {name: {**self.measures[name], **summary} for name, summary in self.summaries.items()},
             "versions": {name: version(name) for name in LIBRARIES},
             "config": self.config.model_dump(mode="json"),

@@ -116,3 +116,27 @@ def test_weighted_adapters_run_end_to_end(tmp_path, tiny_base, text_files):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert abs(report["models"]["merged"]["delta_pct"]) < 0.5
     assert report["stages"]["merge"]["modules_merged"] == 14
+
+
+def test_both_merge_bases_are_scored_side_by_side(tmp_path, tiny_base, tiny_adapter, text_files, capsys):
+    config = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, tmp_path / "run",
+                          merge={"dtype": "float16", "merge_base": "nf4", "compare_merge_bases": True})
+    assert main(["run", str(config)]) == EXIT_OK
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert list(report["models"]) == ["base_nf4", "baseline", "merged", "gptq", "merged_original", "gptq_original"]
+    assert report["artifacts"]["gptq_original"] == str(tmp_path / "run" / "gptq_original")
+    assert report["models"]["merged_original"]["ppl"] != report["models"]["merged"]["ppl"]
+    assert "GPTQ, merged into original weights" in capsys.readouterr().out
+
+
+def test_original_merge_base_needs_a_16bit_checkpoint(tmp_path, tiny_base, tiny_adapter, text_files, capsys):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantized = tmp_path / "bnb4bit"
+    AutoModelForCausalLM.from_pretrained(tiny_base, quantization_config=BitsAndBytesConfig(load_in_4bit=True),
+                                         device_map="cpu").save_pretrained(quantized)
+    config = write_config(tmp_path / "run.yaml", quantized, tiny_adapter, text_files, tmp_path / "run",
+                          merge={"merge_base": "original"})
+    assert main(["run", str(config)]) == EXIT_BAD_INPUT
+    assert "merge.merge_base: original needs the original 16-bit weights" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -41,9 +41,10 @@ def _score(name: str, model, windows: torch.Tensor, batch_size: int, tokens_per_
     return result
 
 
-def run_evaluate(config: RunConfig, device: str, merged_dir: Path, gptq_dir: Path, texts: list[str],
+def run_evaluate(config: RunConfig, device: str, plain_models: dict[str, Path], texts: list[str],
                  out_dir: Path) -> dict:
-    """Score base_nf4, baseline, merged and gptq on the same windows; write results.json into `out_dir`.
+    """Score base_nf4, baseline and each of `plain_models` (merged, gptq, ...: name -> checkpoint folder)
+    on the same windows; write results.json into `out_dir`.
 
     Returns a short summary; the scores themselves are in results.json.
     """
@@ -51,7 +52,7 @@ def run_evaluate(config: RunConfig, device: str, merged_dir: Path, gptq_dir: Pat
 
     section = config.evaluation
     source = section.text
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    tokenizer = AutoTokenizer.from_pretrained(next(iter(plain_models.values())))
     windows = eval_windows(token_stream(tokenizer, texts), section.seq_len, section.max_windows,
                            where=str(source.path or source.dataset))
     tokens_per_window = section.seq_len - 1
@@ -70,7 +71,7 @@ def run_evaluate(config: RunConfig, device: str, merged_dir: Path, gptq_dir: Pat
     del separate
     gc.collect()
     plain_dtype = _plain_dtype(section.dtype, device)
-    for name, model_dir in (("merged", merged_dir), ("gptq", gptq_dir)):
+    for name, model_dir in plain_models.items():
         model = load_plain(model_dir, device, plain_dtype)
         models[name] = _score(name, model, windows, section.batch_size, tokens_per_window)
         del model
