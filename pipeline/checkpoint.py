@@ -7,15 +7,14 @@ there is more than one shard.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-
+from pipeline.safetensors_io import read_header, read_tensor, write_file
 from quant.errors import InputError
 
 CONFIG = "config.json"
@@ -54,40 +53,40 @@ def shard_files(model_dir: Path) -> list[Path]:
 
 
 class CheckpointReader:
-    """Random access to the tensors of a sharded safetensors checkpoint, one tensor at a time."""
+    """Random access to the tensors of a sharded safetensors checkpoint, one tensor at a time.
+
+    Each tensor is read into memory of its own (no memory map), so reading a whole checkpoint keeps
+    no more than the tensors the caller holds.
+    """
 
     def __init__(self, model_dir: Path):
         self.model_dir = model_dir
         self.shards = shard_files(model_dir)
-        self._handles = {}
-        self._shard_of: dict[str, Path] = {}
+        self._entries: dict[str, tuple[Path, dict, int]] = {}
         for shard in self.shards:
-            self._shard_of.update(dict.fromkeys(self._handle(shard).keys(), shard))
-
-    def _handle(self, shard: Path):
-        if shard not in self._handles:
-            try:
-                self._handles[shard] = safe_open(shard, framework="pt")
-            except (SafetensorError, OSError) as exc:
-                raise InputError(f"{shard}: cannot be read as safetensors ({exc}); re-download or re-save it") from None
-        return self._handles[shard]
+            header, data_start = read_header(shard)
+            self._entries.update({name: (shard, entry, data_start) for name, entry in header.items()})
 
     def __contains__(self, key: str) -> bool:
-        return key in self._shard_of
+        return key in self._entries
 
     def keys(self) -> list[str]:
-        return list(self._shard_of)
+        return list(self._entries)
 
     def get(self, key: str) -> torch.Tensor:
-        shard = self._shard_of[key]
-        try:
-            return self._handle(shard).get_tensor(key)
-        except (SafetensorError, OSError) as exc:
-            raise InputError(f"{shard}: tensor {key!r} cannot be read ({exc}); the file may be truncated") from None
+        return read_tensor(*self._entries[key])
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by Python back to the OS (glibc keeps it otherwise); no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 TensorTransform = Callable[[str, CheckpointReader], dict[str, torch.Tensor]]
-DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+DEFAULT_MAX_SHARD_BYTES = 10**9
 
 
 class ShardWriter:
@@ -111,9 +110,10 @@ class ShardWriter:
         self.total_bytes += size
 
     def _flush(self) -> None:
-        save_file(self._buffer, self.out_dir / f"shard-{len(self._shard_keys)}.partial", metadata={"format": "pt"})
+        write_file(self._buffer, self.out_dir / f"shard-{len(self._shard_keys)}.partial", metadata={"format": "pt"})
         self._shard_keys.append(list(self._buffer))
         self._buffer, self._buffer_bytes = {}, 0
+        release_freed_memory()
 
     def close(self) -> int:
         """Write the last shard, give shards their final names and the index; return the tensor count."""

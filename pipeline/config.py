@@ -169,7 +169,7 @@ class GateSection(Section):
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-def _bytes(value: int | str) -> int:
+def parse_size(value: int | str) -> int:
     """A size as an int of bytes, or a string such as '500MB' or '2GiB'."""
     if isinstance(value, int):
         size = value
@@ -183,13 +183,13 @@ def _bytes(value: int | str) -> int:
     return size
 
 
-ByteSize = Annotated[int | str, AfterValidator(_bytes)]
+ByteSize = Annotated[int | str, AfterValidator(parse_size)]
 
 
 class RunConfig(Section):
     output_dir: OutputPath
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_shard_size: ByteSize = 5 * 10**9  # of the dequantized and merged checkpoints
+    max_shard_size: ByteSize = 10**9  # of the dequantized and merged checkpoints
     base: BaseSection
     adapter: AdapterSection
     merge: MergeSection = Field(default_factory=MergeSection)

@@ -85,14 +85,15 @@ class Pipeline:
         """Run the model stages in order: dequantize, merge and requantize (once per merge base), evaluate."""
         config = self.config
         dequantized = self.run_dir / "dequantized"
-        self._stage("dequantize", dequantized, lambda out: run_dequantize(config.base, out, config.max_shard_size))
+        self._stage("dequantize", dequantized, lambda out: run_dequantize(config.base, out, config.max_shard_size,
+                                                                             self.device))
         merge_sources = {"nf4": dequantized, "original": config.base.path}
         for merge_base in config.merge.merge_bases():
             suffix = "" if merge_base == config.merge.merge_base else f"_{merge_base}"
             merged, gptq = self.run_dir / f"merged{suffix}", self.run_dir / f"gptq{suffix}"
             self._stage(f"merge{suffix}", merged,
                         lambda out, source=merge_sources[merge_base]: run_merge(
-                            source, config.adapter, config.merge.dtype, out, config.max_shard_size))
+                            source, config.adapter, config.merge.dtype, out, config.max_shard_size, self.device))
             self._stage(f"requantize{suffix}", gptq, lambda out, merged=merged: run_requantize(
                 config.requantize, self.calibration_texts, merged, self.device, out))
             self.models.update({merged.name: merged, gptq.name: gptq})

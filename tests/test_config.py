@@ -87,6 +87,6 @@ def test_max_shard_size_accepts_units(config_path, value, expected):
 
 
 def test_max_shard_size_default_and_bad_unit(config_path):
-    assert load_config(config_path).max_shard_size == 5 * 10**9
+    assert load_config(config_path).max_shard_size == 10**9
     with pytest.raises(ConfigError, match="max_shard_size: '5 parsecs' is not a size"):
         load_config(config_path, ["max_shard_size=5 parsecs"])

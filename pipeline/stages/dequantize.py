@@ -54,8 +54,9 @@ def prequantized_settings(section: BaseSection, quantization: dict) -> Bnb4bitSe
                            quant_storage=dtype_of(stored["quant_storage"]))
 
 
-def run_dequantize(section: BaseSection, out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
-    """Write the dequantized base into `out_dir`; return a summary for the report."""
+def run_dequantize(section: BaseSection, out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                   device: str = "cpu") -> dict:
+    """Write the dequantized base into `out_dir`, doing the 4-bit math on `device`; return a summary."""
     model_config = read_model_config(section.path)
     quantization = model_config.get("quantization_config")
     reader = CheckpointReader(section.path)
@@ -63,12 +64,13 @@ def run_dequantize(section: BaseSection, out_dir: Path, max_shard_bytes: int = D
         raise InputError(f"{section.path / 'config.json'}: base is quantized with "
                          f"{quantization.get('quant_method')!r}; give a 16-bit or bitsandbytes 4-bit checkpoint")
     if quantization:
-        summary = _dequantize_stored_4bit(reader, out_dir, max_shard_bytes)
+        summary = _dequantize_stored_4bit(reader, out_dir, max_shard_bytes, device)
         summary["settings"] = _describe(prequantized_settings(section, quantization))
         dtype = dtype_of(summary["dtype"])
     else:
         dtype = load_dtype(section, model_config)
-        summary = _roundtrip_16bit(reader, model_config, bnb_settings(section), dtype, out_dir, max_shard_bytes)
+        summary = _roundtrip_16bit(reader, model_config, bnb_settings(section), dtype, out_dir, max_shard_bytes,
+                                   device)
     write_model_config(model_config, out_dir, dtype)
     copy_side_files(section.path, out_dir)
     log.info("dequantize: %d weights through 4-bit, %d tensors copied, dtype %s",
@@ -77,7 +79,7 @@ def run_dequantize(section: BaseSection, out_dir: Path, max_shard_bytes: int = D
 
 
 def _roundtrip_16bit(reader: CheckpointReader, model_config: dict, settings: Bnb4bitSettings,
-                     dtype: torch.dtype, out_dir: Path, max_shard_bytes: int) -> dict:
+                     dtype: torch.dtype, out_dir: Path, max_shard_bytes: int, device: str) -> dict:
     from transformers import CONFIG_MAPPING, AutoConfig
 
     model_type = model_config.get("model_type")
@@ -100,14 +102,14 @@ def _roundtrip_16bit(reader: CheckpointReader, model_config: dict, settings: Bnb
             return {key: tensor.to(dtype) if tensor.is_floating_point() else tensor}
         counts["quantized"] += 1
         if key.removesuffix(".weight") in conv1d:
-            return {key: roundtrip_4bit(tensor.T, dtype, settings).T}
-        return {key: roundtrip_4bit(tensor, dtype, settings)}
+            return {key: roundtrip_4bit(tensor.T.to(device), dtype, settings).T.cpu()}
+        return {key: roundtrip_4bit(tensor.to(device), dtype, settings).cpu()}
 
     rewrite_checkpoint(reader, out_dir, transform, max_shard_bytes)
     return {"source": "16-bit", "dtype": str(dtype).removeprefix("torch."), "settings": _describe(settings), **counts}
 
 
-def _dequantize_stored_4bit(reader: CheckpointReader, out_dir: Path, max_shard_bytes: int) -> dict:
+def _dequantize_stored_4bit(reader: CheckpointReader, out_dir: Path, max_shard_bytes: int, device: str) -> dict:
     packed = {key for key in reader.keys() if f"{key}.absmax" in reader}
     state_keys = {f"{key}{suffix}" for key in packed for suffix in QUANT_STATE_SUFFIXES}
     counts = {"quantized": 0, "copied": 0}
@@ -120,7 +122,7 @@ def _dequantize_stored_4bit(reader: CheckpointReader, out_dir: Path, max_shard_b
             counts["copied"] += 1
             return {key: reader.get(key)}
         state = {suffix[1:]: reader.get(key + suffix) for suffix in QUANT_STATE_SUFFIXES if key + suffix in reader}
-        weight = dequantize_stored(reader.get(key), state)
+        weight = dequantize_stored(reader.get(key).to(device), state).cpu()
         counts["quantized"] += 1
         dtypes.add(weight.dtype)
         return {key: weight}

@@ -7,6 +7,7 @@ PEFT's add_weighted_adapter semantics). Output: a plain checkpoint in the merge 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import torch
 from pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, CheckpointReader, copy_side_files, dtype_of,
                                  read_model_config, rewrite_checkpoint, write_model_config)
 from pipeline.config import AdapterSection
-from quant.merge import AdapterError, LoraAdapter, combine_adapters, lora_delta, merge_bias, merge_weight, read_lora_adapter
+from quant.merge import (AdapterError, LoraAdapter, LoraModule, combine_adapters, lora_delta, merge_bias, merge_weight,
+                         read_lora_adapter)
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +31,11 @@ def load_adapter(section: AdapterSection) -> LoraAdapter:
 
 
 def run_merge(dequantized_dir: Path, section: AdapterSection, dtype_name: str | None, out_dir: Path,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
-    """Merge the adapter(s) of `section` into `dequantized_dir`, writing `out_dir`; return a summary."""
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, device: str = "cpu") -> dict:
+    """Merge the adapter(s) of `section` into `dequantized_dir`, writing `out_dir`, doing the math on
+    `device`; return a summary."""
     adapter = load_adapter(section)
+    modules_on_device = {name: _to_device(module, device) for name, module in adapter.modules.items()}
     where = section.describe()
     model_config = read_model_config(dequantized_dir)
     dtype = dtype_of(dtype_name or model_config["dtype"])
@@ -52,16 +56,16 @@ def run_merge(dequantized_dir: Path, section: AdapterSection, dtype_name: str | 
             raise AdapterError(f"{where}: saved {key} has shape {tuple(tensor.shape)}, the base's is "
                                f"{tuple(reader.get(key).shape)}; was the adapter trained on another base model?")
         module_name, _, kind = key.rpartition(".")
-        module = adapter.modules.get(module_name)
+        module = modules_on_device.get(module_name)
         if module is not None and kind == "weight":
             delta = lora_delta(module)
             if delta.shape != tensor.shape:
                 raise AdapterError(f"{where}: delta for {key} has shape {tuple(delta.shape)} but the base weight "
                                    f"is {tuple(tensor.shape)}; was the adapter trained on another base model?")
             largest.append((delta.abs().max().item(), key))
-            return {key: merge_weight(tensor, module, dtype)}
+            return {key: merge_weight(tensor.to(device), module, dtype).cpu()}
         if module is not None and kind == "bias" and module.bias is not None:
-            return {key: merge_bias(tensor, module, dtype)}
+            return {key: merge_bias(tensor.to(device), module, dtype).cpu()}
         return {key: tensor.to(dtype) if tensor.is_floating_point() else tensor}
 
     rewrite_checkpoint(reader, out_dir, transform, max_shard_bytes)
@@ -72,3 +76,12 @@ def run_merge(dequantized_dir: Path, section: AdapterSection, dtype_name: str | 
     return {"modules_merged": len(adapter.modules), "tensors_replaced": sorted(adapter.replacements),
             "dtype": str(dtype).removeprefix("torch."),
             "largest_deltas": [{"weight": k, "max_abs_delta": v} for v, k in sorted(largest, reverse=True)[:5]]}
+
+
+def _to_device(module: LoraModule, device: str) -> LoraModule:
+    """The module with its tensors on `device` (the same object on CPU)."""
+    if device == "cpu":
+        return module
+    moved = {f.name: getattr(module, f.name).to(device) for f in dataclasses.fields(module)
+             if isinstance(getattr(module, f.name), torch.Tensor)}
+    return dataclasses.replace(module, **moved)
