@@ -91,6 +91,12 @@ class AdapterSection(Section):
             raise ValueError("set 'path', or 'combination' (linear | cat) with two or more 'adapters'")
         return self
 
+    def weighted(self) -> list[tuple[Path, float]]:
+        """(path, weight) of every adapter; one adapter has weight 1."""
+        if self.path is not None:
+            return [(self.path, 1.0)]
+        return [(a.path, a.weight) for a in self.adapters]
+
     def keyed_paths(self) -> list[tuple[str, Path]]:
         """(config key, path) of every adapter directory."""
         if self.path is not None:
@@ -126,6 +132,16 @@ class TextSource(Section):
     dataset_config: str | None = None
     split: str = "train"
     text_field: str = "text"
+
+    def describe(self) -> str:
+        """The file or dataset, as messages and reports name it."""
+        return str(self.path or self.dataset)
+
+    def load(self) -> list[str]:
+        """The texts of this source."""
+        from quant.calibration import load_texts
+
+        return load_texts(self.path, self.text_field, self.dataset, self.dataset_config, self.split)
 
     @model_validator(mode="after")
     def _one_source(self) -> "TextSource":

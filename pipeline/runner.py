@@ -25,7 +25,7 @@ from pipeline.stages.dequantize import run_dequantize
 from pipeline.stages.evaluate import RESULTS, run_evaluate
 from pipeline.stages.merge import run_merge
 from pipeline.stages.requantize import run_requantize
-from quant.calibration import check_held_out, load_texts
+from quant.calibration import check_held_out
 from quant.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -70,11 +70,9 @@ class Pipeline:
         if config.device == "cuda" and not torch.cuda.is_available():
             raise InputError("device: cuda, but torch sees no CUDA device; set device: cpu or auto")
         self.device = "cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-        calibration, text = config.requantize.calibration, config.evaluation.text
-        self.calibration_texts = load_texts(calibration.path, calibration.text_field, calibration.dataset,
-                                            calibration.dataset_config, calibration.split)
-        self.eval_texts = load_texts(text.path, text.text_field, text.dataset, text.dataset_config, text.split)
-        check_held_out(self.eval_texts, self.calibration_texts, str(text.path or text.dataset))
+        self.calibration_texts = config.requantize.calibration.load()
+        self.eval_texts = config.evaluation.text.load()
+        check_held_out(self.eval_texts, self.calibration_texts, config.evaluation.text.describe())
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._log_handler = logging.FileHandler(self.run_dir / LOG_FILE, mode="w")
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -54,7 +54,7 @@ def run_evaluate(config: RunConfig, device: str, plain_models: dict[str, Path], 
     source = section.text
     tokenizer = AutoTokenizer.from_pretrained(next(iter(plain_models.values())))
     windows = eval_windows(token_stream(tokenizer, texts), section.seq_len, section.max_windows,
-                           where=str(source.path or source.dataset))
+                           where=source.describe())
     tokens_per_window = section.seq_len - 1
 
     base_config = read_model_config(config.base.path)
@@ -62,9 +62,8 @@ def run_evaluate(config: RunConfig, device: str, plain_models: dict[str, Path], 
     quantization = None if prequantized else bnb_settings(config.base).to_transformers()
     dtype = load_dtype(config.base, base_config) if not prequantized else "auto"
     models: dict[str, dict] = {}
-    adapter = config.adapter
-    weighted = [(adapter.path, 1.0)] if adapter.path else [(a.path, a.weight) for a in adapter.adapters]
-    separate = load_separate_adapter(config.base.path, weighted, adapter.combination, quantization, dtype, device)
+    separate = load_separate_adapter(config.base.path, config.adapter.weighted(), config.adapter.combination,
+                                     quantization, dtype, device)
     with separate.disable_adapter():
         models["base_nf4"] = _score("base_nf4", separate, windows, section.batch_size, tokens_per_window)
     models["baseline"] = _score("baseline", separate, windows, section.batch_size, tokens_per_window)
@@ -80,7 +79,7 @@ def run_evaluate(config: RunConfig, device: str, plain_models: dict[str, Path], 
     results = {"protocol": {"kind": "non-overlapping windows", "seq_len": section.seq_len,
                             "windows": len(windows), "tokens_per_window": tokens_per_window, "bos": "none",
                             "compute_dtype": str(plain_dtype).removeprefix("torch."),
-                            "text": str(source.path or source.dataset), "documents": len(texts)},
+                            "text": source.describe(), "documents": len(texts)},
                "models": models}
     (out_dir / RESULTS).write_text(json.dumps(results, indent=1) + "\n")
     return {"windows": len(windows), "models": list(models)}

@@ -24,10 +24,10 @@ log = logging.getLogger(__name__)
 
 def load_adapter(section: AdapterSection) -> LoraAdapter:
     """The adapter to merge: the one adapter, or the weighted combination of several."""
-    if section.path is not None:
-        return read_lora_adapter(section.path)
-    return combine_adapters([read_lora_adapter(a.path) for a in section.adapters],
-                            [a.weight for a in section.adapters], section.combination)
+    adapters = [(read_lora_adapter(path), weight) for path, weight in section.weighted()]
+    if len(adapters) == 1:
+        return adapters[0][0]
+    return combine_adapters([a for a, _ in adapters], [w for _, w in adapters], section.combination)
 
 
 def run_merge(dequantized_dir: Path, section: AdapterSection, dtype_name: str | None, out_dir: Path,

@@ -24,7 +24,7 @@ def run_requantize(section: RequantizeSection, texts: list[str], merged_dir: Pat
     calibration = section.calibration
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     windows = calibration_windows(token_stream(tokenizer, texts), calibration.n_samples, calibration.seq_len,
-                                  calibration.seed, where=str(calibration.path or calibration.dataset))
+                                  calibration.seed, where=calibration.describe())
     settings = GptqSettings(bits=section.bits, group_size=section.group_size, desc_act=section.desc_act,
                             sym=section.sym, damp_percent=section.damp_percent, batch_size=section.batch_size)
     gptq_quantize(merged_dir, windows, settings, device, out_dir)
