@@ -25,7 +25,7 @@ from pipeline.stages.dequantize import run_dequantize
 from pipeline.stages.evaluate import RESULTS, run_evaluate
 from pipeline.stages.merge import run_merge
 from pipeline.stages.requantize import run_requantize
-from quant.calibration import check_held_out
+from quant.calibration import check_held_out, require_tokens
 from quant.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -73,11 +73,26 @@ class Pipeline:
         self.calibration_texts = config.requantize.calibration.load()
         self.eval_texts = config.evaluation.text.load()
         check_held_out(self.eval_texts, self.calibration_texts, config.evaluation.text.describe())
+        self._check_text_lengths()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._log_handler = logging.FileHandler(self.run_dir / LOG_FILE, mode="w")
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(self._log_handler)
         log.info("run %s on %s", self.run_dir, self.device)
+
+    def _check_text_lengths(self) -> None:
+        """Refuse calibration or eval text too short for one window, before any stage runs."""
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.config.base.path)
+        except (OSError, ValueError):
+            return  # no tokenizer beside the base: the stages check lengths with the merged model's
+        calibration, evaluation = self.config.requantize.calibration, self.config.evaluation
+        require_tokens(tokenizer, self.calibration_texts, calibration.seq_len + 1,
+                       f"{calibration.describe()} (requantize.calibration.seq_len={calibration.seq_len})")
+        require_tokens(tokenizer, self.eval_texts, evaluation.seq_len,
+                       f"{evaluation.text.describe()} (evaluation.seq_len={evaluation.seq_len})")
 
     def run(self) -> None:
         """Run the model stages in order: dequantize, merge and requantize (once per merge base), evaluate."""

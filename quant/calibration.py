@@ -52,6 +52,16 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def require_tokens(tokenizer, texts: list[str], needed: int, what: str) -> None:
+    """Refuse `texts` that tokenize to fewer than `needed` tokens; tokenizes only as far as needed."""
+    count = 0
+    for text in texts:
+        count += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+        if count >= needed:
+            return
+    raise InputError(f"{what}: {count} tokens, fewer than the {needed} needed; give more text or shorten the windows")
+
+
 def calibration_windows(stream: torch.Tensor, n_samples: int, seq_len: int, seed: int,
                         where: str = "calibration text") -> list[dict[str, torch.Tensor]]:
     """`n_samples` windows of `seq_len` tokens at seeded random offsets, as gptqmodel inputs."""

@@ -90,3 +90,13 @@ def test_max_shard_size_default_and_bad_unit(config_path):
     assert load_config(config_path).max_shard_size == 10**9
     with pytest.raises(ConfigError, match="max_shard_size: '5 parsecs' is not a size"):
         load_config(config_path, ["max_shard_size=5 parsecs"])
+
+
+def test_text_too_short_for_one_window_is_refused_before_anything_runs(config_path, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("Far too short to fill one evaluation window of sixty-four tokens.\n")
+    edit(config_path, lambda t: t["evaluation"]["text"].update(path=str(short)))
+    assert main(["run", str(config_path)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"{short} (evaluation.seq_len=64):" in err and "fewer than the 64 needed" in err
+    assert not (tmp_path / "out").exists()
