@@ -38,7 +38,8 @@ def judge_gate(compared: dict[str, dict], max_ppl_increase_pct: float | None) ->
     """The release gate on the GPTQ model's PPL increase over the baseline."""
     value = compared["gptq"]["delta_pct"]
     if max_ppl_increase_pct is None:
-        return {"enabled": False, "passed": True, "value_pct": value}
+        return {"enabled": False, "passed": True, "value_pct": value, "max_ppl_increase_pct": None,
+                "message": "no gate configured"}
     passed = value <= max_ppl_increase_pct
     return {"enabled": True, "passed": passed, "value_pct": value, "max_ppl_increase_pct": max_ppl_increase_pct,
             "message": f"GPTQ PPL change {value:+.2f}% {'<=' if passed else '>'} limit {max_ppl_increase_pct:.2f}%"}

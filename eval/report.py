@@ -8,6 +8,7 @@ from pathlib import Path
 from eval.compare import model_label
 
 SCHEMA_VERSION = 1
+REPORT_FILES = ("report.json", "report.md")
 
 
 def model_table(models: dict[str, dict]) -> list[list[str]]:
@@ -82,6 +83,8 @@ def render_markdown(report: dict) -> str:
 
 
 def write_report(report: dict, run_dir: Path) -> None:
-    """Write report.json and report.md into the run directory."""
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (run_dir / "report.md").write_text(render_markdown(report))
+    """Write report.json and report.md into the run directory, each complete or not at all."""
+    for name, text in zip(REPORT_FILES, (json.dumps(report, indent=2) + "\n", render_markdown(report))):
+        partial = run_dir / f".{name}.partial"
+        partial.write_text(text)
+        partial.replace(run_dir / name)

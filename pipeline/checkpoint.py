@@ -38,7 +38,10 @@ def shard_files(model_dir: Path) -> list[Path]:
     """The safetensors shards of a checkpoint, in index order."""
     index = model_dir / INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise InputError(f"{index}: not a valid index (JSON with a weight_map); re-download or re-save it") from None
         shards = [model_dir / name for name in dict.fromkeys(weight_map.values())]
     elif (model_dir / SINGLE_SHARD).is_file():
         shards = [model_dir / SINGLE_SHARD]
@@ -75,6 +78,10 @@ class CheckpointReader:
 
     def get(self, key: str) -> torch.Tensor:
         return read_tensor(*self._entries[key])
+
+    def shape(self, key: str) -> torch.Size:
+        """A tensor's shape, from the file header (nothing is read)."""
+        return torch.Size(self._entries[key][1]["shape"])
 
 
 def release_freed_memory() -> None:
@@ -165,6 +172,22 @@ def write_model_config(config: dict, out_dir: Path, dtype: torch.dtype) -> None:
     (out_dir / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def dtype_of(name: str) -> torch.dtype:
+def dtype_of(name: str, where: str = "config.json") -> torch.dtype:
     """torch dtype from its name ('bfloat16' or 'torch.bfloat16')."""
-    return getattr(torch, name.removeprefix("torch."))
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise InputError(f"{where}: {name!r} is not a torch dtype")
+    return dtype
+
+
+def checkpoint_dtype(model_config: dict, where: Path) -> torch.dtype:
+    """The dtype a checkpoint's config.json records ('dtype', or the older 'torch_dtype')."""
+    name = model_config.get("dtype") or model_config.get("torch_dtype")
+    if name is None:
+        raise InputError(f"{where}: records no dtype; set base.dtype (or merge.dtype) in the config")
+    return dtype_of(name, str(where))
+
+
+def is_bnb_4bit(model_config: dict) -> bool:
+    """Whether config.json describes a checkpoint saved in bitsandbytes 4-bit form."""
+    return bool(model_config.get("quantization_config", {}).get("load_in_4bit"))

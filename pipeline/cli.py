@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             from pipeline.config import load_config
 
+            from pipeline.runner import Pipeline
+
             config = load_config(args.config, args.overrides)
+            Pipeline(config).check()
             print(f"{args.config}: valid; output_dir {config.output_dir}")
             return EXIT_OK
         if args.command == "demo":

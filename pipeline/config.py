@@ -159,6 +159,13 @@ class CalibrationSection(TextSource):
 class RequantizeSection(Section):
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = Field(128, ge=-1)
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("must be -1 (one group per output channel) or a positive size such as 128")
+        return value
     desc_act: bool = False
     sym: bool = True
     damp_percent: float = Field(0.01, gt=0, lt=1)

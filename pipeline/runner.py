@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from eval.compare import change, compare_to_baseline, judge_gate
-from eval.report import SCHEMA_VERSION, write_report
-from pipeline.checkpoint import read_model_config
+from eval.report import REPORT_FILES, SCHEMA_VERSION, write_report
+from pipeline.checkpoint import is_bnb_4bit, read_model_config
 from pipeline.config import RunConfig
 from pipeline.metrics import measure
-from pipeline.stages.dequantize import run_dequantize
+from pipeline.stages.dequantize import check_base, run_dequantize
 from pipeline.stages.evaluate import RESULTS, run_evaluate
 from pipeline.stages.merge import run_merge
 from pipeline.stages.requantize import run_requantize
@@ -58,13 +58,15 @@ class Pipeline:
         self.models: dict[str, Path] = {}  # plain checkpoints to score: merged, gptq (and other merge base)
         self._log_handler: logging.Handler | None = None
 
-    def setup(self) -> None:
-        """Check inputs that need reading before anything is written, then create the run directory."""
+    def check(self) -> None:
+        """Every check of the inputs that needs reading them, writing nothing (what `validate` runs)."""
         config = self.config
         for key, path in [("base.path", config.base.path), *config.adapter.keyed_paths()]:
             if self.run_dir == path or path in self.run_dir.parents:
                 raise InputError(f"output_dir {self.run_dir} is inside {key} {path}; choose another output_dir")
-        if "original" in config.merge.merge_bases() and "quantization_config" in read_model_config(config.base.path):
+        base_config = read_model_config(config.base.path)
+        check_base(config.base, base_config)
+        if "original" in config.merge.merge_bases() and is_bnb_4bit(base_config):
             raise InputError(f"merge.merge_base: original needs the original 16-bit weights, but {config.base.path} "
                              "is a 4-bit checkpoint; use merge_base: nf4")
         if config.device == "cuda" and not torch.cuda.is_available():
@@ -74,7 +76,13 @@ class Pipeline:
         self.eval_texts = config.evaluation.text.load()
         check_held_out(self.eval_texts, self.calibration_texts, config.evaluation.text.describe())
         self._check_text_lengths()
+
+    def setup(self) -> None:
+        """Check the inputs, then create the run directory (dropping a previous run's report)."""
+        self.check()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in REPORT_FILES:
+            (self.run_dir / stale).unlink(missing_ok=True)
         self._log_handler = logging.FileHandler(self.run_dir / LOG_FILE, mode="w")
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(self._log_handler)
@@ -87,7 +95,8 @@ class Pipeline:
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.config.base.path)
         except (OSError, ValueError):
-            return  # no tokenizer beside the base: the stages check lengths with the merged model's
+            raise InputError(f"{self.config.base.path}: has no tokenizer files; save the tokenizer used in "
+                             "training beside the base (tokenizer.json / tokenizer_config.json)") from None
         calibration, evaluation = self.config.requantize.calibration, self.config.evaluation
         require_tokens(tokenizer, self.calibration_texts, calibration.seq_len + 1,
                        f"{calibration.describe()} (requantize.calibration.seq_len={calibration.seq_len})")
@@ -101,12 +110,13 @@ class Pipeline:
         self._stage("dequantize", dequantized, lambda out: run_dequantize(config.base, out, config.max_shard_size,
                                                                              self.device))
         merge_sources = {"nf4": dequantized, "original": config.base.path}
+        merge_dtype = config.merge.dtype or self.summaries["dequantize"]["dtype"]
         for merge_base in config.merge.merge_bases():
             suffix = "" if merge_base == config.merge.merge_base else f"_{merge_base}"
             merged, gptq = self.run_dir / f"merged{suffix}", self.run_dir / f"gptq{suffix}"
             self._stage(f"merge{suffix}", merged,
                         lambda out, source=merge_sources[merge_base]: run_merge(
-                            source, config.adapter, config.merge.dtype, out, config.max_shard_size, self.device))
+                            source, config.adapter, merge_dtype, out, config.max_shard_size, self.device))
             self._stage(f"requantize{suffix}", gptq, lambda out, merged=merged: run_requantize(
                 config.requantize, self.calibration_texts, merged, self.device, out))
             self.models.update({merged.name: merged, gptq.name: gptq})

@@ -41,7 +41,8 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
     header.pop("__metadata__", None)
     data_bytes = size - 8 - length
     for name, entry in header.items():
-        if entry.get("dtype") not in DTYPES or entry["data_offsets"][1] > data_bytes:
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if entry.get("dtype") not in DTYPES or not offsets or offsets[1] > data_bytes:
             raise InputError(f"{path}: tensor {name!r} lies past the end of the file or has an unknown dtype; "
                              "the file may be truncated: re-download or re-save it")
     return header, 8 + length

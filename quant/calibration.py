@@ -33,7 +33,11 @@ def load_texts(path: Path | None, text_field: str = "text", dataset: str | None 
         except Exception as exc:  # datasets raises many types for unreadable files
             raise InputError(f"{path}: cannot be read as {builder} ({exc})") from None
     else:
-        table = load_dataset(dataset, dataset_config, split=split)
+        try:
+            table = load_dataset(dataset, dataset_config, split=split)
+        except Exception as exc:  # hub errors (unknown id, offline, bad split) have many types
+            raise InputError(f"dataset {dataset!r} (config {dataset_config!r}, split {split!r}) cannot be loaded "
+                             f"({type(exc).__name__}: {exc}); check the id, or use a local file offline") from None
     if text_field not in table.column_names:
         raise InputError(f"{where}: has no field {text_field!r} (fields: {table.column_names}); set text_field")
     texts = [text for text in table[text_field] if isinstance(text, str) and text.strip()]
@@ -45,10 +49,11 @@ def load_texts(path: Path | None, text_field: str = "text", dataset: str | None 
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
-    """All texts tokenized without special tokens and joined by EOS into one 1-D tensor."""
+    """All texts tokenized without special tokens and joined by EOS (when the tokenizer has one)."""
+    separator = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     ids: list[int] = []
     for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + separator
     return torch.tensor(ids, dtype=torch.long)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +22,19 @@ class GptqSettings:
 
 
 def gptq_quantize(model_dir: Path, calibration: list[dict[str, torch.Tensor]], settings: GptqSettings,
-                  device: str, out_dir: Path) -> None:
-    """Quantize the 16-bit checkpoint in `model_dir` on `calibration` windows and save it to `out_dir`."""
+                  device: str, out_dir: Path, log_dir: Path) -> None:
+    """Quantize the 16-bit checkpoint in `model_dir` on `calibration` windows and save it to `out_dir`.
+
+    gptqmodel's per-module logs (GPTQ loss per layer) go to `log_dir` instead of ./logs.
+    """
     # gptqmodel sizes its CPU worker pool at import; with 2 cores or fewer it refuses to start without this.
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
     from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel.looper import loop_processor
+
+    # gptqmodel 7.6 writes these logs under a module-level relative path; point it at the run.
+    if hasattr(loop_processor, "_PROJECT_LOG_DIR"):
+        loop_processor._PROJECT_LOG_DIR = log_dir
 
     config = QuantizeConfig(bits=settings.bits, group_size=settings.group_size, desc_act=settings.desc_act,
                             sym=settings.sym, damp_percent=settings.damp_percent)
@@ -35,7 +42,3 @@ def gptq_quantize(model_dir: Path, calibration: list[dict[str, torch.Tensor]], s
     model.quantize(calibration, batch_size=settings.batch_size)
     model.save(str(out_dir))
 
-
-def read_quantization_config(gptq_dir: Path) -> dict:
-    """The quantization_config a GPTQ checkpoint carries in config.json."""
-    return json.loads((gptq_dir / "config.json").read_text()).get("quantization_config", {})

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from quant.errors import InputError
@@ -71,12 +72,9 @@ def lora_delta(module: LoraModule) -> torch.Tensor:
     return delta.T if module.fan_in_fan_out or module.embedding else delta
 
 
-def merge_weight(weight: torch.Tensor, module: LoraModule, out_dtype: torch.dtype) -> torch.Tensor:
-    """W + delta in fp32, cast once to `out_dtype`; with DoRA, each output row of W + delta is
-    rescaled to the trained magnitude (its norm taken as PEFT takes it, in the (out, in) layout)."""
-    delta = lora_delta(module)
-    if weight.shape != delta.shape:
-        raise ValueError(f"delta shape {tuple(delta.shape)} does not match weight shape {tuple(weight.shape)}")
+def merge_weight(weight: torch.Tensor, delta: torch.Tensor, module: LoraModule, out_dtype: torch.dtype) -> torch.Tensor:
+    """W + delta (see lora_delta) in fp32, cast once to `out_dtype`; with DoRA, each output row of
+    W + delta is rescaled to the trained magnitude (its norm taken as PEFT takes it, in (out, in))."""
     merged = weight.float() + delta
     if module.magnitude is not None:
         rows = merged.T if module.fan_in_fan_out else merged
@@ -123,8 +121,17 @@ def read_lora_adapter(adapter_dir: Path) -> LoraAdapter:
             hint = " (found adapter_model.bin: save it as safetensors)" if (adapter_dir / "adapter_model.bin").is_file() else ""
             raise AdapterError(f"{path}: not found{hint}; a PEFT adapter directory holds {ADAPTER_CONFIG} "
                                f"and {ADAPTER_WEIGHTS}")
-    config = json.loads(config_path.read_text())
-    tensors = load_file(weights_path)
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
+    missing = [key for key in ("r", "lora_alpha") if key not in config]
+    if missing:
+        raise AdapterError(f"{config_path}: has no {missing[0]!r}; is this a PEFT LoRA adapter_config.json?")
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError) as exc:
+        raise AdapterError(f"{weights_path}: cannot be read as safetensors ({exc}); re-save the adapter") from None
     _refuse_unsupported(config, list(tensors), weights_path)
 
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}

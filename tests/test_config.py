@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import yaml
 
@@ -34,6 +36,7 @@ def test_valid_config_validates(config_path, capsys):
     (lambda t: t.pop("base"), "base: Field required"),
     (lambda t: t["base"]["bnb"].update(blocksize=128), "base.bnb.blocksize: transformers always loads"),
     (lambda t: t["evaluation"]["text"].update(dataset="wikitext"), "evaluation.text: set exactly one of"),
+    (lambda t: t["requantize"].update(group_size=0), "requantize.group_size: must be -1"),
 ])
 def test_bad_config_exits_2_naming_the_key(config_path, tmp_path, capsys, change, expected):
     edit(config_path, change)
@@ -100,3 +103,29 @@ def test_text_too_short_for_one_window_is_refused_before_anything_runs(config_pa
     err = capsys.readouterr().err
     assert f"{short} (evaluation.seq_len=64):" in err and "fewer than the 64 needed" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_validate_reads_the_inputs_too(tmp_path, tiny_base, tiny_adapter, text_files, capsys):
+    texts = {"calibration": text_files["calibration"], "eval": text_files["calibration"]}
+    path = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, texts, tmp_path / "out")
+    assert main(["validate", str(path)]) == EXIT_BAD_INPUT
+    assert "shares" in capsys.readouterr().err
+
+
+def test_broken_adapter_config_and_base_without_tokenizer_exit_2(tmp_path, tiny_base, tiny_adapter, text_files,
+                                                                  capsys):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, adapter)
+    (adapter / "adapter_config.json").write_text("{not json")
+    path = write_config(tmp_path / "run.yaml", tiny_base, adapter, text_files, tmp_path / "out")
+    assert main(["run", str(path)]) == EXIT_BAD_INPUT
+    assert f"{adapter / 'adapter_config.json'}: not valid JSON" in capsys.readouterr().err
+
+    base = tmp_path / "no-tokenizer"
+    base.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_base / name, base)
+    path = write_config(tmp_path / "run2.yaml", base, tiny_adapter, text_files, tmp_path / "out2")
+    assert main(["run", str(path)]) == EXIT_BAD_INPUT
+    assert f"{base}: has no tokenizer files" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, CheckpointReader, copy_side_files, dtype_of, read_model_config,
-                                 rewrite_checkpoint, write_model_config)
+from pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, CheckpointReader, checkpoint_dtype, copy_side_files,
+                                 dtype_of, is_bnb_4bit, read_model_config, rewrite_checkpoint, write_model_config)
 from pipeline.config import BaseSection
 from quant.errors import InputError
 from quant.nf4 import QUANT_STATE_SUFFIXES, Bnb4bitSettings, dequantize_stored, quantized_module_names, roundtrip_4bit
@@ -33,10 +33,7 @@ def load_dtype(section: BaseSection, model_config: dict) -> torch.dtype:
     """The dtype the base was loaded in for training: base.dtype, or the checkpoint's with 'auto'."""
     if section.dtype != "auto":
         return dtype_of(section.dtype)
-    name = model_config.get("dtype") or model_config.get("torch_dtype")
-    if name is None:
-        raise InputError(f"{section.path / 'config.json'}: records no dtype; set base.dtype in the config")
-    return dtype_of(name)
+    return checkpoint_dtype(model_config, section.path / "config.json")
 
 
 def prequantized_settings(section: BaseSection, quantization: dict) -> Bnb4bitSettings:
@@ -54,15 +51,24 @@ def prequantized_settings(section: BaseSection, quantization: dict) -> Bnb4bitSe
                            quant_storage=dtype_of(stored["quant_storage"]))
 
 
+def check_base(section: BaseSection, model_config: dict) -> None:
+    """Refuse a base this stage cannot read: quantized other than by bitsandbytes 4-bit, or saved
+    in 4-bit with settings the config contradicts."""
+    quantization = model_config.get("quantization_config")
+    if quantization and not is_bnb_4bit(model_config):
+        raise InputError(f"{section.path / 'config.json'}: base is quantized with "
+                         f"{quantization.get('quant_method')!r}; give a 16-bit or bitsandbytes 4-bit checkpoint")
+    if quantization:
+        prequantized_settings(section, quantization)
+
+
 def run_dequantize(section: BaseSection, out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                    device: str = "cpu") -> dict:
     """Write the dequantized base into `out_dir`, doing the 4-bit math on `device`; return a summary."""
     model_config = read_model_config(section.path)
+    check_base(section, model_config)
     quantization = model_config.get("quantization_config")
     reader = CheckpointReader(section.path)
-    if quantization and not quantization.get("load_in_4bit"):
-        raise InputError(f"{section.path / 'config.json'}: base is quantized with "
-                         f"{quantization.get('quant_method')!r}; give a 16-bit or bitsandbytes 4-bit checkpoint")
     if quantization:
         summary = _dequantize_stored_4bit(reader, out_dir, max_shard_bytes, device)
         summary["settings"] = _describe(prequantized_settings(section, quantization))

@@ -21,7 +21,7 @@ import torch
 
 from eval.models import load_plain, load_separate_adapter
 from eval.perplexity import eval_windows, perplexity, window_nll
-from pipeline.checkpoint import dtype_of, read_model_config
+from pipeline.checkpoint import dtype_of, is_bnb_4bit, read_model_config
 from pipeline.config import RunConfig
 from pipeline.stages.dequantize import bnb_settings, load_dtype
 from quant.calibration import token_stream
@@ -58,7 +58,7 @@ def run_evaluate(config: RunConfig, device: str, plain_models: dict[str, Path], 
     tokens_per_window = section.seq_len - 1
 
     base_config = read_model_config(config.base.path)
-    prequantized = "quantization_config" in base_config
+    prequantized = is_bnb_4bit(base_config)
     quantization = None if prequantized else bnb_settings(config.base).to_transformers()
     dtype = load_dtype(config.base, base_config) if not prequantized else "auto"
     models: dict[str, dict] = {}

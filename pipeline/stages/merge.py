@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, CheckpointReader, copy_side_files, dtype_of,
-                                 read_model_config, rewrite_checkpoint, write_model_config)
+from pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, CheckpointReader, checkpoint_dtype, copy_side_files,
+                                 dtype_of, read_model_config, rewrite_checkpoint, write_model_config)
 from pipeline.config import AdapterSection
 from quant.merge import (AdapterError, LoraAdapter, LoraModule, combine_adapters, lora_delta, merge_bias, merge_weight,
                          read_lora_adapter)
@@ -38,7 +38,7 @@ def run_merge(dequantized_dir: Path, section: AdapterSection, dtype_name: str | 
     modules_on_device = {name: _to_device(module, device) for name, module in adapter.modules.items()}
     where = section.describe()
     model_config = read_model_config(dequantized_dir)
-    dtype = dtype_of(dtype_name or model_config["dtype"])
+    dtype = dtype_of(dtype_name) if dtype_name else checkpoint_dtype(model_config, dequantized_dir / "config.json")
     reader = CheckpointReader(dequantized_dir)
     wanted = [f"{name}.weight" for name in adapter.modules] + list(adapter.replacements)
     wanted += [f"{name}.bias" for name, m in adapter.modules.items() if m.bias is not None]
@@ -52,9 +52,9 @@ def run_merge(dequantized_dir: Path, section: AdapterSection, dtype_name: str | 
         tensor = adapter.replacements.get(key)
         if tensor is None:
             tensor = reader.get(key)
-        elif tensor.shape != reader.get(key).shape:
+        elif tensor.shape != reader.shape(key):
             raise AdapterError(f"{where}: saved {key} has shape {tuple(tensor.shape)}, the base's is "
-                               f"{tuple(reader.get(key).shape)}; was the adapter trained on another base model?")
+                               f"{tuple(reader.shape(key))}; was the adapter trained on another base model?")
         module_name, _, kind = key.rpartition(".")
         module = modules_on_device.get(module_name)
         if module is not None and kind == "weight":
@@ -63,7 +63,7 @@ def run_merge(dequantized_dir: Path, section: AdapterSection, dtype_name: str | 
                 raise AdapterError(f"{where}: delta for {key} has shape {tuple(delta.shape)} but the base weight "
                                    f"is {tuple(tensor.shape)}; was the adapter trained on another base model?")
             largest.append((delta.abs().max().item(), key))
-            return {key: merge_weight(tensor.to(device), module, dtype).cpu()}
+            return {key: merge_weight(tensor.to(device), delta, module, dtype).cpu()}
         if module is not None and kind == "bias" and module.bias is not None:
             return {key: merge_bias(tensor.to(device), module, dtype).cpu()}
         return {key: tensor.to(dtype) if tensor.is_floating_point() else tensor}

@@ -27,7 +27,7 @@ def run_requantize(section: RequantizeSection, texts: list[str], merged_dir: Pat
                                   calibration.seed, where=calibration.describe())
     settings = GptqSettings(bits=section.bits, group_size=section.group_size, desc_act=section.desc_act,
                             sym=section.sym, damp_percent=section.damp_percent, batch_size=section.batch_size)
-    gptq_quantize(merged_dir, windows, settings, device, out_dir)
+    gptq_quantize(merged_dir, windows, settings, device, out_dir, log_dir=out_dir.parent / "logs")
     _drop_calibration_text(out_dir / "config.json")
     log.info("requantize: GPTQ %d-bit g%d on %d windows of %d tokens", section.bits, section.group_size,
              len(windows), calibration.seq_len)
