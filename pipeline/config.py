@@ -14,6 +14,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
+from pipeline.checkpoint import DEFAULT_MAX_SHARD_BYTES
 from quant.errors import InputError
 
 # bitsandbytes' Params4bit default, which BitsAndBytesConfig offers no way to change.
@@ -212,7 +213,7 @@ ByteSize = Annotated[int | str, AfterValidator(parse_size)]
 class RunConfig(Section):
     output_dir: OutputPath
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_shard_size: ByteSize = 10**9  # of the dequantized and merged checkpoints
+    max_shard_size: ByteSize = DEFAULT_MAX_SHARD_BYTES  # of the dequantized and merged checkpoints
     base: BaseSection
     adapter: AdapterSection
     merge: MergeSection = Field(default_factory=MergeSection)
@@ -222,18 +223,30 @@ class RunConfig(Section):
 
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
-    """Apply one `--set key.path=value` to a raw config tree; the value is parsed as YAML."""
+    """Apply one `--set key.path=value` to a raw config tree; the value is parsed as YAML.
+
+    A number in the path indexes a list (`adapter.adapters.1.weight=0.3`).
+    """
     key, sep, raw = assignment.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {assignment!r}: expected key.path=value")
-    *parents, leaf = key.split(".")
-    node = tree
-    for part in parents:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
-        node = child
-    node[leaf] = yaml.safe_load(raw)
+    parts = key.split(".")
+    node: Any = tree
+    for depth, part in enumerate(parts):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {assignment!r}: {part!r} is not an index of that list (0 to {len(node) - 1})")
+            index: int | str = int(part)
+        elif isinstance(node, dict):
+            index = part
+        else:
+            raise ConfigError(f"--set {assignment!r}: {parts[depth - 1]!r} is not a section")
+        if depth == len(parts) - 1:
+            node[index] = yaml.safe_load(raw)
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            node = node[index]
 
 
 def _describe(error: ValidationError) -> str:

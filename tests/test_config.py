@@ -129,3 +129,11 @@ def test_broken_adapter_config_and_base_without_tokenizer_exit_2(tmp_path, tiny_
     assert main(["run", str(path)]) == EXIT_BAD_INPUT
     assert f"{base}: has no tokenizer files" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()
+
+
+def test_set_indexes_lists():
+    tree = {"adapter": {"adapters": [{"path": "a"}, {"path": "b"}]}}
+    apply_override(tree, "adapter.adapters.1.weight=0.3")
+    assert tree["adapter"]["adapters"][1] == {"path": "b", "weight": 0.3}
+    with pytest.raises(ConfigError, match="'2' is not an index of that list"):
+        apply_override(tree, "adapter.adapters.2.weight=1")
