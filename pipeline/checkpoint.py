@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+
 from pipeline.safetensors_io import read_header, read_tensor, write_file
 from quant.errors import InputError
 
