@@ -66,10 +66,20 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+def _transposed(module: LoraModule) -> bool:
+    return module.fan_in_fan_out or module.embedding
+
+
 def lora_delta(module: LoraModule) -> torch.Tensor:
     """The fp32 weight delta of one LoRA module, in the base weight's layout."""
     delta = module.scaling * (module.lora_b.float() @ module.lora_a.float())
-    return delta.T if module.fan_in_fan_out or module.embedding else delta
+    return delta.T if _transposed(module) else delta
+
+
+def lora_delta_shape(module: LoraModule) -> torch.Size:
+    """The shape `lora_delta` returns, without computing it."""
+    rows, cols = module.lora_b.shape[0], module.lora_a.shape[1]
+    return torch.Size((cols, rows) if _transposed(module) else (rows, cols))
 
 
 def merge_weight(weight: torch.Tensor, delta: torch.Tensor, module: LoraModule, out_dtype: torch.dtype) -> torch.Tensor:

@@ -16,8 +16,8 @@ import torch
 from pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, CheckpointReader, checkpoint_dtype, copy_side_files,
                                  dtype_of, read_model_config, rewrite_checkpoint, write_model_config)
 from pipeline.config import AdapterSection
-from quant.merge import (AdapterError, LoraAdapter, LoraModule, combine_adapters, lora_delta, merge_bias, merge_weight,
-                         read_lora_adapter)
+from quant.merge import (AdapterError, LoraAdapter, LoraModule, combine_adapters, lora_delta, lora_delta_shape,
+                         merge_bias, merge_weight, read_lora_adapter)
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +46,17 @@ def run_merge(dequantized_dir: Path, section: AdapterSection, dtype_name: str | 
     if absent:
         raise AdapterError(f"{where}: needs {len(absent)} tensor(s) the base does not have, e.g. {absent[0]!r}; "
                            "was the adapter trained on another base model?")
+    _check_shapes(adapter, reader, where)
     largest: list[tuple[float, str]] = []
 
     def transform(key: str, reader: CheckpointReader) -> dict[str, torch.Tensor]:
         tensor = adapter.replacements.get(key)
         if tensor is None:
             tensor = reader.get(key)
-        elif tensor.shape != reader.shape(key):
-            raise AdapterError(f"{where}: saved {key} has shape {tuple(tensor.shape)}, the base's is "
-                               f"{tuple(reader.shape(key))}; was the adapter trained on another base model?")
         module_name, _, kind = key.rpartition(".")
         module = modules_on_device.get(module_name)
         if module is not None and kind == "weight":
             delta = lora_delta(module)
-            if delta.shape != tensor.shape:
-                raise AdapterError(f"{where}: delta for {key} has shape {tuple(delta.shape)} but the base weight "
-                                   f"is {tuple(tensor.shape)}; was the adapter trained on another base model?")
             largest.append((delta.abs().max().item(), key))
             return {key: merge_weight(tensor.to(device), delta, module, dtype).cpu()}
         if module is not None and kind == "bias" and module.bias is not None:
@@ -76,6 +71,16 @@ def run_merge(dequantized_dir: Path, section: AdapterSection, dtype_name: str | 
     return {"modules_merged": len(adapter.modules), "tensors_replaced": sorted(adapter.replacements),
             "dtype": str(dtype).removeprefix("torch."),
             "largest_deltas": [{"weight": k, "max_abs_delta": v} for v, k in sorted(largest, reverse=True)[:5]]}
+
+
+def _check_shapes(adapter: LoraAdapter, reader: CheckpointReader, where: str) -> None:
+    """Refuse, before anything is written, deltas and saved tensors whose shapes differ from the base's."""
+    expected = {f"{name}.weight": (lora_delta_shape(m), "delta") for name, m in adapter.modules.items()}
+    expected.update({key: (tensor.shape, "saved tensor") for key, tensor in adapter.replacements.items()})
+    for key, (shape, what) in sorted(expected.items()):
+        if shape != reader.shape(key):
+            raise AdapterError(f"{where}: {what} for {key} has shape {tuple(shape)} but the base's is "
+                               f"{tuple(reader.shape(key))}; was the adapter trained on another base model?")
 
 
 def _to_device(module: LoraModule, device: str) -> LoraModule:
