@@ -12,6 +12,7 @@ import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -93,7 +94,18 @@ def release_freed_memory() -> None:
         pass
 
 
-TensorTransform = Callable[[str, CheckpointReader], dict[str, torch.Tensor]]
+class TensorSource(Protocol):
+    """What the streaming stages read from: a CheckpointReader, or a view computing tensors on demand."""
+
+    model_dir: Path
+
+    def __contains__(self, key: str) -> bool: ...
+    def keys(self) -> list[str]: ...
+    def get(self, key: str) -> torch.Tensor: ...
+    def shape(self, key: str) -> torch.Size: ...
+
+
+TensorTransform = Callable[[str, TensorSource], dict[str, torch.Tensor]]
 DEFAULT_MAX_SHARD_BYTES = 10**9
 
 
@@ -139,7 +151,7 @@ class ShardWriter:
         return len(weight_map)
 
 
-def rewrite_checkpoint(reader: CheckpointReader, out_dir: Path, transform: TensorTransform,
+def rewrite_checkpoint(reader: TensorSource, out_dir: Path, transform: TensorTransform,
                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> int:
     """Write `transform(key, reader)` for every input tensor, one tensor at a time, into shards.
 

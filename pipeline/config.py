@@ -70,6 +70,8 @@ class BaseSection(Section):
     path: InputPath
     dtype: DTypeName | Literal["auto"] = "auto"
     bnb: BnbSection = Field(default_factory=BnbSection)
+    # Also write the base as the adapter saw it to RUN_DIR/dequantized (the merge streams it either way).
+    save_dequantized: bool = False
 
 
 class WeightedAdapter(Section):

@@ -18,10 +18,10 @@ import torch
 
 from eval.compare import change, compare_to_baseline, judge_gate
 from eval.report import REPORT_FILES, SCHEMA_VERSION, write_report
-from pipeline.checkpoint import is_bnb_4bit, read_model_config
+from pipeline.checkpoint import CheckpointReader, dtype_of, is_bnb_4bit, read_model_config
 from pipeline.config import RunConfig
 from pipeline.metrics import measure
-from pipeline.stages.dequantize import check_base, run_dequantize
+from pipeline.stages.dequantize import DequantizedBase, check_base, run_dequantize
 from pipeline.stages.evaluate import RESULTS, run_evaluate
 from pipeline.stages.merge import run_merge
 from pipeline.stages.requantize import run_requantize
@@ -104,24 +104,33 @@ class Pipeline:
                        f"{evaluation.text.describe()} (evaluation.seq_len={evaluation.seq_len})")
 
     def run(self) -> None:
-        """Run the model stages in order: dequantize, merge and requantize (once per merge base), evaluate."""
+        """Run the model stages in order: merge (dequantizing on the fly) and requantize, once per merge
+        base, then evaluate. With base.save_dequantized, the dequantized base is written first."""
         config = self.config
-        dequantized = self.run_dir / "dequantized"
-        self._stage("dequantize", dequantized, lambda out: run_dequantize(config.base, out, config.max_shard_size,
-                                                                             self.device))
-        merge_sources = {"nf4": dequantized, "original": config.base.path}
-        merge_dtype = config.merge.dtype or self.summaries["dequantize"]["dtype"]
+        if config.base.save_dequantized:
+            self._stage("dequantize", self.run_dir / "dequantized", lambda out: run_dequantize(
+                config.base, out, config.max_shard_size, self.device))
         for merge_base in config.merge.merge_bases():
             suffix = "" if merge_base == config.merge.merge_base else f"_{merge_base}"
             merged, gptq = self.run_dir / f"merged{suffix}", self.run_dir / f"gptq{suffix}"
-            self._stage(f"merge{suffix}", merged,
-                        lambda out, source=merge_sources[merge_base]: run_merge(
-                            source, config.adapter, merge_dtype, out, config.max_shard_size, self.device))
+            self._stage(f"merge{suffix}", merged, lambda out, merge_base=merge_base: self._merge(merge_base, out))
             self._stage(f"requantize{suffix}", gptq, lambda out, merged=merged: run_requantize(
                 config.requantize, self.calibration_texts, merged, self.device, out))
             self.models.update({merged.name: merged, gptq.name: gptq})
         self._stage("evaluate", self.run_dir / "evaluation",
                     lambda out: run_evaluate(config, self.device, self.models, self.eval_texts, out))
+
+    def _merge(self, merge_base: str, out: Path) -> dict:
+        """Merge into the NF4 round trip of the base, streamed from the base checkpoint, or into the
+        original 16-bit weights; the merged dtype defaults to the base's load dtype."""
+        config = self.config
+        base = DequantizedBase(config.base, self.device)
+        dtype = dtype_of(config.merge.dtype) if config.merge.dtype else base.dtype
+        source = base if merge_base == "nf4" else CheckpointReader(config.base.path)
+        summary = run_merge(source, base.model_config, config.adapter, dtype, out, config.max_shard_size, self.device)
+        if merge_base == "nf4":
+            summary["base"] = {**base.describe(), "roundtrip_error": base.roundtrip_errors}
+        return summary
 
     def save(self) -> dict:
         """Write report.json and report.md; return the report."""
@@ -137,8 +146,8 @@ class Pipeline:
             "requantize": self.summaries["requantize"],
             "gate": judge_gate(compared, self.config.gate.max_ppl_increase_pct),
             "merge_base": self.config.merge.merge_base,
-            "artifacts": {"dequantized": str(self.run_dir / "dequantized"),
-                          **{name: str(path) for name, path in self.models.items()}},
+            "artifacts": {**({"dequantized": str(self.run_dir / "dequantized")} if self.config.base.save_dequantized
+                             else {}), **{name: str(path) for name, path in self.models.items()}},
             "stages": {name: {**self.measures[name], **summary} for name, summary in self.summaries.items()},
             "versions": {name: version(name) for name in LIBRARIES},
             "config": self.config.model_dump(mode="json"),

@@ -79,7 +79,12 @@ def text_files(tmp_path_factory, corpus) -> dict[str, Path]:
     return files
 
 
-def write_config(path: Path, base: Path, adapter_dir: Path, texts: dict[str, Path], output_dir: Path,
+def base_section(base: Path, **settings) -> dict:
+    """The config's base section for the tiny fixtures (fp32 throughout: fast on CPU)."""
+    return {"path": str(base), "dtype": "float32", "bnb": {"compute_dtype": "float32"}, **settings}
+
+
+def write_config(path: Path, base_dir: Path, adapter_dir: Path, texts: dict[str, Path], output_dir: Path,
                  **sections) -> Path:
     """A valid YAML run config for the tiny fixtures; `sections` replace whole top-level sections."""
     import yaml
@@ -87,7 +92,7 @@ def write_config(path: Path, base: Path, adapter_dir: Path, texts: dict[str, Pat
     config = {
         "output_dir": str(output_dir),
         "device": "cpu",
-        "base": {"path": str(base), "dtype": "float32", "bnb": {"compute_dtype": "float32"}},
+        "base": base_section(base_dir),
         "adapter": {"path": str(adapter_dir)},
         "merge": {"dtype": "float16"},
         "requantize": {"bits": 4, "group_size": 64, "batch_size": 4,

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from conftest import random_adapter, save_model
 from pipeline.config import AdapterSection, BaseSection
-from pipeline.stages.dequantize import run_dequantize
+from pipeline.stages.dequantize import DequantizedBase, run_dequantize
 from pipeline.stages.merge import run_merge
 from test_dequantize import library_dequantized
 from test_merge import FP32_ROUNDING, peft_merged
@@ -53,7 +53,9 @@ def test_dequantize_and_merge_match_the_libraries(tmp_path, tokenizer, architect
     adapter = random_adapter(dequantized, tmp_path / "adapter")
     merged = tmp_path / "merged"
     merged.mkdir()
-    summary = run_merge(dequantized, AdapterSection(path=adapter), "float32", merged, max_shard_bytes=100_000)
+    streamed = DequantizedBase(section)  # the merge stage dequantizes on the fly, never reading `dequantized`
+    summary = run_merge(streamed, streamed.model_config, AdapterSection(path=adapter), torch.float32, merged,
+                        max_shard_bytes=100_000)
     assert summary["modules_merged"] == len(reference)
     peft = peft_merged(dequantized, adapter)
     for key, tensor in read_all(merged).items():

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from conftest import random_adapter, save_model, tiny_llama, write_config
+from conftest import base_section, random_adapter, save_model, tiny_llama, write_config
 from eval.compare import compare_to_baseline, judge_gate
 from pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
 
@@ -19,7 +19,8 @@ MODELS = ("base_nf4", "baseline", "merged", "gptq")
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_base, tiny_adapter, text_files):
     folder = tmp_path_factory.mktemp("pipeline")
-    config = write_config(folder / "run.yaml", tiny_base, tiny_adapter, text_files, folder / "run")
+    config = write_config(folder / "run.yaml", tiny_base, tiny_adapter, text_files, folder / "run",
+                          base=base_section(tiny_base, save_dequantized=True))
     assert main(["run", str(config)]) == EXIT_OK
     return folder / "run"
 
@@ -50,6 +51,8 @@ def test_run_directory_holds_reports_log_and_no_partial_output(run_dir, report):
     assert "stage requantize: done" in (run_dir / "run.log").read_text()
     assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]
     assert set(report["stages"]) == {"dequantize", "merge", "requantize", "evaluate"}
+    assert report["stages"]["merge"]["base"]["quantized"] == 14
+    assert all(0.05 < error < 0.2 for error in report["stages"]["merge"]["base"]["roundtrip_error"].values())
     assert all(stage["seconds"] > 0 and stage["peak_rss_mb"] > 0 for stage in report["stages"].values())
 
 
@@ -99,7 +102,8 @@ def test_adapter_for_another_base_exits_2_and_keeps_completed_stages(tmp_path, t
                                                                      capsys):
     wider = save_model(tiny_llama(tokenizer, intermediate_size=384), tokenizer, tmp_path / "wider")
     adapter = random_adapter(wider, tmp_path / "wrong-adapter")
-    config = write_config(tmp_path / "run.yaml", tiny_base, adapter, text_files, tmp_path / "run")
+    config = write_config(tmp_path / "run.yaml", tiny_base, adapter, text_files, tmp_path / "run",
+                          base=base_section(tiny_base, save_dequantized=True))
     assert main(["run", str(config)]) == EXIT_BAD_INPUT
     assert "was the adapter trained on another base model?" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["dequantized", "run.log"]

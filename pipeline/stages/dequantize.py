@@ -1,12 +1,15 @@
 """Stage 1, dequantize: the base's weights exactly as the adapter saw them during QLoRA training.
 
 Input: the base checkpoint folder (16-bit safetensors, or already saved in bitsandbytes 4-bit
-form) and the bitsandbytes training settings. Output: a 16-bit checkpoint in which every weight
-that bitsandbytes quantized at load time is replaced by its 4-bit round trip.
+form) and the bitsandbytes training settings. `DequantizedBase` serves each weight that
+bitsandbytes quantized at load time as its 4-bit round trip, tensor by tensor: the merge stage
+streams from it directly. `run_dequantize` writes it out as a 16-bit checkpoint, when a user
+asks for that artifact (`base.save_dequantized`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -16,7 +19,8 @@ from pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, CheckpointReader, chec
                                  dtype_of, is_bnb_4bit, read_model_config, rewrite_checkpoint, write_model_config)
 from pipeline.config import BaseSection
 from quant.errors import InputError
-from quant.nf4 import QUANT_STATE_SUFFIXES, Bnb4bitSettings, dequantize_stored, quantized_module_names, roundtrip_4bit
+from quant.nf4 import (QUANT_STATE_SUFFIXES, Bnb4bitSettings, dequantize_stored, quantized_module_names,
+                       relative_error, roundtrip_4bit)
 
 log = logging.getLogger(__name__)
 
@@ -62,84 +66,108 @@ def check_base(section: BaseSection, model_config: dict) -> None:
         prequantized_settings(section, quantization)
 
 
+class DequantizedBase:
+    """The base checkpoint read as the adapter saw it in training, one tensor at a time.
+
+    Reads like a CheckpointReader: `get(key)` returns a weight that bitsandbytes quantizes at load
+    time as its 4-bit round trip (or, for a checkpoint saved in 4-bit form, its dequantized value),
+    and any other tensor cast to the load dtype. The 4-bit math runs on `device`. Nothing is
+    dequantized before it is asked for, so merging from this view never holds the whole model.
+    """
+
+    def __init__(self, section: BaseSection, device: str = "cpu"):
+        self.model_dir = section.path
+        self.model_config = read_model_config(section.path)
+        check_base(section, self.model_config)
+        self.device = device
+        self.roundtrip_errors: dict[str, float] = {}  # weight -> ||round trip - original|| / ||original||
+        self._reader = CheckpointReader(section.path)
+        quantization = self.model_config.get("quantization_config")
+        if quantization:
+            self.settings = prequantized_settings(section, quantization)
+            self._packed = {key for key in self._reader.keys() if f"{key}.absmax" in self._reader}
+            self._state_keys = {key + suffix for key in self._packed for suffix in QUANT_STATE_SUFFIXES}
+            self.dtype = self._stored_dtype()
+            self._quantized: set[str] = set()
+            self._conv1d: set[str] = set()
+        else:
+            self.settings = bnb_settings(section)
+            self.dtype = load_dtype(section, self.model_config)
+            self._packed, self._state_keys = set(), set()
+            self._quantized, self._conv1d = self._modules_quantized_at_load()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._reader and key not in self._state_keys
+
+    def keys(self) -> list[str]:
+        return [key for key in self._reader.keys() if key not in self._state_keys]
+
+    def shape(self, key: str) -> torch.Size:
+        if key in self._packed:
+            return torch.Size(self._state(key)["shape"])
+        return self._reader.shape(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self._packed:
+            state = {suffix[1:]: self._reader.get(key + suffix) for suffix in QUANT_STATE_SUFFIXES
+                     if key + suffix in self._reader}
+            return dequantize_stored(self._reader.get(key).to(self.device), state).cpu()
+        tensor = self._reader.get(key)
+        if key not in self._quantized:
+            return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+        original = tensor.to(self.device, self.dtype)
+        transposed = key.removesuffix(".weight") in self._conv1d
+        dequantized = roundtrip_4bit(original.T if transposed else original, self.dtype, self.settings)
+        dequantized = dequantized.T if transposed else dequantized
+        self.roundtrip_errors[key] = relative_error(dequantized, original)
+        return dequantized.cpu()
+
+    def describe(self) -> dict:
+        """Where the weights come from and how they were quantized, for the stage summary."""
+        return {"source": "bitsandbytes 4-bit" if self._packed else "16-bit",
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "quantized": len(self._packed or self._quantized),
+                "settings": {"quant_type": self.settings.quant_type, "blocksize": self.settings.blocksize,
+                             "double_quant": self.settings.double_quant,
+                             "quant_storage": str(self.settings.quant_storage).removeprefix("torch."),
+                             "skip_modules": list(self.settings.skip_modules)}}
+
+    def _modules_quantized_at_load(self) -> tuple[set[str], set[str]]:
+        from transformers import CONFIG_MAPPING, AutoConfig
+
+        model_type = self.model_config.get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise InputError(f"{self.model_dir / 'config.json'}: model_type {model_type!r} is not an architecture "
+                             "built into this transformers version; only built-in architectures are supported")
+        linear, conv1d = quantized_module_names(AutoConfig.for_model(**self.model_config), self.settings)
+        expected = {f"{name}.weight" for name in linear | conv1d}
+        missing = sorted(expected - set(self._reader.keys()))
+        if missing:
+            raise InputError(f"{self.model_dir}: no tensor {missing[0]!r}, which transformers would quantize; "
+                             "the checkpoint does not match its config.json")
+        return expected, conv1d
+
+    def _state(self, key: str) -> dict:
+        suffix = next(s for s in QUANT_STATE_SUFFIXES if s.startswith(".quant_state") and key + s in self._reader)
+        return json.loads(bytes(self._reader.get(key + suffix).tolist()))
+
+    def _stored_dtype(self) -> torch.dtype:
+        dtypes = {self._state(key)["dtype"] for key in self._packed}
+        if len(dtypes) != 1:
+            raise InputError(f"{self.model_dir}: found {len(self._packed)} 4-bit weights with dtypes "
+                             f"{sorted(dtypes)}; expected one dtype")
+        return dtype_of(dtypes.pop(), str(self.model_dir))
+
+
 def run_dequantize(section: BaseSection, out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                    device: str = "cpu") -> dict:
     """Write the dequantized base into `out_dir`, doing the 4-bit math on `device`; return a summary."""
-    model_config = read_model_config(section.path)
-    check_base(section, model_config)
-    quantization = model_config.get("quantization_config")
-    reader = CheckpointReader(section.path)
-    if quantization:
-        summary = _dequantize_stored_4bit(reader, out_dir, max_shard_bytes, device)
-        summary["settings"] = _describe(prequantized_settings(section, quantization))
-        dtype = dtype_of(summary["dtype"])
-    else:
-        dtype = load_dtype(section, model_config)
-        summary = _roundtrip_16bit(reader, model_config, bnb_settings(section), dtype, out_dir, max_shard_bytes,
-                                   device)
-    write_model_config(model_config, out_dir, dtype)
+    base = DequantizedBase(section, device)
+    copied = rewrite_checkpoint(base, out_dir, lambda key, reader: {key: reader.get(key)},
+                                max_shard_bytes) - base.describe()["quantized"]
+    write_model_config(base.model_config, out_dir, base.dtype)
     copy_side_files(section.path, out_dir)
+    summary = {**base.describe(), "copied": copied}
     log.info("dequantize: %d weights through 4-bit, %d tensors copied, dtype %s",
-             summary["quantized"], summary["copied"], summary["dtype"])
+             summary["quantized"], copied, summary["dtype"])
     return summary
-
-
-def _roundtrip_16bit(reader: CheckpointReader, model_config: dict, settings: Bnb4bitSettings,
-                     dtype: torch.dtype, out_dir: Path, max_shard_bytes: int, device: str) -> dict:
-    from transformers import CONFIG_MAPPING, AutoConfig
-
-    model_type = model_config.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise InputError(f"{reader.model_dir / 'config.json'}: model_type {model_type!r} is not an architecture "
-                         "built into this transformers version; only built-in architectures are supported")
-    config = AutoConfig.for_model(**model_config)
-    linear, conv1d = quantized_module_names(config, settings)
-    expected = {f"{name}.weight" for name in linear | conv1d}
-    missing = sorted(expected - set(reader.keys()))
-    if missing:
-        raise InputError(f"{reader.model_dir}: no tensor {missing[0]!r}, which transformers would quantize; "
-                         f"the checkpoint does not match its config.json")
-    counts = {"quantized": 0, "copied": 0}
-
-    def transform(key: str, reader: CheckpointReader) -> dict[str, torch.Tensor]:
-        tensor = reader.get(key)
-        if key not in expected:
-            counts["copied"] += 1
-            return {key: tensor.to(dtype) if tensor.is_floating_point() else tensor}
-        counts["quantized"] += 1
-        if key.removesuffix(".weight") in conv1d:
-            return {key: roundtrip_4bit(tensor.T.to(device), dtype, settings).T.cpu()}
-        return {key: roundtrip_4bit(tensor.to(device), dtype, settings).cpu()}
-
-    rewrite_checkpoint(reader, out_dir, transform, max_shard_bytes)
-    return {"source": "16-bit", "dtype": str(dtype).removeprefix("torch."), "settings": _describe(settings), **counts}
-
-
-def _dequantize_stored_4bit(reader: CheckpointReader, out_dir: Path, max_shard_bytes: int, device: str) -> dict:
-    packed = {key for key in reader.keys() if f"{key}.absmax" in reader}
-    state_keys = {f"{key}{suffix}" for key in packed for suffix in QUANT_STATE_SUFFIXES}
-    counts = {"quantized": 0, "copied": 0}
-    dtypes = set()
-
-    def transform(key: str, reader: CheckpointReader) -> dict[str, torch.Tensor]:
-        if key in state_keys:
-            return {}
-        if key not in packed:
-            counts["copied"] += 1
-            return {key: reader.get(key)}
-        state = {suffix[1:]: reader.get(key + suffix) for suffix in QUANT_STATE_SUFFIXES if key + suffix in reader}
-        weight = dequantize_stored(reader.get(key).to(device), state).cpu()
-        counts["quantized"] += 1
-        dtypes.add(weight.dtype)
-        return {key: weight}
-
-    rewrite_checkpoint(reader, out_dir, transform, max_shard_bytes)
-    if len(dtypes) != 1:
-        raise InputError(f"{reader.model_dir}: found {len(packed)} 4-bit weights with dtypes {dtypes}; expected one dtype")
-    return {"source": "bitsandbytes 4-bit", "dtype": str(dtypes.pop()).removeprefix("torch."), **counts}
-
-
-def _describe(settings: Bnb4bitSettings) -> dict:
-    return {"quant_type": settings.quant_type, "blocksize": settings.blocksize, "double_quant": settings.double_quant,
-            "quant_storage": str(settings.quant_storage).removeprefix("torch."),
-            "skip_modules": list(settings.skip_modules)}

@@ -1,7 +1,8 @@
-"""Stage 2, merge: apply the adapter(s), with deltas computed in fp32, to the dequantized weights.
+"""Stage 2, merge: apply the adapter(s), with deltas computed in fp32, to the base's weights.
 
-Input: the dequantized checkpoint and the adapter section (one adapter, or several combined with
-PEFT's add_weighted_adapter semantics). Output: a plain checkpoint in the merge dtype that
+Input: a tensor source (the base as the adapter saw it, dequantized on the fly, or the original
+16-bit checkpoint) and the adapter section (one adapter, or several combined with PEFT's
+add_weighted_adapter semantics). Output: a plain checkpoint in the merge dtype that
 `AutoModelForCausalLM.from_pretrained` loads without PEFT or quantization.
 """
 
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, CheckpointReader, checkpoint_dtype, copy_side_files,
-                                 dtype_of, read_model_config, rewrite_checkpoint, write_model_config)
+from pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, TensorSource, copy_side_files, rewrite_checkpoint,
+                                 write_model_config)
 from pipeline.config import AdapterSection
 from quant.merge import (AdapterError, LoraAdapter, LoraModule, combine_adapters, lora_delta, lora_delta_shape,
                          merge_bias, merge_weight, read_lora_adapter)
@@ -30,26 +31,23 @@ def load_adapter(section: AdapterSection) -> LoraAdapter:
     return combine_adapters([a for a, _ in adapters], [w for _, w in adapters], section.combination)
 
 
-def run_merge(dequantized_dir: Path, section: AdapterSection, dtype_name: str | None, out_dir: Path,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, device: str = "cpu") -> dict:
-    """Merge the adapter(s) of `section` into `dequantized_dir`, writing `out_dir`, doing the math on
-    `device`; return a summary."""
+def run_merge(source: TensorSource, model_config: dict, section: AdapterSection, dtype: torch.dtype,
+              out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, device: str = "cpu") -> dict:
+    """Merge the adapter(s) of `section` into the tensors of `source`, writing a `dtype` checkpoint
+    with `model_config` into `out_dir`, doing the math on `device`; return a summary."""
     adapter = load_adapter(section)
     modules_on_device = {name: _to_device(module, device) for name, module in adapter.modules.items()}
     where = section.describe()
-    model_config = read_model_config(dequantized_dir)
-    dtype = dtype_of(dtype_name) if dtype_name else checkpoint_dtype(model_config, dequantized_dir / "config.json")
-    reader = CheckpointReader(dequantized_dir)
     wanted = [f"{name}.weight" for name in adapter.modules] + list(adapter.replacements)
     wanted += [f"{name}.bias" for name, m in adapter.modules.items() if m.bias is not None]
-    absent = sorted(key for key in wanted if key not in reader)
+    absent = sorted(key for key in wanted if key not in source)
     if absent:
         raise AdapterError(f"{where}: needs {len(absent)} tensor(s) the base does not have, e.g. {absent[0]!r}; "
                            "was the adapter trained on another base model?")
-    _check_shapes(adapter, reader, where)
+    _check_shapes(adapter, source, where)
     largest: list[tuple[float, str]] = []
 
-    def transform(key: str, reader: CheckpointReader) -> dict[str, torch.Tensor]:
+    def transform(key: str, reader: TensorSource) -> dict[str, torch.Tensor]:
         tensor = adapter.replacements.get(key)
         if tensor is None:
             tensor = reader.get(key)
@@ -63,9 +61,9 @@ def run_merge(dequantized_dir: Path, section: AdapterSection, dtype_name: str | 
             return {key: merge_bias(tensor.to(device), module, dtype).cpu()}
         return {key: tensor.to(dtype) if tensor.is_floating_point() else tensor}
 
-    rewrite_checkpoint(reader, out_dir, transform, max_shard_bytes)
+    rewrite_checkpoint(source, out_dir, transform, max_shard_bytes)
     write_model_config(model_config, out_dir, dtype)
-    copy_side_files(dequantized_dir, out_dir)
+    copy_side_files(source.model_dir, out_dir)
     log.info("merge: %d LoRA modules merged in fp32 and %d tensors replaced, written as %s",
              len(adapter.modules), len(adapter.replacements), dtype)
     return {"modules_merged": len(adapter.modules), "tensors_replaced": sorted(adapter.replacements),
@@ -73,7 +71,7 @@ def run_merge(dequantized_dir: Path, section: AdapterSection, dtype_name: str | 
             "largest_deltas": [{"weight": k, "max_abs_delta": v} for v, k in sorted(largest, reverse=True)[:5]]}
 
 
-def _check_shapes(adapter: LoraAdapter, reader: CheckpointReader, where: str) -> None:
+def _check_shapes(adapter: LoraAdapter, reader: TensorSource, where: str) -> None:
     """Refuse, before anything is written, deltas and saved tensors whose shapes differ from the base's."""
     expected = {f"{name}.weight": (lora_delta_shape(m), "delta") for name, m in adapter.modules.items()}
     expected.update({key: (tensor.shape, "saved tensor") for key, tensor in adapter.replacements.items()})
