@@ -1,8 +1,12 @@
-"""Comparison of every model against the baseline (NF4 base + separate adapter, the model as trained)."""
+"""Every model against the baseline (NF4 base + separate adapter, the model as trained), and the gates."""
 
 from __future__ import annotations
 
+from eval.perplexity import perplexity
+from eval.statistics import bootstrap_ppl_change
+
 BASELINE = "baseline"
+RELEASE_MODEL = "gptq"
 MODEL_LABELS = {
     "base_nf4": "NF4 base alone (no adapter)",
     "baseline": "NF4 base + adapter (as trained)",
@@ -23,23 +27,56 @@ def change(value: float, reference: float) -> dict[str, float]:
     return {"abs": value - reference, "pct": 100.0 * (value - reference) / reference}
 
 
-def compare_to_baseline(models: dict[str, dict]) -> dict[str, dict]:
-    """Per model, in the order scored: ppl, tokens scored, and its PPL change against the baseline."""
-    reference = models[BASELINE]["ppl"]
+def compare_to_baseline(models: dict[str, dict], bootstrap_samples: int, seed: int) -> dict[str, dict]:
+    """Per model, in the order scored: PPL and its change against the baseline with a paired bootstrap
+    95% interval, mean token KL(baseline || model) and top-1 agreement with the baseline."""
+    reference = models[BASELINE]
     compared = {}
     for name, result in models.items():
-        delta = change(result["ppl"], reference)
-        compared[name] = {"ppl": result["ppl"], "tokens": result["tokens"], "windows": result["windows"],
-                          "delta_ppl": delta["abs"], "delta_pct": delta["pct"]}
+        tokens = sum(result["window_tokens"])
+        ppl = perplexity(result["window_nll"], result["window_tokens"])
+        delta = change(ppl, perplexity(reference["window_nll"], reference["window_tokens"]))
+        row = {"ppl": ppl, "tokens": tokens, "windows": len(result["window_nll"]),
+               "delta_ppl": delta["abs"], "delta_pct": delta["pct"]}
+        if name != BASELINE:
+            row["delta_pct_ci95"] = bootstrap_ppl_change(result["window_nll"], reference["window_nll"],
+                                                         result["window_tokens"], bootstrap_samples, seed)
+            row["kl"] = sum(result["window_kl"]) / tokens
+            row["top1_agreement"] = sum(result["window_top1"]) / tokens
+        compared[name] = row
     return compared
 
 
-def judge_gate(compared: dict[str, dict], max_ppl_increase_pct: float | None) -> dict:
-    """The release gate on the GPTQ model's PPL increase over the baseline."""
-    value = compared["gptq"]["delta_pct"]
-    if max_ppl_increase_pct is None:
-        return {"enabled": False, "passed": True, "value_pct": value, "max_ppl_increase_pct": None,
-                "message": "no gate configured"}
-    passed = value <= max_ppl_increase_pct
-    return {"enabled": True, "passed": passed, "value_pct": value, "max_ppl_increase_pct": max_ppl_increase_pct,
-            "message": f"GPTQ PPL change {value:+.2f}% {'<=' if passed else '>'} limit {max_ppl_increase_pct:.2f}%"}
+def judge_gates(compared: dict[str, dict], gate: dict) -> dict:
+    """Every configured gate on the release model (GPTQ) against the baseline.
+
+    The PPL gate is judged on the upper bound of the 95% interval: a change that could plausibly
+    exceed the limit fails.
+    """
+    row = compared[RELEASE_MODEL]
+    checks = []
+    if gate.get("max_ppl_increase_pct") is not None:
+        limit, (low, high) = gate["max_ppl_increase_pct"], row["delta_pct_ci95"]
+        checks.append(_check("max_ppl_increase_pct", high, limit, high <= limit,
+                             f"GPTQ PPL change {row['delta_pct']:+.2f}% (95% CI {low:+.2f}%..{high:+.2f}%): "
+                             f"upper bound {high:+.2f}%", f"{limit:.2f}%", f"{high - limit:.2f} percentage points"))
+    if gate.get("max_kl") is not None:
+        limit = gate["max_kl"]
+        checks.append(_check("max_kl", row["kl"], limit, row["kl"] <= limit,
+                             f"GPTQ mean token KL {row['kl']:.3g} nats", f"{limit:.3g}",
+                             f"{row['kl'] - limit:.3g} nats"))
+    if gate.get("min_top1_agreement") is not None:
+        limit = gate["min_top1_agreement"]
+        checks.append(_check("min_top1_agreement", row["top1_agreement"], limit, row["top1_agreement"] >= limit,
+                             f"GPTQ top-1 agreement {row['top1_agreement']:.2%}", f"{limit:.2%}",
+                             f"{limit - row['top1_agreement']:.2%}"))
+    failed = [c for c in checks if not c["passed"]]
+    message = ("; ".join(c["message"] for c in failed) if failed
+               else "; ".join(c["message"] for c in checks) if checks else "no gate configured")
+    return {"enabled": bool(checks), "passed": not failed, "checks": checks, "failed": [c["name"] for c in failed],
+            "message": message}
+
+
+def _check(name: str, value: float, limit: float, passed: bool, what: str, shown_limit: str, by: str) -> dict:
+    verdict = f"within limit {shown_limit}" if passed else f"fails limit {shown_limit} by {by}"
+    return {"name": name, "value": value, "limit": limit, "passed": passed, "message": f"{what} {verdict}"}

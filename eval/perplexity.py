@@ -1,39 +1,120 @@
-"""Perplexity on fixed token windows (the GPTQ paper's protocol: non-overlapping windows of seq_len)."""
+"""Scoring models on fixed token windows: next-token NLL, and KL / top-1 agreement against a reference.
+
+Two window protocols, every model scored on the same windows:
+  non-overlapping  consecutive windows of seq_len (the GPTQ paper's protocol); each window's first
+                   token is context only, unless a BOS token is prepended
+  sliding          windows of seq_len starting every `stride` tokens (the Hugging Face perplexity
+                   guide); after the first window only the `stride` new tokens are scored, each with
+                   seq_len - stride tokens of context
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from quant.errors import InputError
 
 
-def eval_windows(stream: torch.Tensor, seq_len: int, max_windows: int | None = None,
-                 where: str = "evaluation text") -> torch.Tensor:
-    """Cut a token stream into non-overlapping windows of `seq_len`; the remainder is dropped."""
-    count = len(stream) // seq_len
-    if count == 0:
+@dataclass(frozen=True)
+class Windows:
+    """Token windows and, per window, the first prediction position that is scored."""
+
+    input_ids: torch.Tensor  # [windows, seq_len]
+    first_scored: torch.Tensor  # [windows]: predictions at positions >= this are scored
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    def scored_tokens(self) -> torch.Tensor:
+        """Tokens scored in each window."""
+        return self.seq_len - 1 - self.first_scored
+
+    def mask(self, rows: slice) -> torch.Tensor:
+        """[rows, seq_len - 1] bool: which predictions of these windows are scored."""
+        positions = torch.arange(self.seq_len - 1)
+        return positions.unsqueeze(0) >= self.first_scored[rows].unsqueeze(1)
+
+
+def eval_windows(stream: torch.Tensor, seq_len: int, max_windows: int | None = None, stride: int | None = None,
+                 bos_id: int | None = None, where: str = "evaluation text") -> Windows:
+    """Cut a token stream into windows of `seq_len` (non-overlapping, or sliding by `stride`).
+
+    With `bos_id`, every window is BOS followed by seq_len - 1 text tokens, and every text token
+    of a fresh window is scored. Text that does not fill a last window is dropped.
+    """
+    content = seq_len - (bos_id is not None)
+    if len(stream) < content:
         raise InputError(f"{where}: {len(stream)} tokens, fewer than one window of evaluation.seq_len={seq_len}; "
                          "give more text or lower evaluation.seq_len")
-    if max_windows is not None:
-        count = min(count, max_windows)
-    return stream[: count * seq_len].view(count, seq_len)
+    step = content if stride is None else stride
+    starts = list(range(0, len(stream) - content + 1, step))[:max_windows]
+    rows = torch.stack([stream[start: start + content] for start in starts])
+    if bos_id is not None:
+        rows = torch.cat([torch.full((len(rows), 1), bos_id, dtype=rows.dtype), rows], dim=1)
+    first_scored = torch.zeros(len(rows), dtype=torch.long)
+    if stride is not None:
+        first_scored[1:] = seq_len - 1 - stride
+    return Windows(rows, first_scored)
+
+
+class ReferenceLogProbs:
+    """The reference model's next-token log-probabilities for every window, in a float32 file.
+
+    The file holds windows x (seq_len - 1) x vocab floats (written once, read once per model),
+    so that models need not be in memory together.
+    """
+
+    def __init__(self, path: Path, windows: Windows):
+        self.path, self.windows = path, windows
+        self.array: np.ndarray | None = None
+
+    def write(self, rows: slice, log_probs: torch.Tensor) -> None:
+        if self.array is None:
+            shape = (len(self.windows), self.windows.seq_len - 1, log_probs.shape[-1])
+            self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=shape)
+        self.array[rows] = log_probs.cpu().numpy()
+
+    def read(self, rows: slice, device: torch.device) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.array[rows])).to(device)
 
 
 @torch.no_grad()
-def window_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Summed next-token negative log-likelihood of each window (seq_len - 1 tokens scored each), float64."""
+def score_windows(model: torch.nn.Module, windows: Windows, batch_size: int,
+                  reference: ReferenceLogProbs | None = None, record: bool = False) -> dict[str, list[float]]:
+    """Per window: summed NLL of the scored tokens and, against `reference`, summed KL(reference ||
+    model) and the count of tokens whose top-1 prediction agrees. With `record`, this model's
+    log-probabilities are written into `reference` instead (it is the reference)."""
     device = next(model.parameters()).device
-    sums = []
-    for batch in windows.split(batch_size):
-        batch = batch.to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
-        sums.append(nll.double().sum(dim=1).cpu())
-    return torch.cat(sums)
+    per_window: dict[str, list[float]] = {"nll": [], "kl": [], "top1_agree": []}
+    for start in range(0, len(windows), batch_size):
+        rows = slice(start, start + batch_size)
+        batch = windows.input_ids[rows].to(device)
+        log_probs = torch.log_softmax(model(input_ids=batch).logits[:, :-1].float(), dim=-1)
+        mask = windows.mask(rows).to(device)
+        nll = -log_probs.gather(-1, batch[:, 1:].unsqueeze(-1)).squeeze(-1)
+        per_window["nll"] += (nll.double() * mask).sum(dim=1).tolist()
+        if reference is None:
+            continue
+        if record:
+            reference.write(rows, log_probs)
+            continue
+        ref = reference.read(rows, device)
+        kl = (ref.exp() * (ref - log_probs)).sum(dim=-1)
+        agree = ref.argmax(dim=-1) == log_probs.argmax(dim=-1)
+        per_window["kl"] += (kl.double() * mask).sum(dim=1).tolist()
+        per_window["top1_agree"] += (agree & mask).sum(dim=1).tolist()
+    return {key: values for key, values in per_window.items() if values}
 
 
-def perplexity(nll_per_window: torch.Tensor, tokens_per_window: int) -> float:
-    """exp(mean token NLL) over all windows."""
-    return math.exp(nll_per_window.sum().item() / (len(nll_per_window) * tokens_per_window))
+def perplexity(nll_per_window: list[float] | torch.Tensor, tokens_per_window: list[int] | torch.Tensor) -> float:
+    """exp(total NLL / total scored tokens)."""
+    return math.exp(float(sum(nll_per_window)) / float(sum(tokens_per_window)))

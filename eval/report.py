@@ -1,22 +1,31 @@
-"""The quality-loss report: report.json for scripts, report.md and a console table for people."""
+"""The quality-loss report: report.json for scripts, report.md and report.html for people, a console table."""
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 from pathlib import Path
 
-from eval.compare import model_label
+from eval import plots
+from eval.compare import BASELINE, model_label
 
-SCHEMA_VERSION = 1
-REPORT_FILES = ("report.json", "report.md")
+SCHEMA_VERSION = 2
+REPORT_FILES = ("report.json", "report.md", "report.html")
+TOP = 5  # rows shown per "where the loss comes from" table
 
 
 def model_table(models: dict[str, dict]) -> list[list[str]]:
-    """Rows of the PPL table: header first."""
-    rows = [["model", "what it is", "PPL", "tokens", "vs baseline"]]
-    for name, result in models.items():
-        vs = "reference" if name == "baseline" else f"{result['delta_ppl']:+.3f} ({result['delta_pct']:+.2f}%)"
-        rows.append([name, model_label(name), f"{result['ppl']:.3f}", str(result["tokens"]), vs])
+    """Rows of the quality table: header first."""
+    rows = [["model", "what it is", "PPL", "vs baseline (95% CI)", "KL (nats/token)", "top-1 agree"]]
+    for name, row in models.items():
+        if name == BASELINE:
+            rows.append([name, model_label(name), f"{row['ppl']:.3f}", "reference", "", ""])
+            continue
+        low, high = row["delta_pct_ci95"]
+        rows.append([name, model_label(name), f"{row['ppl']:.3f}",
+                     f"{row['delta_pct']:+.2f}% ({low:+.2f}%..{high:+.2f}%)", f"{row['kl']:.3g}",
+                     f"{row['top1_agreement']:.2%}"])
     return rows
 
 
@@ -35,56 +44,149 @@ def markdown_table(rows: list[list[str]]) -> str:
 
 
 def summary_lines(report: dict) -> list[str]:
-    """The headline findings in words, shared by the console and report.md."""
+    """The headline findings in words, shared by the console, report.md and report.html."""
     models, gate = report["models"], report["gate"]
+    gptq = models["gptq"]
     lines = [
         f"Adapter gain on the eval text: PPL {models['base_nf4']['ppl']:.3f} (NF4 base alone) -> "
         f"{models['baseline']['ppl']:.3f} (with adapter), {report['adapter_ppl_change_pct']:+.2f}%.",
         f"Merge: {models['merged']['delta_pct']:+.3f}% PPL against the separate adapter.",
         f"Re-quantization: GPTQ {report['requantize']['bits']}-bit g{report['requantize']['group_size']} "
-        f"{models['gptq']['delta_pct']:+.3f}% PPL against the separate adapter.",
+        f"{gptq['delta_pct']:+.3f}% PPL (95% CI {gptq['delta_pct_ci95'][0]:+.3f}%..{gptq['delta_pct_ci95'][1]:+.3f}%), "
+        f"KL {gptq['kl']:.3g} nats/token, top-1 agreement {gptq['top1_agreement']:.2%} against the separate adapter.",
     ]
     if gate["enabled"]:
         lines.append(f"Release gate: {'PASS' if gate['passed'] else 'FAIL'}: {gate['message']}.")
     else:
-        lines.append("Release gate: none configured (set gate.max_ppl_increase_pct).")
+        lines.append("Release gate: none configured (set gate.max_ppl_increase_pct, gate.max_kl or "
+                     "gate.min_top1_agreement).")
     return lines
 
 
+def protocol_text(protocol: dict) -> str:
+    """How the models were scored, in one paragraph."""
+    if protocol["stride"]:
+        windows = (f"{protocol['windows']} sliding windows of {protocol['seq_len']} tokens every "
+                   f"{protocol['stride']} tokens (after the first window, only the {protocol['stride']} new tokens "
+                   "of each are scored)")
+    else:
+        windows = f"{protocol['windows']} non-overlapping windows of {protocol['seq_len']} tokens"
+    bos = "a BOS token prepended to each window" if protocol["bos"] else "no BOS token"
+    return (f"All models scored on the same {windows} from `{protocol['text']}`, {bos}: {protocol['tokens']} "
+            f"scored tokens each. The baseline is the model as trained: the base loaded in 4-bit by bitsandbytes "
+            "with the training settings, the adapter applied unmerged by PEFT. KL is the mean over scored tokens "
+            "of KL(baseline || model); top-1 agreement is the share of tokens where both predict the same next "
+            f"token; the interval is a paired bootstrap over windows ({protocol['bootstrap_samples']} resamples, "
+            f"seed {protocol['seed']}).")
+
+
+def loss_source_tables(report: dict) -> list[tuple[str, list[list[str]]]]:
+    """(title, rows) for where the loss comes from: GPTQ error, NF4 round trip, merge deltas."""
+    sources = report["loss_sources"]
+    tables = []
+    if sources["gptq_error"]:
+        worst = sorted(sources["gptq_error"], key=lambda row: -row["loss"])[:TOP]
+        tables.append(("Largest GPTQ errors (gptqmodel's per-module loss)",
+                       [["layer", "module", "loss"]] + [[str(r["layer"]), r["module"], f"{r['loss']:.3g}"]
+                                                        for r in worst]))
+    for key, title, column in (("nf4_roundtrip_error", "Largest NF4 round-trip errors of the base",
+                                "||W_nf4 - W|| / ||W||"),
+                               ("merge_relative_change", "Largest weight changes of the merge",
+                                "||W_merged - W|| / ||W||")):
+        if sources[key]:
+            worst = sorted(sources[key].items(), key=lambda item: -item[1])[:TOP]
+            tables.append((title, [["weight", column]] + [[k, f"{v:.4f}"] for k, v in worst]))
+    return tables
+
+
+def generation_rows(report: dict) -> list[list[str]]:
+    generations = report["generations"]
+    names = list(generations["outputs"])
+    rows = [["prompt", *names]]
+    for i, prompt in enumerate(generations["prompts"]):
+        rows.append([prompt, *[generations["outputs"][name][i] for name in names]])
+    return rows
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def render_markdown(report: dict) -> str:
-    protocol = report["protocol"]
-    parts = [
-        "# qlora-requant quality report",
-        "",
-        *[f"- {line}" for line in summary_lines(report)],
-        "",
-        "## Perplexity",
-        "",
-        f"All models scored on the same {protocol['windows']} non-overlapping windows of {protocol['seq_len']} "
-        f"tokens from `{protocol['text']}` ({protocol['tokens_per_window']} scored tokens per window, no BOS). "
-        "The baseline is the model as trained: the base loaded in 4-bit by bitsandbytes with the training "
-        "settings, the adapter applied unmerged by PEFT.",
-        "",
-        markdown_table(model_table(report["models"])),
-        "",
-        "## Artifacts",
-        "",
-        *[f"- {name}: `{path}`" for name, path in report["artifacts"].items()],
-        "",
-        "## Stages",
-        "",
-        markdown_table([["stage", "seconds", "RSS at start (MB)", "peak RSS (MB)"]] + [
-            [name, f"{stage['seconds']:.1f}", f"{stage.get('rss_start_mb', float('nan')):.0f}",
-             f"{stage['peak_rss_mb']:.0f}"] for name, stage in report["stages"].items()
-        ]),
-        "",
-    ]
+    parts = ["# qlora-requant quality report", "", *[f"- {line}" for line in summary_lines(report)], "",
+             "## Quality against the model as trained", "", protocol_text(report["protocol"]), "",
+             markdown_table(model_table(report["models"])), ""]
+    if report["gate"]["checks"]:
+        parts += ["## Release gates", "", markdown_table([["gate", "limit", "value", "result"]] + [
+            [c["name"], f"{c['limit']:g}", f"{c['value']:.5g}", "pass" if c["passed"] else "FAIL"]
+            for c in report["gate"]["checks"]]), ""]
+    parts += ["## Where the loss comes from", ""]
+    for title, rows in loss_source_tables(report):
+        parts += [f"### {title}", "", markdown_table(rows), ""]
+    if report["generations"]["prompts"]:
+        rows = [[_md_cell(cell) for cell in row] for row in generation_rows(report)]
+        parts += ["## Greedy continuations", "", markdown_table(rows), ""]
+    parts += ["## Artifacts", "", *[f"- {name}: `{path}`" for name, path in report["artifacts"].items()], "",
+              "## Stages", "", markdown_table(stage_rows(report)), ""]
     return "\n".join(parts)
 
 
-def write_report(report: dict, run_dir: Path) -> None:
-    """Write report.json and report.md into the run directory, each complete or not at all."""
-    for name, text in zip(REPORT_FILES, (json.dumps(report, indent=2) + "\n", render_markdown(report))):
-        partial = run_dir / f".{name}.partial"
-        partial.write_text(text)
-        partial.replace(run_dir / name)
+def stage_rows(report: dict) -> list[list[str]]:
+    return [["stage", "seconds", "RSS at start (MB)", "peak RSS (MB)"]] + [
+        [name, f"{stage['seconds']:.1f}", f"{stage['rss_start_mb']:.0f}", f"{stage['peak_rss_mb']:.0f}"]
+        for name, stage in report["stages"].items()]
+
+
+def _html_table(rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows[1:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def report_plots(report: dict, results: dict) -> dict[str, bytes]:
+    """The report's plots by title; per-window data comes from the evaluation's results.json."""
+    compared = [name for name in report["models"] if name.startswith(("merged", "gptq"))]
+    figures = {"PPL change with 95% intervals": plots.ppl_change_with_intervals(report["models"], compared),
+               "Per-window NLL difference against the baseline": plots.window_nll_differences(results["models"],
+                                                                                              compared)}
+    if report["loss_sources"]["gptq_error"]:
+        figures["GPTQ error per layer"] = plots.gptq_error_by_layer(report["loss_sources"]["gptq_error"])
+    return figures
+
+
+def render_html(report: dict, figures: dict[str, bytes]) -> str:
+    """One self-contained page: tables, and the plots embedded as PNG data."""
+    gate = report["gate"]
+    verdict = "PASS" if gate["passed"] else "FAIL"
+    sections = [f"<h1>qlora-requant quality report: <span class='{verdict.lower()}'>{verdict}</span></h1>",
+                "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in summary_lines(report)) + "</ul>",
+                "<h2>Quality against the model as trained</h2>", f"<p>{html.escape(protocol_text(report['protocol']))}</p>",
+                _html_table(model_table(report["models"]))]
+    for title, png in figures.items():
+        data = base64.b64encode(png).decode()
+        sections.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>")
+    sections.append("<h2>Where the loss comes from</h2>")
+    for title, rows in loss_source_tables(report):
+        sections += [f"<h3>{html.escape(title)}</h3>", _html_table(rows)]
+    if report["generations"]["prompts"]:
+        sections += ["<h2>Greedy continuations</h2>", _html_table(generation_rows(report))]
+    sections += ["<h2>Stages</h2>", _html_table(stage_rows(report))]
+    style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;"
+             "text-align:left;vertical-align:top}.pass{color:#1a7f37}.fail{color:#c62828}img{max-width:100%}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>qlora-requant report</title>"
+            f"<style>{style}</style></head><body>{''.join(sections)}</body></html>\n")
+
+
+def write_report(report: dict, results: dict, run_dir: Path) -> None:
+    """Write report.json, report.md and report.html into the run directory, each complete or not at all."""
+    texts = (json.dumps(report, indent=2) + "\n", render_markdown(report),
+             render_html(report, report_plots(report, results)))
+    for name, text in zip(REPORT_FILES, texts):
+        write_atomically(run_dir / name, text)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    partial.replace(path)

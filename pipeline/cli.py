@@ -1,4 +1,4 @@
-"""The `qlora-requant` command: run, validate, demo.
+"""The `qlora-requant` command: run, validate, report, demo.
 
 Exit codes: 0 success; 1 unexpected failure; 2 bad input (config, paths, checkpoints, adapter,
 data), nothing half-written; 3 the run finished but the release gate failed.
@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("config", type=Path)
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                              help="override one config key (repeatable); the value is read as YAML")
+    report = commands.add_parser("report", help="rebuild a run's report files from its saved results")
+    report.add_argument("run_dir", type=Path)
     demo = commands.add_parser("demo", help="build the offline demo fixture if needed and run configs/demo.yaml")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     return parser
@@ -41,7 +43,6 @@ def _configure_logging() -> None:
 
 
 def _run(config_path: Path, overrides: list[str]) -> int:
-    from eval.report import console_table, model_table, summary_lines
     from pipeline.config import load_config
     from pipeline.runner import Pipeline
 
@@ -52,11 +53,18 @@ def _run(config_path: Path, overrides: list[str]) -> int:
         report = pipeline.save()
     finally:
         pipeline.close()
+    return _print_report(report, pipeline.run_dir)
+
+
+def _print_report(report: dict, run_dir: Path) -> int:
+    """The quality table and findings on the console; the exit code the release gate calls for."""
+    from eval.report import console_table, model_table, summary_lines
+
     print()
     print(console_table(model_table(report["models"])))
     print()
     print("\n".join(summary_lines(report)))
-    print(f"\nReport: {pipeline.run_dir / 'report.md'}")
+    print(f"\nReport: {run_dir / 'report.md'} and {run_dir / 'report.html'}")
     return EXIT_OK if report["gate"]["passed"] else EXIT_GATE_FAILED
 
 
@@ -75,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             Pipeline(config).check()
             print(f"{args.config}: valid; output_dir {config.output_dir}")
             return EXIT_OK
+        if args.command == "report":
+            from pipeline.stages.report import write_reports
+
+            return _print_report(write_reports(args.run_dir), args.run_dir)
         if args.command == "demo":
             from pipeline.demo import build_fixture
 

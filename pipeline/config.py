@@ -68,6 +68,7 @@ class BnbSection(Section):
 
 class BaseSection(Section):
     path: InputPath
+    model_id: str | None = None  # hub id of the base, the model card's base_model (default: the folder name)
     dtype: DTypeName | Literal["auto"] = "auto"
     bnb: BnbSection = Field(default_factory=BnbSection)
     # Also write the base as the adapter saw it to RUN_DIR/dequantized (the merge streams it either way).
@@ -179,17 +180,35 @@ class RequantizeSection(Section):
 class EvaluationSection(Section):
     text: TextSource
     seq_len: int = Field(512, gt=1)
+    # null: non-overlapping windows (GPTQ paper); a number: sliding windows every `stride` tokens,
+    # scoring only the new tokens of each (Hugging Face perplexity guide).
+    stride: int | None = Field(None, gt=0)
+    bos: bool = False  # prepend the tokenizer's BOS token to every window
     max_windows: int | None = Field(None, gt=0)
     batch_size: int = Field(4, gt=0)
     # Compute dtype of the 16-bit and GPTQ models: "auto" is float32 on CPU (16-bit matmuls are
     # slow there) and the checkpoint's dtype on GPU. The baseline computes as in training.
     dtype: DTypeName | Literal["auto"] = "auto"
+    bootstrap_samples: int = Field(1000, ge=100)  # paired bootstrap over windows for the PPL-change interval
+    seed: int = 0
+    prompts: list[str] = Field(default_factory=list)  # greedy continuations shown side by side
+    max_new_tokens: int = Field(32, gt=0)
+
+    @model_validator(mode="after")
+    def _stride_below_window(self) -> "EvaluationSection":
+        if self.stride is not None and self.stride > self.seq_len - 1 - self.bos:
+            raise ValueError(f"stride {self.stride} must be at most seq_len - 1{' - 1 (BOS)' if self.bos else ''}; "
+                             "use stride: null for non-overlapping windows")
+        return self
 
 
 class GateSection(Section):
-    """Release gate: the GPTQ model's PPL increase over the baseline, in percent."""
+    """Release gates on the GPTQ model against the baseline; every gate set must pass."""
 
+    # PPL increase in percent, judged on the upper bound of its 95% bootstrap interval.
     max_ppl_increase_pct: float | None = Field(None, ge=0)
+    max_kl: float | None = Field(None, ge=0)  # mean token KL(baseline || GPTQ), nats
+    min_top1_agreement: float | None = Field(None, ge=0, le=1)  # share of tokens with the same top-1 prediction
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -9,21 +9,21 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
-from eval.compare import change, compare_to_baseline, judge_gate
-from eval.report import REPORT_FILES, SCHEMA_VERSION, write_report
+from eval.report import REPORT_FILES, write_atomically
 from pipeline.checkpoint import CheckpointReader, dtype_of, is_bnb_4bit, read_model_config
 from pipeline.config import RunConfig
 from pipeline.metrics import measure
 from pipeline.stages.dequantize import DequantizedBase, check_base, run_dequantize
-from pipeline.stages.evaluate import RESULTS, run_evaluate
+from pipeline.stages.evaluate import run_evaluate
 from pipeline.stages.merge import run_merge
+from pipeline.stages.report import RUN_RECORD, STAGE_RECORDS, write_reports
 from pipeline.stages.requantize import run_requantize
 from quant.calibration import check_held_out, require_tokens
 from quant.errors import InputError
@@ -50,8 +50,6 @@ class Pipeline:
     def __init__(self, config: RunConfig):
         self.config = config
         self.run_dir = config.output_dir
-        self.summaries: dict[str, dict] = {}
-        self.measures: dict[str, dict] = {}
         self.device = "cpu"
         self.calibration_texts: list[str] = []
         self.eval_texts: list[str] = []
@@ -83,6 +81,11 @@ class Pipeline:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for stale in REPORT_FILES:
             (self.run_dir / stale).unlink(missing_ok=True)
+        shutil.rmtree(self.run_dir / STAGE_RECORDS, ignore_errors=True)
+        (self.run_dir / STAGE_RECORDS).mkdir()
+        run = {"config": self.config.model_dump(mode="json"), "device": self.device,
+               "versions": {name: version(name) for name in LIBRARIES}}
+        write_atomically(self.run_dir / RUN_RECORD, json.dumps(run, indent=2) + "\n")
         self._log_handler = logging.FileHandler(self.run_dir / LOG_FILE, mode="w")
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(self._log_handler)
@@ -133,27 +136,8 @@ class Pipeline:
         return summary
 
     def save(self) -> dict:
-        """Write report.json and report.md; return the report."""
-        results = json.loads((self.run_dir / "evaluation" / RESULTS).read_text())
-        compared = compare_to_baseline(results["models"])
-        report = {
-            "schema_version": SCHEMA_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "device": self.device,
-            "protocol": results["protocol"],
-            "models": compared,
-            "adapter_ppl_change_pct": change(compared["baseline"]["ppl"], compared["base_nf4"]["ppl"])["pct"],
-            "requantize": self.summaries["requantize"],
-            "gate": judge_gate(compared, self.config.gate.max_ppl_increase_pct),
-            "merge_base": self.config.merge.merge_base,
-            "artifacts": {**({"dequantized": str(self.run_dir / "dequantized")} if self.config.base.save_dequantized
-                             else {}), **{name: str(path) for name, path in self.models.items()}},
-            "stages": {name: {**self.measures[name], **summary} for name, summary in self.summaries.items()},
-            "versions": {name: version(name) for name in LIBRARIES},
-            "config": self.config.model_dump(mode="json"),
-        }
-        write_report(report, self.run_dir)
-        return report
+        """Write report.json, report.md, report.html and the GPTQ model card; return the report."""
+        return write_reports(self.run_dir)
 
     def close(self) -> None:
         if self._log_handler is not None:
@@ -171,5 +155,6 @@ class Pipeline:
             _replace_dir(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        self.summaries[name], self.measures[name] = summary, record
+        stage_record = {"stage": name, "finished": time.time(), **record, **summary}
+        write_atomically(self.run_dir / STAGE_RECORDS / f"{name}.json", json.dumps(stage_record, indent=1) + "\n")
         log.info("stage %s: done in %.1f s, peak RSS %.0f MB", name, record["seconds"], record["peak_rss_mb"])

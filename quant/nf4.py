@@ -64,12 +64,6 @@ def roundtrip_4bit(weight: torch.Tensor, load_dtype: torch.dtype, settings: Bnb4
     return bnb_functional.dequantize_4bit(packed, state)
 
 
-def relative_error(approximation: torch.Tensor, exact: torch.Tensor) -> float:
-    """||approximation - exact|| / ||exact|| (Frobenius), computed in fp32."""
-    exact = exact.float()
-    return ((approximation.float() - exact).norm() / exact.norm().clamp(min=1e-30)).item()
-
-
 def dequantize_stored(packed: torch.Tensor, state_tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """Dequantize a weight saved by bitsandbytes: the packed data and its quant-state tensors.
 

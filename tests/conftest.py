@@ -97,7 +97,8 @@ def write_config(path: Path, base_dir: Path, adapter_dir: Path, texts: dict[str,
         "merge": {"dtype": "float16"},
         "requantize": {"bits": 4, "group_size": 64, "batch_size": 4,
                        "calibration": {"path": str(texts["calibration"]), "n_samples": 16, "seq_len": 64}},
-        "evaluation": {"text": {"path": str(texts["eval"])}, "seq_len": 64, "max_windows": 24},
+        "evaluation": {"text": {"path": str(texts["eval"])}, "seq_len": 64, "max_windows": 24,
+                       "prompts": ["The quick", "Return the"], "max_new_tokens": 6},
     }
     config.update(sections)
     path.write_text(yaml.safe_dump(config))

@@ -1,4 +1,4 @@
-"""Windowing and perplexity math on cases with known answers."""
+"""Windowing, perplexity, KL and top-1 agreement, and the bootstrap, on cases with known answers."""
 
 from __future__ import annotations
 
@@ -7,34 +7,84 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from eval.perplexity import eval_windows, perplexity, window_nll
+import math
+
+from eval.perplexity import ReferenceLogProbs, eval_windows, perplexity, score_windows
+from eval.statistics import bootstrap_ppl_change
 from quant.calibration import calibration_windows, check_held_out, load_texts
 from quant.errors import InputError
 
 
-class UniformModel(torch.nn.Module):
-    """Zero logits over `vocab` tokens: every next token has probability 1/vocab."""
+class FixedModel(torch.nn.Module):
+    """The same next-token logits at every position."""
 
-    def __init__(self, vocab: int):
+    def __init__(self, logits: list[float]):
         super().__init__()
-        self.vocab = vocab
+        self.logits = torch.tensor(logits)
         self.anchor = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, input_ids):
-        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab))
+        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, len(self.logits)))
 
 
 def test_uniform_model_has_perplexity_equal_to_vocab_size():
     windows = eval_windows(torch.arange(1000) % 50, seq_len=32)
-    assert windows.shape == (31, 32)  # remainder of 8 tokens dropped
-    nll = window_nll(UniformModel(50), windows, batch_size=4)
-    assert perplexity(nll, tokens_per_window=31) == pytest.approx(50.0)
+    assert windows.input_ids.shape == (31, 32)  # remainder of 8 tokens dropped
+    assert windows.scored_tokens().tolist() == [31] * 31
+    nll = score_windows(FixedModel([0.0] * 50), windows, batch_size=4)["nll"]
+    assert perplexity(nll, windows.scored_tokens()) == pytest.approx(50.0)
+
+
+def test_sliding_windows_score_each_token_once_after_the_first_window():
+    stream = torch.arange(100)
+    windows = eval_windows(stream, seq_len=32, stride=8)
+    assert torch.equal(windows.input_ids[1], stream[8:40])
+    assert windows.scored_tokens().tolist() == [31] + [8] * 8  # starts 0, 8, ..., 64
+    scored_targets = [w[1:][windows.mask(slice(i, i + 1))[0]] for i, w in enumerate(windows.input_ids)]
+    assert torch.equal(torch.cat(scored_targets), stream[1:96])
+
+
+def test_bos_is_prepended_and_every_text_token_scored():
+    windows = eval_windows(torch.arange(100) + 5, seq_len=10, bos_id=1)
+    assert windows.input_ids.shape == (11, 10) and (windows.input_ids[:, 0] == 1).all()
+    assert torch.equal(windows.input_ids[0, 1:], torch.arange(9) + 5)
+    assert windows.scored_tokens().tolist() == [9] * 11
 
 
 def test_max_windows_caps_and_short_text_is_refused():
     assert len(eval_windows(torch.arange(1000), seq_len=10, max_windows=7)) == 7
     with pytest.raises(InputError, match="fewer than one window of evaluation.seq_len=64"):
         eval_windows(torch.arange(10), seq_len=64, where="eval.txt")
+
+
+def test_kl_and_top1_agreement_against_the_reference(tmp_path):
+    windows = eval_windows(torch.arange(200) % 3, seq_len=20, stride=10)
+    reference = ReferenceLogProbs(tmp_path / "ref.npy", windows)
+    p, q = [2.0, 0.0, 0.0], [0.0, 1.0, 0.0]
+    score_windows(FixedModel(p), windows, 3, reference, record=True)
+    same = score_windows(FixedModel(p), windows, 3, reference)
+    other = score_windows(FixedModel(q), windows, 3, reference)
+    tokens = windows.scored_tokens().tolist()
+    assert sum(same["kl"]) == pytest.approx(0, abs=1e-6) and same["top1_agree"] == tokens
+    log_p, log_q = torch.log_softmax(torch.tensor(p), 0), torch.log_softmax(torch.tensor(q), 0)
+    expected_kl = (log_p.exp() * (log_p - log_q)).sum().item()
+    assert sum(other["kl"]) / sum(tokens) == pytest.approx(expected_kl, rel=1e-5)
+    assert other["top1_agree"] == [0] * len(tokens)
+
+
+def test_bootstrap_interval_is_paired_and_reproducible():
+    rng = torch.Generator().manual_seed(0)
+    reference = (torch.rand(200, generator=rng) * 50 + 100).tolist()
+    worse = [n * 1.02 for n in reference]  # every window 2% more NLL
+    tokens = [50] * 200
+    first = bootstrap_ppl_change(worse, reference, tokens, samples=500, seed=7)
+    assert first == bootstrap_ppl_change(worse, reference, tokens, samples=500, seed=7)
+    assert first != bootstrap_ppl_change(worse, reference, tokens, samples=500, seed=8)
+    point = 100 * math.expm1((sum(worse) - sum(reference)) / sum(tokens))
+    assert first[0] < point < first[1]
+    noisy = [n + (torch.rand(1, generator=rng).item() - 0.5) * 40 for n in worse]
+    low, high = bootstrap_ppl_change(noisy, reference, tokens, samples=500, seed=7)
+    assert high - low > 2 * (first[1] - first[0])  # more window-to-window noise, wider interval
 
 
 def test_calibration_windows_are_seeded():

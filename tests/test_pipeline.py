@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,8 +12,8 @@ import textwrap
 import pytest
 
 from conftest import base_section, random_adapter, save_model, tiny_llama, write_config
-from eval.compare import compare_to_baseline, judge_gate
-from pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from eval.compare import judge_gates
+from pipeline.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, main
 
 MODELS = ("base_nf4", "baseline", "merged", "gptq")
 
@@ -20,7 +22,7 @@ MODELS = ("base_nf4", "baseline", "merged", "gptq")
 def run_dir(tmp_path_factory, tiny_base, tiny_adapter, text_files):
     folder = tmp_path_factory.mktemp("pipeline")
     config = write_config(folder / "run.yaml", tiny_base, tiny_adapter, text_files, folder / "run",
-                          base=base_section(tiny_base, save_dequantized=True))
+                          base=base_section(tiny_base, save_dequantized=True, model_id="tiny-llama"))
     assert main(["run", str(config)]) == EXIT_OK
     return folder / "run"
 
@@ -31,7 +33,7 @@ def report(run_dir) -> dict:
 
 
 def test_report_scores_every_model_on_the_same_windows(report, run_dir):
-    assert report["protocol"]["windows"] == 24 and report["protocol"]["tokens_per_window"] == 63
+    assert report["protocol"]["windows"] == 24 and report["protocol"]["tokens"] == 24 * 63
     for name in MODELS:
         assert report["models"][name]["tokens"] == 24 * 63
         assert 1 < report["models"][name]["ppl"] < 1e4
@@ -39,6 +41,44 @@ def test_report_scores_every_model_on_the_same_windows(report, run_dir):
         assert path == str(run_dir / name) and (run_dir / name / "config.json").is_file()
     results = json.loads((run_dir / "evaluation" / "results.json").read_text())
     assert all(len(results["models"][name]["window_nll"]) == 24 for name in MODELS)
+    assert not list((run_dir / "evaluation").glob("*.npy"))  # the baseline's log-probs are not kept
+
+
+def test_report_compares_token_distributions_with_intervals(report):
+    merged, gptq, base = (report["models"][name] for name in ("merged", "gptq", "base_nf4"))
+    assert merged["kl"] < 1e-4 and merged["top1_agreement"] > 0.99
+    assert merged["kl"] < gptq["kl"] < base["kl"]
+    assert base["top1_agreement"] < gptq["top1_agreement"] < 1
+    for row in (merged, gptq, base):
+        low, high = row["delta_pct_ci95"]
+        assert low <= row["delta_pct"] <= high
+    assert report["protocol"]["bootstrap_samples"] == 1000
+
+
+def test_report_says_where_the_loss_comes_from(report):
+    sources = report["loss_sources"]
+    assert len(sources["gptq_error"]) == 14 and all(row["loss"] >= 0 for row in sources["gptq_error"])
+    assert len(sources["nf4_roundtrip_error"]) == 14 and len(sources["merge_relative_change"]) == 14
+    assert all(change > 0 for change in sources["merge_relative_change"].values())
+
+
+def test_generations_are_side_by_side(report, run_dir):
+    outputs = report["generations"]["outputs"]
+    assert list(outputs) == ["baseline", "merged", "gptq"]
+    assert all(len(texts) == 2 for texts in outputs.values())
+    assert outputs["merged"] == outputs["baseline"]  # greedy decoding: the merge changes no argmax here
+    assert "## Greedy continuations" in (run_dir / "report.md").read_text()
+
+
+def test_gptq_folder_has_a_model_card(run_dir, report):
+    import yaml
+
+    card = (run_dir / "gptq" / "README.md").read_text()
+    front_matter = yaml.safe_load(card.split("---")[1])
+    assert front_matter["base_model"] == "tiny-llama" and front_matter["base_model_relation"] == "quantized"
+    assert "gptq" in front_matter["tags"] and front_matter["quantization"]["bits"] == 4
+    assert f"| gptq | GPTQ | {report['models']['gptq']['ppl']:.3f} |" in card
+    assert 'AutoModelForCausalLM.from_pretrained("gptq"' in card
 
 
 def test_merged_model_matches_the_separate_adapter(report):
@@ -48,6 +88,7 @@ def test_merged_model_matches_the_separate_adapter(report):
 
 def test_run_directory_holds_reports_log_and_no_partial_output(run_dir, report):
     assert "| gptq | GPTQ |" in (run_dir / "report.md").read_text()
+    assert "<img alt='GPTQ error per layer' src='data:image/png;base64," in (run_dir / "report.html").read_text()
     assert "stage requantize: done" in (run_dir / "run.log").read_text()
     assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]
     assert set(report["stages"]) == {"dequantize", "merge", "requantize", "evaluate"}
@@ -88,14 +129,41 @@ def test_gptq_loads_in_a_fresh_process_close_to_merged(run_dir):
     assert result["gptq_error"] < 0.5 and result["gptq_error"] < 0.5 * result["adapter_effect"], result
 
 
-def test_gate_judges_the_gptq_change_against_the_limit():
-    models = {name: {"ppl": ppl, "tokens": 10, "windows": 1}
-              for name, ppl in (("base_nf4", 12.0), ("baseline", 10.0), ("merged", 10.0), ("gptq", 10.3))}
-    compared = compare_to_baseline(models)
-    assert compared["gptq"]["delta_pct"] == pytest.approx(3.0)
-    assert judge_gate(compared, 5.0)["passed"]
-    failed = judge_gate(compared, 2.0)
-    assert not failed["passed"] and failed["message"] == "GPTQ PPL change +3.00% > limit 2.00%"
+def test_report_command_rebuilds_reports_and_a_failed_gate_exits_3(run_dir, report, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    run = json.loads((copy / "run.json").read_text())
+    run["config"]["gate"] = {"max_ppl_increase_pct": 50.0, "max_kl": 1e-9, "min_top1_agreement": 0.5}
+    (copy / "run.json").write_text(json.dumps(run))
+    assert main(["report", str(copy)]) == EXIT_GATE_FAILED
+    rebuilt = json.loads((copy / "report.json").read_text())
+    assert rebuilt["gate"]["failed"] == ["max_kl"]
+    kl = report["models"]["gptq"]["kl"]
+    assert rebuilt["gate"]["message"] == f"GPTQ mean token KL {kl:.3g} nats fails limit 1e-09 by {kl - 1e-9:.3g} nats"
+    assert f"Release gate: FAIL: {rebuilt['gate']['message']}." in capsys.readouterr().out
+    assert rebuilt["models"] == report["models"]  # same windows, same seed: same statistics
+    run["config"]["gate"] = {"max_ppl_increase_pct": 50.0}
+    (copy / "run.json").write_text(json.dumps(run))
+    assert main(["report", str(copy)]) == EXIT_OK
+
+
+def test_report_command_on_a_folder_without_results_exits_2(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == EXIT_BAD_INPUT
+    assert f"{tmp_path / 'run.json'}: missing" in capsys.readouterr().err
+
+
+def test_ppl_gate_is_judged_on_the_upper_bound_of_the_interval():
+    compared = {"gptq": {"delta_pct": 1.5, "delta_pct_ci95": (0.8, 2.3), "kl": 0.01, "top1_agreement": 0.93}}
+    assert judge_gates(compared, {"max_ppl_increase_pct": 2.5})["passed"]
+    failed = judge_gates(compared, {"max_ppl_increase_pct": 2.0, "min_top1_agreement": 0.95})
+    assert failed["failed"] == ["max_ppl_increase_pct", "min_top1_agreement"]
+    assert failed["message"] == ("GPTQ PPL change +1.50% (95% CI +0.80%..+2.30%): upper bound +2.30% fails limit "
+                                 "2.00% by 0.30 percentage points; GPTQ top-1 agreement 93.00% fails limit 95.00% "
+                                 "by 2.00%")
+    assert judge_gates(compared, {}) == {"enabled": False, "passed": True, "checks": [], "failed": [],
+                                         "message": "no gate configured"}
 
 
 def test_adapter_for_another_base_exits_2_and_keeps_completed_stages(tmp_path, tokenizer, tiny_base, text_files,
@@ -106,7 +174,8 @@ def test_adapter_for_another_base_exits_2_and_keeps_completed_stages(tmp_path, t
                           base=base_section(tiny_base, save_dequantized=True))
     assert main(["run", str(config)]) == EXIT_BAD_INPUT
     assert "was the adapter trained on another base model?" in capsys.readouterr().err
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["dequantized", "run.log"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["dequantized", "run.json", "run.log", "stages"]
+    assert [p.name for p in (tmp_path / "run" / "stages").iterdir()] == ["dequantize.json"]
     assert (tmp_path / "run" / "dequantized" / "model.safetensors").is_file()
 
 
@@ -144,3 +213,32 @@ def test_original_merge_base_needs_a_16bit_checkpoint(tmp_path, tiny_base, tiny_
     assert main(["run", str(config)]) == EXIT_BAD_INPUT
     assert "merge.merge_base: original needs the original 16-bit weights" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def screenshot(html_path, png_path, tmp_path) -> int:
+    """Render a page in headless Chromium; the number of strongly coloured pixels in the screenshot."""
+    from PIL import Image
+
+    done = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--hide-scrollbars",
+                           "--window-size=1200,5000", f"--screenshot={png_path}", html_path.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and png_path.is_file(), done.stderr[-2000:]
+    hsv = Image.open(png_path).convert("RGB").convert("HSV")
+    return sum(1 for _, saturation, value in hsv.getdata() if saturation > 100 and value > 60)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package chromium; "
+                                             "`make test` installs it when run as root)")
+def test_html_report_plots_render_in_headless_chromium(run_dir, tmp_path):
+    page = (run_dir / "report.html").read_text()
+    assert page.count("src='data:image/png;base64,") == 3
+    without_plots = tmp_path / "without-plots.html"
+    without_plots.write_text(re.sub(r"<img [^>]*>", "", page))
+    coloured = screenshot(run_dir / "report.html", tmp_path / "report.png", tmp_path)
+    baseline = screenshot(without_plots, tmp_path / "without-plots.png", tmp_path)
+    assert coloured > 20_000 and baseline < 2_000, (coloured, baseline)

@@ -19,8 +19,8 @@ from pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, CheckpointReader, chec
                                  dtype_of, is_bnb_4bit, read_model_config, rewrite_checkpoint, write_model_config)
 from pipeline.config import BaseSection
 from quant.errors import InputError
-from quant.nf4 import (QUANT_STATE_SUFFIXES, Bnb4bitSettings, dequantize_stored, quantized_module_names,
-                       relative_error, roundtrip_4bit)
+from quant.nf4 import QUANT_STATE_SUFFIXES, Bnb4bitSettings, dequantize_stored, quantized_module_names, roundtrip_4bit
+from quant.norms import relative_error
 
 log = logging.getLogger(__name__)
 

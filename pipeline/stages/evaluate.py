@@ -1,12 +1,15 @@
-"""Stage 4, evaluate: perplexity of every model on exactly the same token windows.
+"""Stage 4, evaluate: every model on exactly the same token windows, against the model as trained.
 
 Models, each loaded as a user would load it:
+  baseline  the NF4 base + the adapter unmerged through PEFT: the model as trained, the reference
   base_nf4  the NF4 base alone (adapter disabled): what the fine-tune improved on
-  baseline  the NF4 base + the adapter unmerged through PEFT: the model as trained
   merged    the merged 16-bit checkpoint
   gptq      the re-quantized checkpoint
-Output: results.json with the window protocol and, per model, PPL, tokens scored and the
-summed NLL of every window (for later statistics).
+The baseline is scored first and its next-token log-probabilities are kept in a temporary file,
+so each later model is compared with it token by token (KL, top-1 agreement) without the two
+being in memory together. Output: results.json with the window protocol, per model and window the
+summed NLL, KL and top-1 agreements (the report's statistics are computed from these), and the
+greedy continuations of the configured prompts.
 """
 
 from __future__ import annotations
@@ -19,31 +22,47 @@ from pathlib import Path
 
 import torch
 
+from eval.generate import greedy_continuations
 from eval.models import load_plain, load_separate_adapter
-from eval.perplexity import eval_windows, perplexity, window_nll
+from eval.perplexity import ReferenceLogProbs, Windows, eval_windows, perplexity, score_windows
 from pipeline.checkpoint import dtype_of, is_bnb_4bit, read_model_config
-from pipeline.config import RunConfig
+from pipeline.config import EvaluationSection, RunConfig
 from pipeline.stages.dequantize import bnb_settings, load_dtype
 from quant.calibration import token_stream
+from quant.errors import InputError
 
 log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
+REFERENCE_FILE = ".baseline_logprobs.npy"
 
 
-def _score(name: str, model, windows: torch.Tensor, batch_size: int, tokens_per_window: int) -> dict:
-    started = time.perf_counter()
-    nll = window_nll(model, windows, batch_size)
-    result = {"ppl": perplexity(nll, tokens_per_window), "tokens": len(windows) * tokens_per_window,
-              "windows": len(windows), "seconds": round(time.perf_counter() - started, 2),
-              "window_nll": nll.tolist()}
-    log.info("evaluate: %-9s ppl %.4f on %d tokens", name, result["ppl"], result["tokens"])
-    return result
+class Scorer:
+    """Scores models on one set of windows against the baseline's recorded log-probabilities."""
+
+    def __init__(self, section: EvaluationSection, windows: Windows, tokenizer, reference_path: Path):
+        self.section, self.windows, self.tokenizer = section, windows, tokenizer
+        self.reference = ReferenceLogProbs(reference_path, windows)
+        self.models: dict[str, dict] = {}
+        self.generations: dict[str, list[str]] = {}
+
+    def score(self, name: str, model, record: bool = False, generate: bool = True) -> None:
+        started = time.perf_counter()
+        scores = score_windows(model, self.windows, self.section.batch_size, self.reference, record)
+        tokens = self.windows.scored_tokens().tolist()
+        self.models[name] = {"ppl": perplexity(scores["nll"], tokens), "tokens": sum(tokens),
+                             "windows": len(tokens), "seconds": round(time.perf_counter() - started, 2),
+                             "window_tokens": tokens, "window_nll": scores["nll"],
+                             **({} if record else {"window_kl": scores["kl"], "window_top1": scores["top1_agree"]})}
+        log.info("evaluate: %-9s ppl %.4f on %d tokens", name, self.models[name]["ppl"], sum(tokens))
+        if generate and self.section.prompts:
+            self.generations[name] = greedy_continuations(model, self.tokenizer, self.section.prompts,
+                                                          self.section.max_new_tokens)
 
 
 def run_evaluate(config: RunConfig, device: str, plain_models: dict[str, Path], texts: list[str],
                  out_dir: Path) -> dict:
-    """Score base_nf4, baseline and each of `plain_models` (merged, gptq, ...: name -> checkpoint folder)
+    """Score baseline, base_nf4 and each of `plain_models` (merged, gptq, ...: name -> checkpoint folder)
     on the same windows; write results.json into `out_dir`.
 
     Returns a short summary; the scores themselves are in results.json.
@@ -51,38 +70,44 @@ def run_evaluate(config: RunConfig, device: str, plain_models: dict[str, Path], 
     from transformers import AutoTokenizer
 
     section = config.evaluation
-    source = section.text
     tokenizer = AutoTokenizer.from_pretrained(next(iter(plain_models.values())))
-    windows = eval_windows(token_stream(tokenizer, texts), section.seq_len, section.max_windows,
-                           where=source.describe())
-    tokens_per_window = section.seq_len - 1
+    if section.bos and tokenizer.bos_token_id is None:
+        raise InputError(f"evaluation.bos is true but the tokenizer of {config.base.path} has no BOS token; "
+                         "set evaluation.bos: false")
+    windows = eval_windows(token_stream(tokenizer, texts), section.seq_len, section.max_windows, section.stride,
+                           tokenizer.bos_token_id if section.bos else None, where=section.text.describe())
+    scorer = Scorer(section, windows, tokenizer, out_dir / REFERENCE_FILE)
 
     base_config = read_model_config(config.base.path)
     prequantized = is_bnb_4bit(base_config)
     quantization = None if prequantized else bnb_settings(config.base).to_transformers()
     dtype = load_dtype(config.base, base_config) if not prequantized else "auto"
-    models: dict[str, dict] = {}
     separate = load_separate_adapter(config.base.path, config.adapter.weighted(), config.adapter.combination,
                                      quantization, dtype, device)
+    scorer.score("baseline", separate, record=True)
     with separate.disable_adapter():
-        models["base_nf4"] = _score("base_nf4", separate, windows, section.batch_size, tokens_per_window)
-    models["baseline"] = _score("baseline", separate, windows, section.batch_size, tokens_per_window)
+        scorer.score("base_nf4", separate, generate=False)
     del separate
     gc.collect()
     plain_dtype = _plain_dtype(section.dtype, device)
     for name, model_dir in plain_models.items():
         model = load_plain(model_dir, device, plain_dtype)
-        models[name] = _score(name, model, windows, section.batch_size, tokens_per_window)
+        scorer.score(name, model)
         del model
         gc.collect()
+    (out_dir / REFERENCE_FILE).unlink()
 
-    results = {"protocol": {"kind": "non-overlapping windows", "seq_len": section.seq_len,
-                            "windows": len(windows), "tokens_per_window": tokens_per_window, "bos": "none",
-                            "compute_dtype": str(plain_dtype).removeprefix("torch."),
-                            "text": source.describe(), "documents": len(texts)},
-               "models": models}
+    protocol = {"kind": "sliding windows" if section.stride else "non-overlapping windows",
+                "seq_len": section.seq_len, "stride": section.stride, "bos": section.bos,
+                "windows": len(windows), "tokens": int(windows.scored_tokens().sum()),
+                "compute_dtype": str(plain_dtype).removeprefix("torch."), "text": section.text.describe(),
+                "documents": len(texts)}
+    models = {"base_nf4": scorer.models["base_nf4"], **scorer.models}  # display order: base_nf4 first
+    results = {"protocol": protocol, "models": models,
+               "generations": {"prompts": section.prompts, "max_new_tokens": section.max_new_tokens,
+                               "outputs": scorer.generations}}
     (out_dir / RESULTS).write_text(json.dumps(results, indent=1) + "\n")
-    return {"windows": len(windows), "models": list(models)}
+    return {"windows": len(windows), "models": list(scorer.models)}
 
 
 def _plain_dtype(name: str, device: str) -> torch.dtype | str:

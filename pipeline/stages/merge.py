@@ -19,6 +19,7 @@ from pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, TensorSource, copy_sid
 from pipeline.config import AdapterSection
 from quant.merge import (AdapterError, LoraAdapter, LoraModule, combine_adapters, lora_delta, lora_delta_shape,
                          merge_bias, merge_weight, read_lora_adapter)
+from quant.norms import relative_error
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def run_merge(source: TensorSource, model_config: dict, section: AdapterSection,
         raise AdapterError(f"{where}: needs {len(absent)} tensor(s) the base does not have, e.g. {absent[0]!r}; "
                            "was the adapter trained on another base model?")
     _check_shapes(adapter, source, where)
-    largest: list[tuple[float, str]] = []
+    changes: dict[str, float] = {}
 
     def transform(key: str, reader: TensorSource) -> dict[str, torch.Tensor]:
         tensor = adapter.replacements.get(key)
@@ -54,9 +55,10 @@ def run_merge(source: TensorSource, model_config: dict, section: AdapterSection,
         module_name, _, kind = key.rpartition(".")
         module = modules_on_device.get(module_name)
         if module is not None and kind == "weight":
-            delta = lora_delta(module)
-            largest.append((delta.abs().max().item(), key))
-            return {key: merge_weight(tensor.to(device), delta, module, dtype).cpu()}
+            tensor = tensor.to(device)
+            merged = merge_weight(tensor, lora_delta(module), module, dtype)
+            changes[key] = relative_error(merged, tensor)
+            return {key: merged.cpu()}
         if module is not None and kind == "bias" and module.bias is not None:
             return {key: merge_bias(tensor.to(device), module, dtype).cpu()}
         return {key: tensor.to(dtype) if tensor.is_floating_point() else tensor}
@@ -68,7 +70,7 @@ def run_merge(source: TensorSource, model_config: dict, section: AdapterSection,
              len(adapter.modules), len(adapter.replacements), dtype)
     return {"modules_merged": len(adapter.modules), "tensors_replaced": sorted(adapter.replacements),
             "dtype": str(dtype).removeprefix("torch."),
-            "largest_deltas": [{"weight": k, "max_abs_delta": v} for v, k in sorted(largest, reverse=True)[:5]]}
+            "relative_change": dict(sorted(changes.items(), key=lambda item: -item[1]))}
 
 
 def _check_shapes(adapter: LoraAdapter, reader: TensorSource, where: str) -> None:

@@ -33,7 +33,7 @@ def run_requantize(section: RequantizeSection, texts: list[str], merged_dir: Pat
              len(windows), calibration.seq_len)
     return {"bits": section.bits, "group_size": section.group_size, "desc_act": section.desc_act,
             "sym": section.sym, "damp_percent": section.damp_percent,
-            "calibration_windows": len(windows), "calibration_tokens": len(windows) * calibration.seq_len}
+            "calibration_windows": len(windows), "calibration_seq_len": calibration.seq_len}
 
 
 def _drop_calibration_text(config_path: Path) -> None:

@@ -1,0 +1,19 @@
+"""Greedy continuations of a few prompts, to put the models' outputs side by side."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def greedy_continuations(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """The greedy continuation of each prompt (new text only), generated one prompt at a time."""
+    device = next(model.parameters()).device
+    outputs = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                   max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
+                                   or tokenizer.eos_token_id)
+        outputs.append(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
+    return outputs

@@ -1,0 +1,100 @@
+"""Stage 5, report: the quality-loss report, built only from what earlier stages saved in the run directory.
+
+Reads run.json (resolved config, device, library versions), stages/<name>.json (each stage's summary,
+time and memory), evaluation/results.json (per-window scores and generations) and gptqmodel's
+quant_log.csv in the GPTQ folder. Writes report.json, report.md, report.html and the GPTQ folder's
+README.md (model card). `qlora-requant report RUN_DIR` runs this alone, without loading a model.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from eval.compare import RELEASE_MODEL, change, compare_to_baseline, judge_gates
+from eval.model_card import render_model_card
+from eval.report import SCHEMA_VERSION, write_atomically, write_report
+from quant.errors import InputError
+
+RUN_RECORD = "run.json"
+STAGE_RECORDS = "stages"
+RESULTS = Path("evaluation") / "results.json"
+GPTQ_LOG = "quant_log.csv"
+MODEL_CARD = "README.md"
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing, so {what} is not there; run `qlora-requant run` on this "
+                         "run's config first") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc}); re-run the stage that writes it") from None
+
+
+def stage_records(run_dir: Path) -> dict[str, dict]:
+    """Each completed stage's record, in the order the stages finished."""
+    records = [json.loads(path.read_text()) for path in (run_dir / STAGE_RECORDS).glob("*.json")]
+    return {record["stage"]: record for record in sorted(records, key=lambda record: record["finished"])}
+
+
+def gptq_losses(gptq_dir: Path) -> list[dict]:
+    """gptqmodel's per-module GPTQ loss (quant_log.csv), or nothing if it wrote none."""
+    path = gptq_dir / GPTQ_LOG
+    if not path.is_file():
+        return []
+    with path.open(newline="") as file:
+        return [{"layer": int(row["layer"]), "module": row["module"], "loss": float(row["loss"])}
+                for row in csv.DictReader(file)]
+
+
+def build_report(run_dir: Path) -> tuple[dict, dict]:
+    """The report of a run directory, and the evaluation results it was computed from."""
+    run = read_json(run_dir / RUN_RECORD, "the run's record")
+    results = read_json(run_dir / RESULTS, "the evaluation's results")
+    stages = stage_records(run_dir)
+    config, evaluation = run["config"], run["config"]["evaluation"]
+    compared = compare_to_baseline(results["models"], evaluation["bootstrap_samples"], evaluation["seed"])
+    merge = stages["merge"]
+    artifacts = {name: str(run_dir / name) for name in results["models"] if (run_dir / name).is_dir()}
+    if "dequantize" in stages:
+        artifacts["dequantized"] = str(run_dir / "dequantized")
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": run["device"],
+        "protocol": {**results["protocol"], "bootstrap_samples": evaluation["bootstrap_samples"],
+                     "seed": evaluation["seed"]},
+        "models": compared,
+        "adapter_ppl_change_pct": change(compared["baseline"]["ppl"], compared["base_nf4"]["ppl"])["pct"],
+        "gate": judge_gates(compared, config["gate"]),
+        "merge_base": config["merge"]["merge_base"],
+        "requantize": {key: value for key, value in stages["requantize"].items() if key in REQUANTIZE_KEYS},
+        "loss_sources": {"gptq_error": gptq_losses(run_dir / RELEASE_MODEL),
+                         "nf4_roundtrip_error": merge.get("base", {}).get("roundtrip_error", {}),
+                         "merge_relative_change": merge["relative_change"]},
+        "generations": results["generations"],
+        "artifacts": artifacts,
+        "stages": {name: {key: value for key, value in record.items() if key != "stage"}
+                   for name, record in stages.items()},
+        "versions": run["versions"],
+        "config": config,
+    }
+    return report, results
+
+
+REQUANTIZE_KEYS = ("bits", "group_size", "desc_act", "sym", "damp_percent", "calibration_windows",
+                   "calibration_seq_len")
+
+
+def write_reports(run_dir: Path) -> dict:
+    """Build the report from the run directory and write every report file and the model card."""
+    report, results = build_report(run_dir)
+    write_report(report, results, run_dir)
+    gptq_dir = run_dir / RELEASE_MODEL
+    base_model = report["config"]["base"].get("model_id") or Path(report["config"]["base"]["path"]).name
+    write_atomically(gptq_dir / MODEL_CARD, render_model_card(report, base_model, gptq_dir.name))
+    return report
