@@ -63,7 +63,7 @@ def judge_gates(compared: dict[str, dict], gate: dict) -> dict:
     if gate.get("max_kl") is not None:
         limit = gate["max_kl"]
         checks.append(_check("max_kl", row["kl"], limit, row["kl"] <= limit,
-                             f"GPTQ mean token KL {row['kl']:.3g} nats", f"{limit:.3g}",
+                             f"GPTQ mean token KL {row['kl']:#.3g} nats", f"{limit:.3g}",
                              f"{row['kl'] - limit:.3g} nats"))
     if gate.get("min_top1_agreement") is not None:
         limit = gate["min_top1_agreement"]

@@ -24,7 +24,7 @@ def model_table(models: dict[str, dict]) -> list[list[str]]:
             continue
         low, high = row["delta_pct_ci95"]
         rows.append([name, model_label(name), f"{row['ppl']:.3f}",
-                     f"{row['delta_pct']:+.2f}% ({low:+.2f}%..{high:+.2f}%)", f"{row['kl']:.3g}",
+                     f"{row['delta_pct']:+.2f}% ({low:+.2f}%..{high:+.2f}%)", f"{row['kl']:#.3g}",
                      f"{row['top1_agreement']:.2%}"])
     return rows
 
@@ -53,7 +53,8 @@ def summary_lines(report: dict) -> list[str]:
         f"Merge: {models['merged']['delta_pct']:+.3f}% PPL against the separate adapter.",
         f"Re-quantization: GPTQ {report['requantize']['bits']}-bit g{report['requantize']['group_size']} "
         f"{gptq['delta_pct']:+.3f}% PPL (95% CI {gptq['delta_pct_ci95'][0]:+.3f}%..{gptq['delta_pct_ci95'][1]:+.3f}%), "
-        f"KL {gptq['kl']:.3g} nats/token, top-1 agreement {gptq['top1_agreement']:.2%} against the separate adapter.",
+        f"KL {gptq['kl']:#.3g} nats/token, top-1 agreement {gptq['top1_agreement']:.2%} against the separate "
+        "adapter.",
     ]
     if gate["enabled"]:
         lines.append(f"Release gate: {'PASS' if gate['passed'] else 'FAIL'}: {gate['message']}.")

@@ -141,7 +141,7 @@ def test_report_command_rebuilds_reports_and_a_failed_gate_exits_3(run_dir, repo
     rebuilt = json.loads((copy / "report.json").read_text())
     assert rebuilt["gate"]["failed"] == ["max_kl"]
     kl = report["models"]["gptq"]["kl"]
-    assert rebuilt["gate"]["message"] == f"GPTQ mean token KL {kl:.3g} nats fails limit 1e-09 by {kl - 1e-9:.3g} nats"
+    assert rebuilt["gate"]["message"] == f"GPTQ mean token KL {kl:#.3g} nats fails limit 1e-09 by {kl - 1e-9:.3g} nats"
     assert f"Release gate: FAIL: {rebuilt['gate']['message']}." in capsys.readouterr().out
     assert rebuilt["models"] == report["models"]  # same windows, same seed: same statistics
     run["config"]["gate"] = {"max_ppl_increase_pct": 50.0}
