@@ -1,11 +1,13 @@
-"""The quality-loss report: report.json for scripts, report.md and report.html for people, a console table."""
+"""The quality-loss report: report.json for scripts, report.md and report.html for people, a console table.
+
+Rendering only: pipeline/stages/report.py builds the report and writes the files.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
 import json
-from pathlib import Path
 
 from eval import plots
 from eval.compare import BASELINE, model_label
@@ -179,15 +181,8 @@ def render_html(report: dict, figures: dict[str, bytes]) -> str:
             f"<style>{style}</style></head><body>{''.join(sections)}</body></html>\n")
 
 
-def write_report(report: dict, results: dict, run_dir: Path) -> None:
-    """Write report.json, report.md and report.html into the run directory, each complete or not at all."""
+def render_reports(report: dict, results: dict) -> dict[str, str]:
+    """The text of each report file (REPORT_FILES) by name."""
     texts = (json.dumps(report, indent=2) + "\n", render_markdown(report),
              render_html(report, report_plots(report, results)))
-    for name, text in zip(REPORT_FILES, texts):
-        write_atomically(run_dir / name, text)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    partial.replace(path)
+    return dict(zip(REPORT_FILES, texts))

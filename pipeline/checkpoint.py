@@ -1,8 +1,8 @@
 """Hugging Face checkpoint folders on disk: reading tensors one at a time, writing shards, side files.
 
-Only safetensors are read. A stage rewrites a checkpoint with `rewrite_checkpoint`, which streams
-tensors from the input shards into output shards of a maximum size, with the index file when
-there is more than one shard.
+Safetensors are read (PyTorch pickles only with allow_pickle). A stage rewrites a checkpoint
+with `rewrite_checkpoint`, which streams tensors from the input shards into output shards of a
+maximum size, with the index file when there is more than one shard.
 """
 
 from __future__ import annotations
@@ -16,12 +16,15 @@ from typing import Protocol
 
 import torch
 
-from pipeline.safetensors_io import read_header, read_tensor, write_file
+from pipeline.progress import progress
+from pipeline.safetensors_io import DTYPES, read_header, read_tensor, write_file
 from quant.errors import InputError
 
 CONFIG = "config.json"
 SINGLE_SHARD = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+PICKLE_SHARD = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
 
@@ -36,9 +39,14 @@ def read_model_config(model_dir: Path) -> dict:
         raise InputError(f"{path}: not valid JSON ({exc})") from None
 
 
-def shard_files(model_dir: Path) -> list[Path]:
-    """The safetensors shards of a checkpoint, in index order."""
+def shard_files(model_dir: Path, allow_pickle: bool = False) -> list[Path]:
+    """The safetensors shards of a checkpoint, in index order; with `allow_pickle`, PyTorch pickle
+    shards (pytorch_model*.bin) when the folder has no safetensors."""
     index = model_dir / INDEX
+    if allow_pickle and not index.is_file() and not (model_dir / SINGLE_SHARD).is_file():
+        index = model_dir / PICKLE_INDEX
+        if not index.is_file() and (model_dir / PICKLE_SHARD).is_file():
+            return [model_dir / PICKLE_SHARD]
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -49,11 +57,12 @@ def shard_files(model_dir: Path) -> list[Path]:
         shards = [model_dir / SINGLE_SHARD]
     else:
         pickles = sorted(p.name for p in model_dir.glob("*.bin"))
-        hint = f" (found {pickles[0]}: convert it to safetensors first)" if pickles else ""
+        hint = (f" (found {pickles[0]}: convert it to safetensors, or set allow_pickle: true if you trust it)"
+                if pickles else "")
         raise InputError(f"{model_dir}: no {SINGLE_SHARD} or {INDEX}{hint}")
     for shard in shards:
         if not shard.is_file():
-            raise InputError(f"{shard}: listed in {INDEX} but missing")
+            raise InputError(f"{shard}: listed in {index.name} but missing")
     return shards
 
 
@@ -61,29 +70,53 @@ class CheckpointReader:
     """Random access to the tensors of a sharded safetensors checkpoint, one tensor at a time.
 
     Each tensor is read into memory of its own (no memory map), so reading a whole checkpoint keeps
-    no more than the tensors the caller holds.
+    no more than the tensors the caller holds. With `allow_pickle`, a checkpoint saved only as
+    PyTorch pickles is read too: with torch's weights-only unpickler, memory-mapped.
     """
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, allow_pickle: bool = False):
         self.model_dir = model_dir
-        self.shards = shard_files(model_dir)
+        self.shards = shard_files(model_dir, allow_pickle)
         self._entries: dict[str, tuple[Path, dict, int]] = {}
+        self._pickled: dict[str, torch.Tensor] = {}
         for shard in self.shards:
+            if shard.suffix == ".bin":
+                self._pickled.update(_load_pickle(shard))
+                continue
             header, data_start = read_header(shard)
             self._entries.update({name: (shard, entry, data_start) for name, entry in header.items()})
 
     def __contains__(self, key: str) -> bool:
-        return key in self._entries
+        return key in self._entries or key in self._pickled
 
     def keys(self) -> list[str]:
-        return list(self._entries)
+        return list(self._entries) + list(self._pickled)
 
     def get(self, key: str) -> torch.Tensor:
+        if key in self._pickled:
+            return self._pickled[key].clone()
         return read_tensor(*self._entries[key])
 
     def shape(self, key: str) -> torch.Size:
         """A tensor's shape, from the file header (nothing is read)."""
+        if key in self._pickled:
+            return self._pickled[key].shape
         return torch.Size(self._entries[key][1]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        """A tensor's dtype, from the file header (nothing is read)."""
+        if key in self._pickled:
+            return self._pickled[key].dtype
+        return DTYPES[self._entries[key][1]["dtype"]]
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch pickle of tensors, memory-mapped, through the weights-only unpickler (no code runs)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises many types for a bad or unsafe pickle
+        raise InputError(f"{path}: cannot be read as a weights-only PyTorch pickle ({type(exc).__name__}: "
+                         f"{exc}); convert it to safetensors") from None
 
 
 def release_freed_memory() -> None:
@@ -152,14 +185,14 @@ class ShardWriter:
 
 
 def rewrite_checkpoint(reader: TensorSource, out_dir: Path, transform: TensorTransform,
-                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> int:
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, what: str = "rewrite") -> int:
     """Write `transform(key, reader)` for every input tensor, one tensor at a time, into shards.
 
     `transform` returns the output tensors for one input key (none to drop it). Returns the
-    number of tensors written.
+    number of tensors written. Progress is reported under the name `what`.
     """
     writer = ShardWriter(out_dir, max_shard_bytes)
-    for key in reader.keys():
+    for key in progress(reader.keys(), what, "tensors"):
         for name, tensor in transform(key, reader).items():
             writer.add(name, tensor)
     return writer.close()

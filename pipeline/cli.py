@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.stages import STAGE_ORDER
+
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 1, 2, 3
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
@@ -23,11 +25,15 @@ log = logging.getLogger("qlora_requant")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-requant", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("run", "run every stage of a config"), ("validate", "check a config and exit")):
+    for name, help_text in (("run", "run every stage of a config, skipping those complete and unchanged"),
+                            ("validate", "check a config and exit")):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("config", type=Path)
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                              help="override one config key (repeatable); the value is read as YAML")
+        if name == "run":
+            command.add_argument("--force", action="append", default=[], choices=STAGE_ORDER, metavar="STAGE",
+                                 help=f"re-run this stage even if complete (repeatable): {', '.join(STAGE_ORDER)}")
     report = commands.add_parser("report", help="rebuild a run's report files from its saved results")
     report.add_argument("run_dir", type=Path)
     demo = commands.add_parser("demo", help="build the offline demo fixture if needed and run configs/demo.yaml")
@@ -42,11 +48,14 @@ def _configure_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _run(config_path: Path, overrides: list[str]) -> int:
+def _run(config_path: Path, overrides: list[str], force: list[str]) -> int:
     from pipeline.config import load_config
+
+    config = load_config(config_path, overrides)
+    _network_policy(config)  # before transformers and datasets are imported: they read it once
     from pipeline.runner import Pipeline
 
-    pipeline = Pipeline(load_config(config_path, overrides))
+    pipeline = Pipeline(config, set(force))
     try:
         pipeline.setup()
         pipeline.run()
@@ -54,6 +63,19 @@ def _run(config_path: Path, overrides: list[str]) -> int:
     finally:
         pipeline.close()
     return _print_report(report, pipeline.run_dir)
+
+
+def _network_policy(config) -> None:
+    """Offline unless the config names a hub dataset: the hub is never asked for anything else."""
+    hub = [f"{key}.dataset" for key, source in (("requantize.calibration", config.requantize.calibration),
+                                                  ("evaluation.text", config.evaluation.text)) if source.dataset]
+    if not hub:
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        from quant.errors import InputError
+
+        raise InputError(f"{hub[0]} names a hub dataset, but HF_HUB_OFFLINE is set; unset it to download, or "
+                         "give a local file as path")
 
 
 def _print_report(report: dict, run_dir: Path) -> int:
@@ -92,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             build_fixture(DEMO_FIXTURE)
-            return _run(DEMO_CONFIG, args.overrides)
-        return _run(args.config, args.overrides)
+            return _run(DEMO_CONFIG, args.overrides, [])
+        return _run(args.config, args.overrides, args.force)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

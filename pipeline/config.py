@@ -184,6 +184,8 @@ class EvaluationSection(Section):
     # scoring only the new tokens of each (Hugging Face perplexity guide).
     stride: int | None = Field(None, gt=0)
     bos: bool = False  # prepend the tokenizer's BOS token to every window
+    # Evaluation text sharing passages with the calibration text: refuse the run, or warn and go on.
+    overlap: Literal["refuse", "warn"] = "refuse"
     max_windows: int | None = Field(None, gt=0)
     batch_size: int = Field(4, gt=0)
     # Compute dtype of the 16-bit and GPTQ models: "auto" is float32 on CPU (16-bit matmuls are
@@ -234,6 +236,12 @@ ByteSize = Annotated[int | str, AfterValidator(parse_size)]
 class RunConfig(Section):
     output_dir: OutputPath
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Read base and adapter weights saved only as PyTorch pickles (.bin), with torch's weights-only
+    # unpickler. Off: only safetensors are read.
+    allow_pickle: bool = False
+    # Run a tokenizer's own Python code shipped with the base (tokenizer_config.json auto_map). Off:
+    # such a base is refused. Model code is never run: only built-in architectures are supported.
+    trust_remote_code: bool = False
     max_shard_size: ByteSize = DEFAULT_MAX_SHARD_BYTES  # of the dequantized and merged checkpoints
     base: BaseSection
     adapter: AdapterSection

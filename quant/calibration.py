@@ -90,9 +90,12 @@ def passage_fingerprints(texts: list[str]) -> set[str]:
     return fingerprints
 
 
-def check_held_out(eval_texts: list[str], calibration_texts: list[str], eval_name: str) -> None:
-    """Refuse evaluation text that shares passages (paragraphs of 8+ words) with the calibration text."""
+def check_held_out(eval_texts: list[str], calibration_texts: list[str], eval_name: str, refuse: bool = True) -> int:
+    """Refuse (or, with refuse=False, count) evaluation text that shares passages (paragraphs of 8+
+    words) with the calibration text; returns the number of shared passages."""
     shared = passage_fingerprints(eval_texts) & passage_fingerprints(calibration_texts)
-    if shared:
+    if shared and refuse:
         raise InputError(f"evaluation.text ({eval_name}) shares {len(shared)} passage(s) with "
-                         "requantize.calibration; held-out text must not calibrate")
+                         "requantize.calibration; held-out text must not calibrate (give disjoint text, or set "
+                         "evaluation.overlap: warn to score it anyway)")
+    return len(shared)

@@ -22,7 +22,7 @@ class GptqSettings:
 
 
 def gptq_quantize(model_dir: Path, calibration: list[dict[str, torch.Tensor]], settings: GptqSettings,
-                  device: str, out_dir: Path, log_dir: Path) -> None:
+                  device: str, out_dir: Path, log_dir: Path, trust_remote_code: bool = False) -> None:
     """Quantize the 16-bit checkpoint in `model_dir` on `calibration` windows and save it to `out_dir`.
 
     gptqmodel's per-module logs (GPTQ loss per layer) go to `log_dir` instead of ./logs.
@@ -38,7 +38,7 @@ def gptq_quantize(model_dir: Path, calibration: list[dict[str, torch.Tensor]], s
 
     config = QuantizeConfig(bits=settings.bits, group_size=settings.group_size, desc_act=settings.desc_act,
                             sym=settings.sym, damp_percent=settings.damp_percent)
-    model = GPTQModel.load(str(model_dir), config, device=device)
+    model = GPTQModel.load(str(model_dir), config, device=device, trust_remote_code=trust_remote_code)
     model.quantize(calibration, batch_size=settings.batch_size)
     model.save(str(out_dir))
 

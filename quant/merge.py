@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from quant.errors import InputError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector")
 
@@ -121,14 +123,22 @@ def _base_name(saved_name: str) -> str:
     return saved_name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
 
 
-def read_lora_adapter(adapter_dir: Path) -> LoraAdapter:
-    """Read a PEFT LoRA adapter directory into a LoraAdapter keyed by base module names."""
+def read_lora_adapter(adapter_dir: Path, allow_pickle: bool = False) -> LoraAdapter:
+    """Read a PEFT LoRA adapter directory into a LoraAdapter keyed by base module names.
+
+    With `allow_pickle`, an adapter saved only as adapter_model.bin is read with torch's
+    weights-only unpickler.
+    """
     from peft.utils.other import get_pattern_key
 
     config_path, weights_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+    pickled = adapter_dir / ADAPTER_PICKLE
+    if allow_pickle and not weights_path.is_file() and pickled.is_file():
+        weights_path = pickled
     for path in (config_path, weights_path):
         if not path.is_file():
-            hint = " (found adapter_model.bin: save it as safetensors)" if (adapter_dir / "adapter_model.bin").is_file() else ""
+            hint = (f" (found {ADAPTER_PICKLE}: save it as safetensors, or set allow_pickle: true if you trust it)"
+                    if pickled.is_file() else "")
             raise AdapterError(f"{path}: not found{hint}; a PEFT adapter directory holds {ADAPTER_CONFIG} "
                                f"and {ADAPTER_WEIGHTS}")
     try:
@@ -139,10 +149,15 @@ def read_lora_adapter(adapter_dir: Path) -> LoraAdapter:
     if missing:
         raise AdapterError(f"{config_path}: has no {missing[0]!r}; is this a PEFT LoRA adapter_config.json?")
     try:
-        tensors = load_file(weights_path)
-    except (SafetensorError, OSError) as exc:
-        raise AdapterError(f"{weights_path}: cannot be read as safetensors ({exc}); re-save the adapter") from None
+        tensors = (torch.load(weights_path, map_location="cpu", weights_only=True) if weights_path == pickled
+                   else load_file(weights_path))
+    except (SafetensorError, OSError, pickle.UnpicklingError, RuntimeError) as exc:
+        raise AdapterError(f"{weights_path}: cannot be read ({exc}); re-save the adapter as safetensors") from None
     _refuse_unsupported(config, list(tensors), weights_path)
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AdapterError(f"{weights_path}: tensor {name!r} contains NaN or Inf; the adapter is corrupt or "
+                               "training diverged; use an earlier checkpoint of the adapter")
 
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora"))

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import save_model, tiny_llama
 from pipeline.config import BaseSection, BnbSection
-from pipeline.stages.dequantize import bnb_settings, run_dequantize
+from pipeline.stages.dequantize import DequantizedBase, bnb_settings, run_dequantize
 from quant.errors import InputError
 
 
@@ -120,13 +120,22 @@ def test_prequantized_base_refuses_contradicting_settings(tmp_path, tiny_base):
         dequantized_tensors(tmp_path, BaseSection(path=quantized_dir, bnb=BnbSection(quant_type="fp4")))
 
 
-def test_pickle_only_checkpoint_is_refused(tmp_path, tiny_base):
+def test_pickle_only_checkpoint_is_read_only_when_allowed(tmp_path, tiny_base):
     base = tmp_path / "pickled"
     base.mkdir()
     shutil.copy(tiny_base / "config.json", base)
-    (base / "pytorch_model.bin").write_bytes(b"not read")
-    with pytest.raises(InputError, match="found pytorch_model.bin: convert it to safetensors first"):
-        dequantized_tensors(tmp_path, BaseSection(path=base))
+    torch.save(load_file(tiny_base / "model.safetensors"), base / "pytorch_model.bin")
+    section = BaseSection(path=base, dtype="bfloat16")
+    with pytest.raises(InputError, match="found pytorch_model.bin: convert it to safetensors, or set allow_pickle: "
+                                         "true if you trust it"):
+        DequantizedBase(section)
+    pickled, safe = DequantizedBase(section, allow_pickle=True), DequantizedBase(BaseSection(path=tiny_base,
+                                                                                              dtype="bfloat16"))
+    assert sorted(pickled.keys()) == sorted(safe.keys())
+    assert all(torch.equal(pickled.get(key), safe.get(key)) for key in safe.keys())
+    (base / "pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(InputError, match="cannot be read as a weights-only PyTorch pickle"):
+        DequantizedBase(section, allow_pickle=True)
 
 
 def test_truncated_safetensors_is_refused(tmp_path, tiny_base):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from pipeline.config import AdapterSection, BaseSection
 from pipeline.stages.dequantize import run_dequantize
 from pipeline.checkpoint import CheckpointReader, checkpoint_dtype, dtype_of, read_model_config
 from pipeline.stages.merge import run_merge
-from quant.merge import AdapterError
+from quant.merge import AdapterError, read_lora_adapter
 
 FP32_ROUNDING = 1e-6
 
@@ -211,3 +212,15 @@ def test_streamed_shards_equal_the_single_file_result(tmp_path, dequantized, tin
     assert all(torch.equal(streamed[k], reference[k]) for k in reference)
     model = AutoModelForCausalLM.from_pretrained(sharded)
     assert torch.equal(model.model.layers[1].mlp.up_proj.weight, reference["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_pickled_adapter_is_read_only_when_allowed(tmp_path, tiny_adapter):
+    adapter = tmp_path / "pickled-adapter"
+    shutil.copytree(tiny_adapter, adapter)
+    torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match="found adapter_model.bin: save it as safetensors, or set allow_pickle"):
+        read_lora_adapter(adapter)
+    pickled, safe = read_lora_adapter(adapter, allow_pickle=True), read_lora_adapter(tiny_adapter)
+    assert pickled.modules.keys() == safe.modules.keys()
+    assert all(torch.equal(pickled.modules[k].lora_b, safe.modules[k].lora_b) for k in safe.modules)

@@ -1,0 +1,3 @@
+"""The pipeline's stages, one module each, in the order they run."""
+
+STAGE_ORDER = ("dequantize", "merge", "requantize", "evaluate")

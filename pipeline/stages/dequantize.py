@@ -75,13 +75,13 @@ class DequantizedBase:
     dequantized before it is asked for, so merging from this view never holds the whole model.
     """
 
-    def __init__(self, section: BaseSection, device: str = "cpu"):
+    def __init__(self, section: BaseSection, device: str = "cpu", allow_pickle: bool = False):
         self.model_dir = section.path
         self.model_config = read_model_config(section.path)
         check_base(section, self.model_config)
         self.device = device
         self.roundtrip_errors: dict[str, float] = {}  # weight -> ||round trip - original|| / ||original||
-        self._reader = CheckpointReader(section.path)
+        self._reader = CheckpointReader(section.path, allow_pickle)
         quantization = self.model_config.get("quantization_config")
         if quantization:
             self.settings = prequantized_settings(section, quantization)
@@ -160,11 +160,11 @@ class DequantizedBase:
 
 
 def run_dequantize(section: BaseSection, out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                   device: str = "cpu") -> dict:
+                   device: str = "cpu", allow_pickle: bool = False) -> dict:
     """Write the dequantized base into `out_dir`, doing the 4-bit math on `device`; return a summary."""
-    base = DequantizedBase(section, device)
-    copied = rewrite_checkpoint(base, out_dir, lambda key, reader: {key: reader.get(key)},
-                                max_shard_bytes) - base.describe()["quantized"]
+    base = DequantizedBase(section, device, allow_pickle)
+    copied = rewrite_checkpoint(base, out_dir, lambda key, reader: {key: reader.get(key)}, max_shard_bytes,
+                                what="dequantize") - base.describe()["quantized"]
     write_model_config(base.model_config, out_dir, base.dtype)
     copy_side_files(section.path, out_dir)
     summary = {**base.describe(), "copied": copied}

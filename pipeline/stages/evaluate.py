@@ -27,6 +27,7 @@ from eval.models import load_plain, load_separate_adapter
 from eval.perplexity import ReferenceLogProbs, Windows, eval_windows, perplexity, score_windows
 from pipeline.checkpoint import dtype_of, is_bnb_4bit, read_model_config
 from pipeline.config import EvaluationSection, RunConfig
+from pipeline.files import require_free_space
 from pipeline.stages.dequantize import bnb_settings, load_dtype
 from quant.calibration import token_stream
 from quant.errors import InputError
@@ -70,12 +71,17 @@ def run_evaluate(config: RunConfig, device: str, plain_models: dict[str, Path], 
     from transformers import AutoTokenizer
 
     section = config.evaluation
-    tokenizer = AutoTokenizer.from_pretrained(next(iter(plain_models.values())))
+    tokenizer = AutoTokenizer.from_pretrained(next(iter(plain_models.values())),
+                                              trust_remote_code=config.trust_remote_code)
     if section.bos and tokenizer.bos_token_id is None:
         raise InputError(f"evaluation.bos is true but the tokenizer of {config.base.path} has no BOS token; "
                          "set evaluation.bos: false")
     windows = eval_windows(token_stream(tokenizer, texts), section.seq_len, section.max_windows, section.stride,
                            tokenizer.bos_token_id if section.bos else None, where=section.text.describe())
+    vocab = len(tokenizer)
+    require_free_space(out_dir, len(windows) * (windows.seq_len - 1) * vocab * 4,
+                       f"the baseline's log-probabilities ({len(windows)} windows x {windows.seq_len - 1} tokens x "
+                       f"{vocab} vocabulary, float32; lower evaluation.max_windows to shrink it)")
     scorer = Scorer(section, windows, tokenizer, out_dir / REFERENCE_FILE)
 
     base_config = read_model_config(config.base.path)

@@ -17,6 +17,7 @@ import torch
 from pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, TensorSource, copy_side_files, rewrite_checkpoint,
                                  write_model_config)
 from pipeline.config import AdapterSection
+from quant.errors import InputError
 from quant.merge import (AdapterError, LoraAdapter, LoraModule, combine_adapters, lora_delta, lora_delta_shape,
                          merge_bias, merge_weight, read_lora_adapter)
 from quant.norms import relative_error
@@ -24,19 +25,20 @@ from quant.norms import relative_error
 log = logging.getLogger(__name__)
 
 
-def load_adapter(section: AdapterSection) -> LoraAdapter:
+def load_adapter(section: AdapterSection, allow_pickle: bool = False) -> LoraAdapter:
     """The adapter to merge: the one adapter, or the weighted combination of several."""
-    adapters = [(read_lora_adapter(path), weight) for path, weight in section.weighted()]
+    adapters = [(read_lora_adapter(path, allow_pickle), weight) for path, weight in section.weighted()]
     if len(adapters) == 1:
         return adapters[0][0]
     return combine_adapters([a for a, _ in adapters], [w for _, w in adapters], section.combination)
 
 
 def run_merge(source: TensorSource, model_config: dict, section: AdapterSection, dtype: torch.dtype,
-              out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, device: str = "cpu") -> dict:
+              out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, device: str = "cpu",
+              allow_pickle: bool = False) -> dict:
     """Merge the adapter(s) of `section` into the tensors of `source`, writing a `dtype` checkpoint
     with `model_config` into `out_dir`, doing the math on `device`; return a summary."""
-    adapter = load_adapter(section)
+    adapter = load_adapter(section, allow_pickle)
     modules_on_device = {name: _to_device(module, device) for name, module in adapter.modules.items()}
     where = section.describe()
     wanted = [f"{name}.weight" for name in adapter.modules] + list(adapter.replacements)
@@ -52,6 +54,9 @@ def run_merge(source: TensorSource, model_config: dict, section: AdapterSection,
         tensor = adapter.replacements.get(key)
         if tensor is None:
             tensor = reader.get(key)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise InputError(f"{source.model_dir}: tensor {key!r} contains NaN or Inf; the base checkpoint is "
+                                 "corrupt; re-download or re-save it")
         module_name, _, kind = key.rpartition(".")
         module = modules_on_device.get(module_name)
         if module is not None and kind == "weight":
@@ -63,7 +68,7 @@ def run_merge(source: TensorSource, model_config: dict, section: AdapterSection,
             return {key: merge_bias(tensor.to(device), module, dtype).cpu()}
         return {key: tensor.to(dtype) if tensor.is_floating_point() else tensor}
 
-    rewrite_checkpoint(source, out_dir, transform, max_shard_bytes)
+    rewrite_checkpoint(source, out_dir, transform, max_shard_bytes, what="merge")
     write_model_config(model_config, out_dir, dtype)
     copy_side_files(source.model_dir, out_dir)
     log.info("merge: %d LoRA modules merged in fp32 and %d tensors replaced, written as %s",

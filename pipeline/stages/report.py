@@ -15,7 +15,9 @@ from pathlib import Path
 
 from eval.compare import RELEASE_MODEL, change, compare_to_baseline, judge_gates
 from eval.model_card import render_model_card
-from eval.report import SCHEMA_VERSION, write_atomically, write_report
+from eval.report import SCHEMA_VERSION, render_reports
+from pipeline.files import write_atomically
+from pipeline.stages import STAGE_ORDER
 from quant.errors import InputError
 
 RUN_RECORD = "run.json"
@@ -36,9 +38,10 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def stage_records(run_dir: Path) -> dict[str, dict]:
-    """Each completed stage's record, in the order the stages finished."""
+    """Each completed stage's record, in pipeline order (merge before merge_original)."""
     records = [json.loads(path.read_text()) for path in (run_dir / STAGE_RECORDS).glob("*.json")]
-    return {record["stage"]: record for record in sorted(records, key=lambda record: record["finished"])}
+    order = {record["stage"]: (STAGE_ORDER.index(record["stage"].split("_")[0]), record["stage"]) for record in records}
+    return {record["stage"]: record for record in sorted(records, key=lambda record: order[record["stage"]])}
 
 
 def gptq_losses(gptq_dir: Path) -> list[dict]:
@@ -78,14 +81,17 @@ def build_report(run_dir: Path) -> tuple[dict, dict]:
                          "merge_relative_change": merge["relative_change"]},
         "generations": results["generations"],
         "artifacts": artifacts,
-        "stages": {name: {key: value for key, value in record.items() if key != "stage"}
+        "stages": {name: {key: value for key, value in record.items() if key not in RECORD_ONLY}
                    for name, record in stages.items()},
+        "output_sha256": {name: {path: entry["sha256"] for path, entry in record["outputs"].items()}
+                          for name, record in stages.items()},
         "versions": run["versions"],
         "config": config,
     }
     return report, results
 
 
+RECORD_ONLY = ("stage", "manifest", "input_files", "outputs")  # bookkeeping for re-runs, not for the report
 REQUANTIZE_KEYS = ("bits", "group_size", "desc_act", "sym", "damp_percent", "calibration_windows",
                    "calibration_seq_len")
 
@@ -93,7 +99,8 @@ REQUANTIZE_KEYS = ("bits", "group_size", "desc_act", "sym", "damp_percent", "cal
 def write_reports(run_dir: Path) -> dict:
     """Build the report from the run directory and write every report file and the model card."""
     report, results = build_report(run_dir)
-    write_report(report, results, run_dir)
+    for name, text in render_reports(report, results).items():
+        write_atomically(run_dir / name, text)
     gptq_dir = run_dir / RELEASE_MODEL
     base_model = report["config"]["base"].get("model_id") or Path(report["config"]["base"]["path"]).name
     write_atomically(gptq_dir / MODEL_CARD, render_model_card(report, base_model, gptq_dir.name))

@@ -10,6 +10,7 @@ import json
 import logging
 from pathlib import Path
 
+from pipeline.checkpoint import CheckpointReader
 from pipeline.config import RequantizeSection
 from quant.calibration import calibration_windows, token_stream
 from quant.gptq import GptqSettings, gptq_quantize
@@ -17,18 +18,21 @@ from quant.gptq import GptqSettings, gptq_quantize
 log = logging.getLogger(__name__)
 
 
-def run_requantize(section: RequantizeSection, texts: list[str], merged_dir: Path, device: str, out_dir: Path) -> dict:
+def run_requantize(section: RequantizeSection, texts: list[str], merged_dir: Path, device: str, out_dir: Path,
+                   trust_remote_code: bool = False) -> dict:
     """Quantize `merged_dir` with GPTQ into `out_dir`; return a summary for the report."""
     from transformers import AutoTokenizer
 
     calibration = section.calibration
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=trust_remote_code)
     windows = calibration_windows(token_stream(tokenizer, texts), calibration.n_samples, calibration.seq_len,
                                   calibration.seed, where=calibration.describe())
     settings = GptqSettings(bits=section.bits, group_size=section.group_size, desc_act=section.desc_act,
                             sym=section.sym, damp_percent=section.damp_percent, batch_size=section.batch_size)
-    gptq_quantize(merged_dir, windows, settings, device, out_dir, log_dir=out_dir.parent / "logs")
-    _drop_calibration_text(out_dir / "config.json")
+    gptq_quantize(merged_dir, windows, settings, device, out_dir, log_dir=out_dir.parent / "logs",
+                  trust_remote_code=trust_remote_code)
+    for name in ("config.json", "quantize_config.json"):
+        _drop_run_specific_keys(out_dir / name)
     log.info("requantize: GPTQ %d-bit g%d on %d windows of %d tokens", section.bits, section.group_size,
              len(windows), calibration.seq_len)
     return {"bits": section.bits, "group_size": section.group_size, "desc_act": section.desc_act,
@@ -36,8 +40,25 @@ def run_requantize(section: RequantizeSection, texts: list[str], merged_dir: Pat
             "calibration_windows": len(windows), "calibration_seq_len": calibration.seq_len}
 
 
-def _drop_calibration_text(config_path: Path) -> None:
-    """Some GPTQ writers store the calibration list in quantization_config.dataset; never ship it."""
+def estimate_gptq_bytes(merged_dir: Path, bits: int) -> int:
+    """About how many bytes the GPTQ checkpoint of `merged_dir` takes: decoder-layer matrices at
+    `bits` per weight plus ~10% for scales and zero points, every other tensor as stored."""
+    reader = CheckpointReader(merged_dir)
+    total = 0
+    for key in reader.keys():
+        shape, itemsize = reader.shape(key), reader.dtype(key).itemsize
+        quantized = ".layers." in key and key.endswith(".weight") and len(shape) == 2
+        total += int(shape.numel() * bits / 8 * 1.1) if quantized else shape.numel() * itemsize
+    return total
+
+
+def _drop_run_specific_keys(config_path: Path) -> None:
+    """Never ship the calibration text (some GPTQ writers store it in quantization_config.dataset), nor
+    gptqmodel's temporary offload folder, which differs between runs of the same config."""
+    if not config_path.is_file():
+        return
     config = json.loads(config_path.read_text())
-    if config.get("quantization_config", {}).pop("dataset", None) is not None:
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    quantization = config.get("quantization_config", config)
+    quantization.pop("dataset", None)
+    quantization.get("meta", {}).pop("offload_to_disk_path", None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

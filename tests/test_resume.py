@@ -1,0 +1,244 @@
+"""Runs that are killed, repeated, changed or run twice at once, and bad input that stops a run midway."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import write_config
+from pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
+
+REPO = Path(__file__).resolve().parents[1]
+RELEASE_FILES = ("merged/model.safetensors", "gptq/model.safetensors")
+
+
+def digests(run_dir: Path) -> dict[str, str]:
+    return {name: hashlib.sha256((run_dir / name).read_bytes()).hexdigest() for name in RELEASE_FILES}
+
+
+def started_and_skipped(log_text: str) -> tuple[list[str], list[str]]:
+    """Stages started and stages skipped, from run.log lines."""
+    started = [line.split("stage ")[1].split(":")[0] for line in log_text.splitlines() if ": start (" in line]
+    skipped = [line.split("stage ")[1].split(":")[0] for line in log_text.splitlines() if ": skipped," in line]
+    return started, skipped
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_base, tiny_adapter, text_files) -> tuple[Path, Path]:
+    """One uninterrupted run; returns (config, run directory)."""
+    folder = tmp_path_factory.mktemp("reference")
+    config = write_config(folder / "run.yaml", tiny_base, tiny_adapter, text_files, folder / "run")
+    assert main(["run", str(config)]) == EXIT_OK
+    return config, folder / "run"
+
+
+def rerun(config: Path, run_dir: Path, *args: str) -> tuple[list[str], list[str]]:
+    """Run again; the stages it started and skipped."""
+    log = run_dir / "run.log"
+    before = log.read_text()
+    assert main(["run", str(config), *args]) == EXIT_OK
+    return started_and_skipped(log.read_text()[len(before):])
+
+
+def test_a_repeated_run_skips_every_stage_and_changes_nothing(reference):
+    config, run_dir = reference
+    before = digests(run_dir)
+    assert rerun(config, run_dir) == ([], ["merge", "requantize", "evaluate"])
+    assert digests(run_dir) == before
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["output_sha256"]["merge"]["merged/model.safetensors"] == before["merged/model.safetensors"]
+
+
+def test_changed_settings_rerun_that_stage_and_what_depends_on_it(reference):
+    config, run_dir = reference
+    started, skipped = rerun(config, run_dir, "--set", "requantize.damp_percent=0.02")
+    assert (started, skipped) == (["requantize", "evaluate"], ["merge"])
+    started, _ = rerun(config, run_dir)  # back to the original settings
+    assert started == ["requantize", "evaluate"]
+
+
+def test_force_reruns_one_stage_and_identical_output_keeps_the_rest(reference):
+    config, run_dir = reference
+    before = digests(run_dir)
+    assert rerun(config, run_dir, "--force", "merge") == (["merge"], ["requantize", "evaluate"])
+    assert "stage merge: start (--force merge)" in (run_dir / "run.log").read_text()
+    assert digests(run_dir) == before
+
+
+def test_a_damaged_output_is_rebuilt(reference):
+    config, run_dir = reference
+    before = digests(run_dir)
+    (run_dir / "gptq" / "model.safetensors").write_bytes(b"damaged")
+    assert rerun(config, run_dir) == (["requantize", "evaluate"], ["merge"])
+    assert "stage requantize: start (outputs missing or modified)" in (run_dir / "run.log").read_text()
+    assert digests(run_dir) == before
+
+
+def test_a_second_run_on_the_same_directory_is_refused_while_the_first_holds_it(reference, capsys):
+    config, run_dir = reference
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, json, os, sys, time\n"
+        f"f = open({str(run_dir / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "f.seek(0); f.truncate(); f.write(json.dumps({'pid': os.getpid(), 'host': 'h'})); f.flush()\n"
+        "print('locked', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["run", str(config)]) == EXIT_BAD_INPUT
+        assert (f"{run_dir}: another qlora-requant run is using this output_dir (pid {holder.pid} on h)"
+                in capsys.readouterr().err)
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without unlocking: its lock file is stale, and the next run takes it over.
+    assert json.loads((run_dir / ".lock").read_text())["pid"] == holder.pid
+    assert rerun(config, run_dir) == ([], ["merge", "requantize", "evaluate"])
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, "the run ended before reaching the kill point"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.005)
+
+
+def test_killed_inside_each_stage_then_rerun_gives_identical_outputs(reference, tmp_path, tiny_base, tiny_adapter,
+                                                                    text_files):
+    _, reference_dir = reference
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, run_dir)
+    command = [sys.executable, "-m", "pipeline.cli", "run", str(config)]
+    completed_before_kill = []
+    for stage, partial in (("merge", ".merged.partial"), ("requantize", ".gptq.partial"),
+                           ("evaluate", ".evaluation.partial")):
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(run_dir / partial, process)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        # Nothing half-written is visible: each stage folder present is complete and has its record.
+        for name, folder in (("merge", "merged"), ("requantize", "gptq"), ("evaluate", "evaluation")):
+            assert (run_dir / folder).is_dir() == (run_dir / "stages" / f"{name}.json").is_file()
+        completed_before_kill.append([p.stem for p in (run_dir / "stages").glob("*.json")])
+        assert stage not in completed_before_kill[-1]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == EXIT_OK, done.stderr[-3000:]
+    assert sorted(completed_before_kill[-1]) == ["merge", "requantize"]
+    last_run = (run_dir / "run.log").read_text().split("run " + str(run_dir))[-1]
+    assert started_and_skipped(last_run) == (["evaluate"], ["merge", "requantize"])
+    assert digests(run_dir) == digests(reference_dir)
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith((".partial", ".old"))]
+
+
+@pytest.fixture
+def corrupt_copy(tmp_path, tiny_base):
+    """A copy of the tiny base whose given tensor gets a NaN."""
+    def make(key: str) -> Path:
+        base = tmp_path / "corrupt-base"
+        shutil.copytree(tiny_base, base)
+        tensors = load_file(base / "model.safetensors")
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[3] = float("nan")
+        save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+        return base
+    return make
+
+
+def test_nan_in_the_base_exits_2_naming_the_tensor(tmp_path, corrupt_copy, tiny_adapter, text_files, capsys):
+    base = corrupt_copy("model.layers.1.mlp.up_proj.weight")
+    config = write_config(tmp_path / "run.yaml", base, tiny_adapter, text_files, tmp_path / "run")
+    assert main(["run", str(config)]) == EXIT_BAD_INPUT
+    assert (f"{base}: tensor 'model.layers.1.mlp.up_proj.weight' contains NaN or Inf; the base checkpoint is "
+            "corrupt" in capsys.readouterr().err)
+    assert not (tmp_path / "run" / "merged").exists()
+
+
+def test_inf_in_the_adapter_exits_2_naming_the_tensor(tmp_path, tiny_base, tiny_adapter, text_files, capsys):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, adapter)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    key = sorted(tensors)[0]
+    tensors[key] = torch.full_like(tensors[key], float("inf"))
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    config = write_config(tmp_path / "run.yaml", tiny_base, adapter, text_files, tmp_path / "run")
+    assert main(["run", str(config)]) == EXIT_BAD_INPUT
+    assert f"tensor {key!r} contains NaN or Inf; the adapter is corrupt" in capsys.readouterr().err
+
+
+def test_too_little_disk_for_the_next_stage_exits_2_and_keeps_completed_stages(tmp_path, tiny_base, tiny_adapter,
+                                                                               text_files, monkeypatch, capsys):
+    import pipeline.files
+
+    real = shutil.disk_usage
+    calls = []
+
+    def tight_after_merge(path):
+        usage = real(path)
+        calls.append(path)
+        return usage._replace(free=1000) if (tmp_path / "run" / "merged").is_dir() else usage
+
+    monkeypatch.setattr(pipeline.files.shutil, "disk_usage", tight_after_merge)
+    config = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, tmp_path / "run")
+    assert main(["run", str(config)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'run'}: 0.00 GB free, but the requantize stage needs about" in err
+    assert "free some space or choose an output_dir on a larger disk" in err
+    assert (tmp_path / "run" / "merged" / "model.safetensors").is_file()
+    assert not (tmp_path / "run" / ".gptq.partial").exists()
+
+
+def test_overlapping_eval_text_can_be_allowed_with_a_warning(tmp_path, tiny_base, tiny_adapter, text_files, caplog):
+    overlapping = {**text_files, "eval": text_files["calibration"]}
+    config = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, overlapping, tmp_path / "run")
+    assert main(["validate", str(config)]) == EXIT_BAD_INPUT
+    from pipeline.config import load_config
+    from pipeline.runner import Pipeline
+
+    Pipeline(load_config(config, ["evaluation.overlap=warn"])).check()
+    assert "shares" in caplog.text and "evaluation.overlap: warn" in caplog.text
+
+
+def test_a_hub_dataset_with_hf_hub_offline_set_exits_2(tmp_path, tiny_base, tiny_adapter, text_files, monkeypatch,
+                                                       capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, tmp_path / "run")
+    assert main(["run", str(config), "--set", "evaluation.text={dataset: wikitext, dataset_config: "
+                 "wikitext-2-raw-v1, split: test}"]) == EXIT_BAD_INPUT
+    assert ("evaluation.text.dataset names a hub dataset, but HF_HUB_OFFLINE is set"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_runs_without_a_hub_dataset_are_offline(reference):
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"
+
+
+def test_a_tokenizer_with_its_own_code_needs_trust_remote_code(tmp_path, tiny_base, tiny_adapter, text_files,
+                                                               capsys):
+    base = tmp_path / "custom-tokenizer"
+    shutil.copytree(tiny_base, base)
+    tokenizer_config = json.loads((base / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": ["tokenization_custom.CustomTokenizer", None]}
+    (base / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    config = write_config(tmp_path / "run.yaml", base, tiny_adapter, text_files, tmp_path / "run")
+    assert main(["validate", str(config)]) == EXIT_BAD_INPUT
+    assert (f"{base / 'tokenizer_config.json'}: the tokenizer ships its own Python code (auto_map), which "
+            "qlora-requant does not run unless trust_remote_code: true" in capsys.readouterr().err)
+
+
+def test_yaml_is_loaded_safely(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("output_dir: !!python/object/apply:os.system ['touch pwned']\n")
+    assert main(["validate", str(config)]) == EXIT_BAD_INPUT
+    assert f"{config}: not valid YAML" in capsys.readouterr().err
+    assert not Path("pwned").exists()
