@@ -9,11 +9,11 @@ import torch
 def greedy_continuations(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     """The greedy continuation of each prompt (new text only), generated one prompt at a time."""
     device = next(model.parameters()).device
+    pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     outputs = []
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
         generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                   max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
-                                   or tokenizer.eos_token_id)
+                                   max_new_tokens=max_new_tokens, pad_token_id=pad_id)
         outputs.append(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
     return outputs

@@ -7,6 +7,10 @@ import yaml
 from eval.report import markdown_table, model_table, protocol_text
 
 
+MERGE_BASES = {"nf4": "the dequantized NF4 weights they were trained against",
+               "original": "the original 16-bit weights of the base"}
+
+
 def render_model_card(report: dict, base_model: str, model_dir_name: str) -> str:
     """YAML front matter (base model, tags, quantization) followed by the quality table and how to load it."""
     quantization = report["requantize"]
@@ -26,8 +30,8 @@ def render_model_card(report: dict, base_model: str, model_dir_name: str) -> str
         "---", yaml.safe_dump(front_matter, sort_keys=False).strip(), "---", "",
         f"# {model_dir_name}: {base_model} + QLoRA adapter, merged and GPTQ {quantization['bits']}-bit", "",
         f"The LoRA adapter(s) {', '.join(f'`{p}`' for p in adapter_paths)} were trained with QLoRA against the "
-        f"NF4-quantized `{base_model}`. They were merged in fp32 into the dequantized NF4 weights "
-        f"(merge base: {report['merge_base']}) and the result re-quantized with GPTQ "
+        f"NF4-quantized `{base_model}`. They were merged in fp32 into {MERGE_BASES[report['merge_base']]} "
+        "and the result re-quantized with GPTQ "
         f"({quantization['bits']}-bit, group size {quantization['group_size']}, "
         f"{quantization['calibration_windows']} calibration windows of {quantization['calibration_seq_len']} tokens).",
         "",

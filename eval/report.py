@@ -160,8 +160,8 @@ def report_plots(report: dict, results: dict) -> dict[str, bytes]:
 def render_html(report: dict, figures: dict[str, bytes]) -> str:
     """One self-contained page: tables, and the plots embedded as PNG data."""
     gate = report["gate"]
-    verdict = "PASS" if gate["passed"] else "FAIL"
-    sections = [f"<h1>qlora-requant quality report: <span class='{verdict.lower()}'>{verdict}</span></h1>",
+    verdict = "no gate" if not gate["enabled"] else "PASS" if gate["passed"] else "FAIL"
+    sections = [f"<h1>qlora-requant quality report: <span class='{verdict.split()[0].lower()}'>{verdict}</span></h1>",
                 "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in summary_lines(report)) + "</ul>",
                 "<h2>Quality against the model as trained</h2>", f"<p>{html.escape(protocol_text(report['protocol']))}</p>",
                 _html_table(model_table(report["models"]))]

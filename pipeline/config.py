@@ -271,7 +271,10 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         else:
             raise ConfigError(f"--set {assignment!r}: {parts[depth - 1]!r} is not a section")
         if depth == len(parts) - 1:
-            node[index] = yaml.safe_load(raw)
+            try:
+                node[index] = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({exc})") from None
         elif isinstance(node, dict):
             node = node.setdefault(part, {})
         else:

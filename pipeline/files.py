@@ -32,8 +32,9 @@ def write_atomically(path: Path, text: str) -> None:
 def publish_dir(tmp: Path, final: Path) -> None:
     """Move a completed folder into place, replacing an older one, after flushing every file in it.
 
-    A crash at any moment leaves either the old folder or the new one at `final`, never a mix;
-    at most a hidden `.<name>.old` or the temporary folder is left behind for the next run to remove.
+    A crash at any moment leaves at `final` the old folder, the new one, or (between the two
+    renames) nothing, never a mix; a hidden `.<name>.old` or temporary folder left behind is
+    removed by the next run, which redoes the stage since its record was deleted before it began.
     """
     for path in tmp.rglob("*"):
         if path.is_file():

@@ -4,8 +4,9 @@ A re-run compares the manifest a stage would have now with the one recorded when
 the stage is skipped when they match and its outputs are still the files it wrote. Files are
 identified by SHA-256. A file whose size and modification time equal the recorded ones keeps
 its recorded hash, so re-checking a multi-GB checkpoint that nobody touched reads nothing.
-Hidden entries and README.md files (model cards: the report writes one into the GPTQ folder after
-the evaluation read it) are not part of any stage's inputs or outputs.
+Hidden entries, README.md files (model cards: the report writes one into the GPTQ folder after
+the evaluation read it) and gptqmodel's quant_log.csv (a log with timings) are not part of any
+stage's inputs or outputs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import hashlib
 from pathlib import Path
 
 CHUNK = 1 << 24
-NOT_CONTENT = "README.md"
+NOT_CONTENT = ("README.md", "quant_log.csv")
 
 
 def sha256(path: Path) -> str:
@@ -37,7 +38,7 @@ def file_records(folder_or_file: Path, known: dict[str, dict] | None = None,
     if folder_or_file.is_file():
         paths = [folder_or_file]
     else:
-        paths = sorted(p for p in folder_or_file.rglob("*") if p.is_file() and p.name != NOT_CONTENT
+        paths = sorted(p for p in folder_or_file.rglob("*") if p.is_file() and p.name not in NOT_CONTENT
                        and not p.relative_to(folder_or_file).parts[0].startswith("."))
     records = {}
     for path in paths:

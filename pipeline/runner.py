@@ -29,7 +29,7 @@ from pipeline.lock import RunLock
 from pipeline.manifest import file_records, hashes
 from pipeline.metrics import measure
 from pipeline.stages.dequantize import DequantizedBase, check_base, run_dequantize
-from pipeline.stages.evaluate import run_evaluate
+from pipeline.stages.evaluate import EVALUATION_DIR, run_evaluate
 from pipeline.stages.merge import run_merge
 from pipeline.stages.report import RUN_RECORD, STAGE_RECORDS, write_reports
 from pipeline.stages.requantize import estimate_gptq_bytes, run_requantize
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 LIBRARIES = ("qlora-requant", "torch", "transformers", "peft", "bitsandbytes", "gptqmodel", "safetensors",
              "datasets")
 LOG_FILE = "run.log"
+# Used by the checks or the report only: changing them re-scores nothing.
+REPORT_ONLY_EVALUATION_KEYS = {"bootstrap_samples", "seed", "overlap"}
 
 
 @dataclass
@@ -133,6 +135,9 @@ class Pipeline:
                        f"{calibration.describe()} (requantize.calibration.seq_len={calibration.seq_len})")
         require_tokens(tokenizer, self.eval_texts, evaluation.seq_len,
                        f"{evaluation.text.describe()} (evaluation.seq_len={evaluation.seq_len})")
+        if evaluation.bos and tokenizer.bos_token_id is None:
+            raise InputError(f"evaluation.bos is true but the tokenizer of {self.config.base.path} has no BOS token; "
+                             "set evaluation.bos: false")
 
     def run(self) -> None:
         """Run the model stages in order, skipping those already complete and unchanged."""
@@ -149,7 +154,7 @@ class Pipeline:
         once per merge base, then evaluate. With base.save_dequantized, the dequantized base first."""
         config = self.config
         common = {"device": self.device, "max_shard_size": config.max_shard_size}
-        base = config.base.model_dump(mode="json")
+        base = config.base.model_dump(mode="json", exclude={"model_id", "save_dequantized"})
         adapter_dirs = [path for _, path in config.adapter.keyed_paths()]
         stages = []
         if config.base.save_dequantized:
@@ -177,8 +182,9 @@ class Pipeline:
             self.models.update({merged.name: merged, gptq.name: gptq})
         eval_text = config.evaluation.text.path
         stages.append(Stage(
-            "evaluate", "evaluate", self.run_dir / "evaluation",
-            {"device": self.device, "evaluation": config.evaluation.model_dump(mode="json"), "base": base,
+            "evaluate", "evaluate", self.run_dir / EVALUATION_DIR,
+            {"device": self.device, "base": base,
+             "evaluation": config.evaluation.model_dump(mode="json", exclude=REPORT_ONLY_EVALUATION_KEYS),
              "adapter": config.adapter.model_dump(mode="json"), "models": list(self.models)},
             [config.base.path, *adapter_dirs, *self.models.values(), *([eval_text] if eval_text else [])],
             lambda out: run_evaluate(config, self.device, self.models, self.eval_texts, out)))
@@ -218,6 +224,8 @@ class Pipeline:
     def _stage(self, stage: Stage) -> None:
         record_path = self.run_dir / STAGE_RECORDS / f"{stage.name}.json"
         previous = json.loads(record_path.read_text()) if record_path.is_file() else None
+        if previous is not None and "manifest" not in previous:
+            previous = None  # written by an older version of this tool: no manifest to trust
         known = previous["input_files"] if previous else {}
         input_files: dict[str, dict] = {}
         for path in stage.inputs:

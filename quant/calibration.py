@@ -27,6 +27,8 @@ def load_texts(path: Path | None, text_field: str = "text", dataset: str | None 
         builder = LOCAL_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise InputError(f"{path}: unsupported text file type; use one of {sorted(LOCAL_BUILDERS)}")
+        if _blank(path):
+            raise InputError(f"{path}: holds no text")
         options = {"sample_by": "paragraph"} if builder == "text" else {}
         try:
             table = load_dataset(builder, data_files=str(path), split="train", **options)
@@ -48,6 +50,13 @@ def load_texts(path: Path | None, text_field: str = "text", dataset: str | None 
     return texts
 
 
+def _blank(path: Path, probe_bytes: int = 1 << 16) -> bool:
+    """Whether a (small) file holds nothing but whitespace; larger files are assumed to hold text."""
+    with path.open("rb") as file:
+        head = file.read(probe_bytes + 1)
+    return len(head) <= probe_bytes and not head.strip()
+
+
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     """All texts tokenized without special tokens and joined by EOS (when the tokenizer has one)."""
     separator = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
@@ -58,10 +67,12 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 def require_tokens(tokenizer, texts: list[str], needed: int, what: str) -> None:
-    """Refuse `texts` that tokenize to fewer than `needed` tokens; tokenizes only as far as needed."""
+    """Refuse `texts` that tokenize to fewer than `needed` tokens (as `token_stream` joins them);
+    tokenizes only as far as needed."""
+    separator = 0 if tokenizer.eos_token_id is None else 1
     count = 0
     for text in texts:
-        count += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+        count += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + separator
         if count >= needed:
             return
     raise InputError(f"{what}: {count} tokens, fewer than the {needed} needed; give more text or shorten the windows")

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from quant.errors import InputError
@@ -151,8 +149,9 @@ def read_lora_adapter(adapter_dir: Path, allow_pickle: bool = False) -> LoraAdap
     try:
         tensors = (torch.load(weights_path, map_location="cpu", weights_only=True) if weights_path == pickled
                    else load_file(weights_path))
-    except (SafetensorError, OSError, pickle.UnpicklingError, RuntimeError) as exc:
-        raise AdapterError(f"{weights_path}: cannot be read ({exc}); re-save the adapter as safetensors") from None
+    except Exception as exc:  # safetensors and torch's unpickler raise many types for a bad file
+        raise AdapterError(f"{weights_path}: cannot be read ({type(exc).__name__}: {exc}); re-save the adapter "
+                           "as safetensors") from None
     _refuse_unsupported(config, list(tensors), weights_path)
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():

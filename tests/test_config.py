@@ -68,6 +68,8 @@ def test_set_rejects_malformed_assignments():
         apply_override({}, "requantize.bits")
     with pytest.raises(ConfigError, match="'bits' is not a section"):
         apply_override({"requantize": {"bits": 4}}, "requantize.bits.x=1")
+    with pytest.raises(ConfigError, match=r"--set 'evaluation.prompts=\[': the value is not valid YAML"):
+        apply_override({"evaluation": {}}, "evaluation.prompts=[")
 
 
 def test_output_inside_an_input_is_refused(tmp_path, tiny_base, tiny_adapter, text_files, capsys):

@@ -154,6 +154,17 @@ def test_report_command_on_a_folder_without_results_exits_2(tmp_path, capsys):
     assert f"{tmp_path / 'run.json'}: missing" in capsys.readouterr().err
 
 
+def test_report_command_on_an_interrupted_run_exits_2(run_dir, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "stages" / "evaluate.json").unlink()  # as when a re-run of the evaluation was killed
+    assert main(["report", str(copy)]) == EXIT_BAD_INPUT
+    assert (f"{copy}: the evaluate stage has no completed record (the run was interrupted or failed)"
+            in capsys.readouterr().err)
+
+
 def test_ppl_gate_is_judged_on_the_upper_bound_of_the_interval():
     compared = {"gptq": {"delta_pct": 1.5, "delta_pct_ci95": (0.8, 2.3), "kl": 0.01, "top1_agreement": 0.93}}
     assert judge_gates(compared, {"max_ppl_increase_pct": 2.5})["passed"]
@@ -242,4 +253,4 @@ def test_html_report_plots_render_in_headless_chromium(run_dir, tmp_path):
     without_plots.write_text(re.sub(r"<img [^>]*>", "", page))
     coloured = screenshot(run_dir / "report.html", tmp_path / "report.png", tmp_path)
     baseline = screenshot(without_plots, tmp_path / "without-plots.png", tmp_path)
-    assert coloured > 20_000 and baseline < 2_000, (coloured, baseline)
+    assert coloured > 10_000 and baseline < 2_000, (coloured, baseline)

@@ -80,7 +80,8 @@ def test_a_damaged_output_is_rebuilt(reference):
     config, run_dir = reference
     before = digests(run_dir)
     (run_dir / "gptq" / "model.safetensors").write_bytes(b"damaged")
-    assert rerun(config, run_dir) == (["requantize", "evaluate"], ["merge"])
+    # The rebuilt GPTQ checkpoint is byte-identical, so the evaluation of it still stands.
+    assert rerun(config, run_dir) == (["requantize"], ["merge", "evaluate"])
     assert "stage requantize: start (outputs missing or modified)" in (run_dir / "run.log").read_text()
     assert digests(run_dir) == before
 
@@ -242,3 +243,14 @@ def test_yaml_is_loaded_safely(tmp_path, capsys):
     assert main(["validate", str(config)]) == EXIT_BAD_INPUT
     assert f"{config}: not valid YAML" in capsys.readouterr().err
     assert not Path("pwned").exists()
+
+
+@pytest.mark.parametrize("which", ["calibration", "eval"])
+def test_an_empty_text_file_exits_2_naming_it(tmp_path, tiny_base, tiny_adapter, text_files, which, capsys):
+    empty = tmp_path / f"empty-{which}.txt"
+    empty.write_text("\n\n")
+    config = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, {**text_files, which: empty},
+                          tmp_path / "run")
+    assert main(["run", str(config)]) == EXIT_BAD_INPUT
+    assert f"{empty}: holds no text" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

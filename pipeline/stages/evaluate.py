@@ -30,10 +30,10 @@ from pipeline.config import EvaluationSection, RunConfig
 from pipeline.files import require_free_space
 from pipeline.stages.dequantize import bnb_settings, load_dtype
 from quant.calibration import token_stream
-from quant.errors import InputError
 
 log = logging.getLogger(__name__)
 
+EVALUATION_DIR = "evaluation"
 RESULTS = "results.json"
 REFERENCE_FILE = ".baseline_logprobs.npy"
 
@@ -73,9 +73,6 @@ def run_evaluate(config: RunConfig, device: str, plain_models: dict[str, Path], 
     section = config.evaluation
     tokenizer = AutoTokenizer.from_pretrained(next(iter(plain_models.values())),
                                               trust_remote_code=config.trust_remote_code)
-    if section.bos and tokenizer.bos_token_id is None:
-        raise InputError(f"evaluation.bos is true but the tokenizer of {config.base.path} has no BOS token; "
-                         "set evaluation.bos: false")
     windows = eval_windows(token_stream(tokenizer, texts), section.seq_len, section.max_windows, section.stride,
                            tokenizer.bos_token_id if section.bos else None, where=section.text.describe())
     vocab = len(tokenizer)

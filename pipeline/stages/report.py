@@ -18,11 +18,11 @@ from eval.model_card import render_model_card
 from eval.report import SCHEMA_VERSION, render_reports
 from pipeline.files import write_atomically
 from pipeline.stages import STAGE_ORDER
+from pipeline.stages.evaluate import EVALUATION_DIR, RESULTS
 from quant.errors import InputError
 
 RUN_RECORD = "run.json"
 STAGE_RECORDS = "stages"
-RESULTS = Path("evaluation") / "results.json"
 GPTQ_LOG = "quant_log.csv"
 MODEL_CARD = "README.md"
 
@@ -40,6 +40,7 @@ def read_json(path: Path, what: str) -> dict:
 def stage_records(run_dir: Path) -> dict[str, dict]:
     """Each completed stage's record, in pipeline order (merge before merge_original)."""
     records = [json.loads(path.read_text()) for path in (run_dir / STAGE_RECORDS).glob("*.json")]
+    records = [record for record in records if "manifest" in record]  # older records cannot be trusted
     order = {record["stage"]: (STAGE_ORDER.index(record["stage"].split("_")[0]), record["stage"]) for record in records}
     return {record["stage"]: record for record in sorted(records, key=lambda record: order[record["stage"]])}
 
@@ -57,8 +58,12 @@ def gptq_losses(gptq_dir: Path) -> list[dict]:
 def build_report(run_dir: Path) -> tuple[dict, dict]:
     """The report of a run directory, and the evaluation results it was computed from."""
     run = read_json(run_dir / RUN_RECORD, "the run's record")
-    results = read_json(run_dir / RESULTS, "the evaluation's results")
+    results = read_json(run_dir / EVALUATION_DIR / RESULTS, "the evaluation's results")
     stages = stage_records(run_dir)
+    unfinished = [name for name in ("merge", "requantize", "evaluate") if name not in stages]
+    if unfinished:
+        raise InputError(f"{run_dir}: the {unfinished[0]} stage has no completed record (the run was "
+                         "interrupted or failed); run `qlora-requant run` with the run's config to finish it")
     config, evaluation = run["config"], run["config"]["evaluation"]
     compared = compare_to_baseline(results["models"], evaluation["bootstrap_samples"], evaluation["seed"])
     merge = stages["merge"]
