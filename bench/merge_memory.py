@@ -1,10 +1,12 @@
-"""Benchmark: wall time and peak RSS of dequantize + merge on a multi-GB checkpoint, three routes.
+"""Benchmark: wall time and peak RSS of dequantize + merge on a multi-GB checkpoint, four routes.
 
   (a) this tool's merge stage, which dequantizes the NF4 base on the fly and streams tensor by
-      tensor into bounded shards (as `qlora-requant run` does)
+      tensor into bounded shards, then hashes its inputs and outputs for the stage's manifest
+      (as `qlora-requant run` does)
   (b) the whole-model route a user would write: transformers load_in_4bit -> model.dequantize()
       -> PEFT merge_and_unload -> save_pretrained
   (c) a plain copy of the base checkpoint's bytes (the I/O floor)
+  (d) the same copy, fsynced: the floor for writing a checkpoint durably, as (a) does
 
 Each route runs in its own process and reports its own peak RSS (VmHWM: unlike ru_maxrss, it does
 not inherit the parent's memory from before exec). Usage:
@@ -92,8 +94,11 @@ from pipeline.stages.dequantize import DequantizedBase
 from pipeline.stages.merge import run_merge
 work, out, shard = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 (out / "merged").mkdir(parents=True)
+from pipeline.manifest import file_records
 base = DequantizedBase(BaseSection(path=work / "base", dtype="bfloat16"))
 run_merge(base, base.model_config, AdapterSection(path=work / "adapter"), base.dtype, out / "merged", shard)
+for folder in (work / "base", work / "adapter", out / "merged"):
+    file_records(folder)
 """
 
 ROUTE_WHOLE_MODEL = """
@@ -115,6 +120,14 @@ ROUTE_COPY = """
 import shutil, sys
 from pathlib import Path
 shutil.copytree(Path(sys.argv[1]) / "base", Path(sys.argv[2]) / "copy")
+"""
+
+ROUTE_DURABLE_COPY = ROUTE_COPY + """
+import os
+for path in (Path(sys.argv[2]) / "copy").iterdir():
+    descriptor = os.open(path, os.O_RDONLY)
+    os.fsync(descriptor)
+    os.close(descriptor)
 """
 
 
@@ -159,19 +172,20 @@ def main() -> None:
     results = {}
     for name, script, extra in (("(a) qlora-requant dequantize+merge", ROUTE_TOOL, [str(parse_size(args.max_shard_size))]),
                                 ("(b) load_in_4bit+dequantize+PEFT merge", ROUTE_WHOLE_MODEL, []),
-                                ("(c) plain copy (I/O floor)", ROUTE_COPY, [])):
+                                ("(c) plain copy (I/O floor)", ROUTE_COPY, []),
+                                ("(d) copy + fsync (durable I/O floor)", ROUTE_DURABLE_COPY, [])):
         out = args.work_dir / "out"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
         results[name] = measure(script, str(args.work_dir), str(out), *extra)
         shutil.rmtree(out, ignore_errors=True)
         print(f"{name:42s} {results[name]['seconds']:8.1f} s {results[name]['peak_rss_mb']:9.0f} MB peak RSS", flush=True)
-    a, b, c = results.values()
+    a, b, c, d = results.values()
     largest_mb = sizes["largest_tensor_bytes"] / 2**20
     print(f"\npeak RSS a/b = {a['peak_rss_mb'] / b['peak_rss_mb']:.2f} (target <= 0.25); "
           f"a - largest tensor = {a['peak_rss_mb'] - largest_mb:.0f} MB (target < 1024)")
     print(f"wall time a/c = {a['seconds'] / c['seconds']:.2f} (target <= 1.5); a/b = {a['seconds'] / b['seconds']:.2f} "
-          "(target < 1)")
+          f"(target < 1); a/d = {a['seconds'] / d['seconds']:.2f}")
 
 
 if __name__ == "__main__":

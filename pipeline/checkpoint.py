@@ -59,7 +59,8 @@ def shard_files(model_dir: Path, allow_pickle: bool = False) -> list[Path]:
         pickles = sorted(p.name for p in model_dir.glob("*.bin"))
         hint = (f" (found {pickles[0]}: convert it to safetensors, or set allow_pickle: true if you trust it)"
                 if pickles else "")
-        raise InputError(f"{model_dir}: no {SINGLE_SHARD} or {INDEX}{hint}")
+        raise InputError(f"{model_dir}: no {SINGLE_SHARD} or {INDEX}{hint}; give a Hugging Face checkpoint "
+                         "folder saved with safetensors")
     for shard in shards:
         if not shard.is_file():
             raise InputError(f"{shard}: listed in {index.name} but missing")
@@ -195,6 +196,7 @@ def rewrite_checkpoint(reader: TensorSource, out_dir: Path, transform: TensorTra
     for key in progress(reader.keys(), what, "tensors"):
         for name, tensor in transform(key, reader).items():
             writer.add(name, tensor)
+        release_freed_memory()  # the transform's temporaries, before the next tensor's
     return writer.close()
 
 

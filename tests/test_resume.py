@@ -192,7 +192,7 @@ def test_too_little_disk_for_the_next_stage_exits_2_and_keeps_completed_stages(t
     config = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, tmp_path / "run")
     assert main(["run", str(config)]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert f"{tmp_path / 'run'}: 0.00 GB free, but the requantize stage needs about" in err
+    assert f"{tmp_path / 'run'}: 0.0 MB free, but the requantize stage needs about" in err
     assert "free some space or choose an output_dir on a larger disk" in err
     assert (tmp_path / "run" / "merged" / "model.safetensors").is_file()
     assert not (tmp_path / "run" / ".gptq.partial").exists()
