@@ -254,3 +254,33 @@ def test_an_empty_text_file_exits_2_naming_it(tmp_path, tiny_base, tiny_adapter,
     assert main(["run", str(config)]) == EXIT_BAD_INPUT
     assert f"{empty}: holds no text" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_missing_weights_and_a_missing_shard_exit_2(tmp_path, tiny_base, tiny_adapter, text_files, capsys):
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(tiny_base, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_base, sharded)
+    (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
+                                            "b": "model-00002-of-00002.safetensors"}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    for base, expected in ((no_weights, f"{no_weights}: no model.safetensors or model.safetensors.index.json; "
+                                        "give a Hugging Face checkpoint folder saved with safetensors"),
+                           (sharded, f"{sharded / 'model-00002-of-00002.safetensors'}: listed in "
+                                     "model.safetensors.index.json but missing")):
+        config = write_config(tmp_path / "run.yaml", base, tiny_adapter, text_files, tmp_path / "run")
+        assert main(["validate", str(config)]) == EXIT_BAD_INPUT
+        assert expected in capsys.readouterr().err
+
+
+def test_progress_is_logged_every_tenth_when_not_on_a_terminal(caplog):
+    import logging
+
+    from pipeline.progress import progress
+
+    caplog.set_level(logging.INFO, logger="pipeline.progress")
+    assert list(progress(list(range(20)), "merge", "tensors")) == list(range(20))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "merge: 2/20 tensors (10%)" and lines[-1] == "merge: 20/20 tensors (100%)" and len(lines) == 10
