@@ -83,11 +83,7 @@ class Pipeline:
         base_config = read_model_config(config.base.path)
         check_base(config.base, base_config)
         DequantizedBase(config.base, "cpu", config.allow_pickle)  # reads the base's file headers
-        tokenizer_config = config.base.path / "tokenizer_config.json"
-        if (not config.trust_remote_code and tokenizer_config.is_file()
-                and "auto_map" in json.loads(tokenizer_config.read_text())):
-            raise InputError(f"{tokenizer_config}: the tokenizer ships its own Python code (auto_map), which "
-                             "qlora-requant does not run unless trust_remote_code: true; set it if you trust it")
+        self._refuse_tokenizer_code()
         if "original" in config.merge.merge_bases() and is_bnb_4bit(base_config):
             raise InputError(f"merge.merge_base: original needs the original 16-bit weights, but {config.base.path} "
                              "is a 4-bit checkpoint; use merge_base: nf4")
@@ -119,6 +115,19 @@ class Pipeline:
         log.info("run %s on %s", self.run_dir, self.device)
         run = {"config": self.config.model_dump(mode="json"), "device": self.device, "versions": self.versions}
         write_atomically(self.run_dir / RUN_RECORD, json.dumps(run, indent=2) + "\n")
+
+    def _refuse_tokenizer_code(self) -> None:
+        """A tokenizer that ships Python code (auto_map) runs only with trust_remote_code: true."""
+        path = self.config.base.path / "tokenizer_config.json"
+        if self.config.trust_remote_code or not path.is_file():
+            return
+        try:
+            custom = "auto_map" in json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}: not valid JSON ({exc}); re-save the tokenizer") from None
+        if custom:
+            raise InputError(f"{path}: the tokenizer ships its own Python code (auto_map), which qlora-requant "
+                             "does not run unless trust_remote_code: true; set it if you trust it")
 
     def _check_text_lengths(self) -> None:
         """Refuse calibration or eval text too short for one window, before any stage runs."""
