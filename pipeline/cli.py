@@ -78,6 +78,23 @@ def _network_policy(config) -> None:
                          "give a local file as path")
 
 
+def _report(run_dir: Path) -> int:
+    """Rebuild a run's reports under its lock, so that they never mix with a run in progress."""
+    from pipeline.lock import RunLock
+    from pipeline.stages.report import write_reports
+
+    if not run_dir.is_dir():
+        from quant.errors import InputError
+
+        raise InputError(f"{run_dir}: not a folder; give the output_dir of a run")
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        return _print_report(write_reports(run_dir), run_dir)
+    finally:
+        lock.release()
+
+
 def _print_report(report: dict, run_dir: Path) -> int:
     """The quality table and findings on the console; the exit code the release gate calls for."""
     from eval.report import console_table, model_table, summary_lines
@@ -106,9 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.config}: valid; output_dir {config.output_dir}")
             return EXIT_OK
         if args.command == "report":
-            from pipeline.stages.report import write_reports
-
-            return _print_report(write_reports(args.run_dir), args.run_dir)
+            return _report(args.run_dir)
         if args.command == "demo":
             from pipeline.demo import build_fixture
 

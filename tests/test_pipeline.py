@@ -152,6 +152,8 @@ def test_report_command_rebuilds_reports_and_a_failed_gate_exits_3(run_dir, repo
 def test_report_command_on_a_folder_without_results_exits_2(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == EXIT_BAD_INPUT
     assert f"{tmp_path / 'run.json'}: missing" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "absent")]) == EXIT_BAD_INPUT
+    assert f"{tmp_path / 'absent'}: not a folder; give the output_dir of a run" in capsys.readouterr().err
 
 
 def test_report_command_on_an_interrupted_run_exits_2(run_dir, tmp_path, capsys):

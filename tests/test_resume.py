@@ -98,6 +98,7 @@ def test_a_second_run_on_the_same_directory_is_refused_while_the_first_holds_it(
         assert main(["run", str(config)]) == EXIT_BAD_INPUT
         assert (f"{run_dir}: another qlora-requant run is using this output_dir (pid {holder.pid} on h)"
                 in capsys.readouterr().err)
+        assert main(["report", str(run_dir)]) == EXIT_BAD_INPUT  # no report from a run in progress
     finally:
         holder.kill()
         holder.wait()
