@@ -71,6 +71,8 @@ class Pipeline:
         self.models: dict[str, Path] = {}  # plain checkpoints to score: merged, gptq (and other merge base)
         self.versions = {name: version(name) for name in LIBRARIES}
         self.skipped: list[str] = []
+        self.base: DequantizedBase | None = None  # the base as the adapter saw it; set by check()
+        self._file_records: dict[str, dict] = {}  # every file hashed in this run, by absolute path
         self._lock = RunLock(self.run_dir)
         self._log_handler: logging.Handler | None = None
 
@@ -82,14 +84,14 @@ class Pipeline:
                 raise InputError(f"output_dir {self.run_dir} is inside {key} {path}; choose another output_dir")
         base_config = read_model_config(config.base.path)
         check_base(config.base, base_config)
-        DequantizedBase(config.base, "cpu", config.allow_pickle)  # reads the base's file headers
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise InputError("device: cuda, but torch sees no CUDA device; set device: cpu or auto")
+        self.device = "cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        self.base = DequantizedBase(config.base, self.device, config.allow_pickle)  # reads the file headers
         self._refuse_tokenizer_code()
         if "original" in config.merge.merge_bases() and is_bnb_4bit(base_config):
             raise InputError(f"merge.merge_base: original needs the original 16-bit weights, but {config.base.path} "
                              "is a 4-bit checkpoint; use merge_base: nf4")
-        if config.device == "cuda" and not torch.cuda.is_available():
-            raise InputError("device: cuda, but torch sees no CUDA device; set device: cpu or auto")
-        self.device = "cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
         self.calibration_texts = config.requantize.calibration.load()
         self.eval_texts = config.evaluation.text.load()
         shared = check_held_out(self.eval_texts, self.calibration_texts, config.evaluation.text.describe(),
@@ -202,8 +204,7 @@ class Pipeline:
     def _merge(self, merge_base: str, out: Path) -> dict:
         """Merge into the NF4 round trip of the base, streamed from the base checkpoint, or into the
         original 16-bit weights; the merged dtype defaults to the base's load dtype."""
-        config = self.config
-        base = DequantizedBase(config.base, self.device, config.allow_pickle)
+        config, base = self.config, self.base
         dtype = dtype_of(config.merge.dtype) if config.merge.dtype else base.dtype
         source = base if merge_base == "nf4" else CheckpointReader(config.base.path, config.allow_pickle)
         summary = run_merge(source, base.model_config, config.adapter, dtype, out, config.max_shard_size, self.device,
@@ -214,9 +215,8 @@ class Pipeline:
 
     def _output_bytes(self, dtype_name: str | None) -> int:
         """Bytes of the base's tensors written in `dtype_name` (default: the base's load dtype)."""
-        base = DequantizedBase(self.config.base, self.device, self.config.allow_pickle)
-        size = dtype_of(dtype_name).itemsize if dtype_name else base.dtype.itemsize
-        return sum(base.shape(key).numel() * size for key in base.keys())
+        size = dtype_of(dtype_name).itemsize if dtype_name else self.base.dtype.itemsize
+        return sum(self.base.shape(key).numel() * size for key in self.base.keys())
 
     def save(self) -> dict:
         """Write report.json, report.md, report.html and the GPTQ model card; return the report."""
@@ -233,12 +233,13 @@ class Pipeline:
     def _stage(self, stage: Stage) -> None:
         record_path = self.run_dir / STAGE_RECORDS / f"{stage.name}.json"
         previous = json.loads(record_path.read_text()) if record_path.is_file() else None
-        if previous is not None and "manifest" not in previous:
-            previous = None  # written by an older version of this tool: no manifest to trust
-        known = previous["input_files"] if previous else {}
+        if previous is not None and "summary" not in previous:
+            previous = None  # written by an older version of this tool: not a record to trust
+        known = {**self._file_records, **(previous["input_files"] if previous else {})}
         input_files: dict[str, dict] = {}
         for path in stage.inputs:
             input_files.update(file_records(path, known))
+        self._file_records.update(input_files)
         manifest = {"settings": stage.settings, "versions": self.versions, "inputs": hashes(input_files)}
         reason = self._rerun_reason(stage, previous, manifest)
         if reason is None:
@@ -258,8 +259,9 @@ class Pipeline:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         outputs = file_records(stage.output, relative_to=self.run_dir)
-        record = {"stage": stage.name, "finished": time.time(), **measured, **summary, "manifest": manifest,
-                  "input_files": input_files, "outputs": outputs}
+        self._file_records.update({str(self.run_dir / path): entry for path, entry in outputs.items()})
+        record = {"stage": stage.name, "finished": time.time(), "measures": measured, "summary": summary,
+                  "manifest": manifest, "input_files": input_files, "outputs": outputs}
         write_atomically(record_path, json.dumps(record, indent=1) + "\n")
         log.info("stage %s: done in %.1f s, peak RSS %.0f MB", stage.name, measured["seconds"],
                  measured["peak_rss_mb"])

@@ -40,7 +40,7 @@ def read_json(path: Path, what: str) -> dict:
 def stage_records(run_dir: Path) -> dict[str, dict]:
     """Each completed stage's record, in pipeline order (merge before merge_original)."""
     records = [json.loads(path.read_text()) for path in (run_dir / STAGE_RECORDS).glob("*.json")]
-    records = [record for record in records if "manifest" in record]  # older records cannot be trusted
+    records = [record for record in records if "summary" in record]  # older records cannot be trusted
     order = {record["stage"]: (STAGE_ORDER.index(record["stage"].split("_")[0]), record["stage"]) for record in records}
     return {record["stage"]: record for record in sorted(records, key=lambda record: order[record["stage"]])}
 
@@ -66,7 +66,7 @@ def build_report(run_dir: Path) -> tuple[dict, dict]:
                          "interrupted or failed); run `qlora-requant run` with the run's config to finish it")
     config, evaluation = run["config"], run["config"]["evaluation"]
     compared = compare_to_baseline(results["models"], evaluation["bootstrap_samples"], evaluation["seed"])
-    merge = stages["merge"]
+    merge = stages["merge"]["summary"]
     artifacts = {name: str(run_dir / name) for name in results["models"] if (run_dir / name).is_dir()}
     if "dequantize" in stages:
         artifacts["dequantized"] = str(run_dir / "dequantized")
@@ -80,13 +80,13 @@ def build_report(run_dir: Path) -> tuple[dict, dict]:
         "adapter_ppl_change_pct": change(compared["baseline"]["ppl"], compared["base_nf4"]["ppl"])["pct"],
         "gate": judge_gates(compared, config["gate"]),
         "merge_base": config["merge"]["merge_base"],
-        "requantize": {key: value for key, value in stages["requantize"].items() if key in REQUANTIZE_KEYS},
+        "requantize": stages["requantize"]["summary"],
         "loss_sources": {"gptq_error": gptq_losses(run_dir / RELEASE_MODEL),
                          "nf4_roundtrip_error": merge.get("base", {}).get("roundtrip_error", {}),
                          "merge_relative_change": merge["relative_change"]},
         "generations": results["generations"],
         "artifacts": artifacts,
-        "stages": {name: {key: value for key, value in record.items() if key not in RECORD_ONLY}
+        "stages": {name: {"finished": record["finished"], **record["measures"], **record["summary"]}
                    for name, record in stages.items()},
         "output_sha256": {name: {path: entry["sha256"] for path, entry in record["outputs"].items()}
                           for name, record in stages.items()},
@@ -94,11 +94,6 @@ def build_report(run_dir: Path) -> tuple[dict, dict]:
         "config": config,
     }
     return report, results
-
-
-RECORD_ONLY = ("stage", "manifest", "input_files", "outputs")  # bookkeeping for re-runs, not for the report
-REQUANTIZE_KEYS = ("bits", "group_size", "desc_act", "sym", "damp_percent", "calibration_windows",
-                   "calibration_seq_len")
 
 
 def write_reports(run_dir: Path) -> dict:
