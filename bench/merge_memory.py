@@ -89,14 +89,14 @@ def make_checkpoint(out_dir: Path, layers: int) -> dict:
 ROUTE_TOOL = """
 import sys
 from pathlib import Path
-from pipeline.config import AdapterSection, BaseSection
-from pipeline.stages.dequantize import DequantizedBase
-from pipeline.stages.merge import run_merge
+from qlora_requant.pipeline.config import AdapterSection, BaseSection
+from qlora_requant.pipeline.stages.dequantize import DequantizedBase
+from qlora_requant.pipeline.stages.merge import merge_checkpoint
 work, out, shard = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 (out / "merged").mkdir(parents=True)
-from pipeline.manifest import file_records
+from qlora_requant.pipeline.manifest import file_records
 base = DequantizedBase(BaseSection(path=work / "base", dtype="bfloat16"))
-run_merge(base, base.model_config, AdapterSection(path=work / "adapter"), base.dtype, out / "merged", shard)
+merge_checkpoint(base, base.model_config, AdapterSection(path=work / "adapter"), base.dtype, out / "merged", shard)
 for folder in (work / "base", work / "adapter", out / "merged"):
     file_records(folder)
 """
@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=18)
     parser.add_argument("--max-shard-size", default="200MB", help="output shard size for route (a)")
     args = parser.parse_args()
-    from pipeline.config import parse_size
+    from qlora_requant.pipeline.config import parse_size
 
     sizes = make_checkpoint(args.work_dir, args.layers)
     print(f"checkpoint: {sizes['total_bytes'] / 1e9:.2f} GB in {sizes['shards']} shards, largest tensor "

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from eval.perplexity import perplexity
-from eval.statistics import bootstrap_ppl_change
+from qlora_requant.eval.perplexity import perplexity
+from qlora_requant.eval.statistics import bootstrap_ppl_change
 
 BASELINE = "baseline"
 RELEASE_MODEL = "gptq"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from eval.report import markdown_table, model_table, protocol_text
+from qlora_requant.eval.report import markdown_table, model_table, protocol_text
 
 
 MERGE_BASES = {"nf4": "the dequantized NF4 weights they were trained against",

@@ -16,13 +16,14 @@ def load_separate_adapter(base_dir: Path, adapters: list[tuple[Path, float]], co
     """The model as trained: the base loaded in 4-bit by transformers + bitsandbytes, adapter unmerged (PEFT).
 
     Several `adapters` (path, weight) are combined with PEFT's add_weighted_adapter(combination).
-    `quantization` is a BitsAndBytesConfig, or None when the base checkpoint is already 4-bit.
+    `quantization` is a BitsAndBytesConfig, or None when the base checkpoint is already 4-bit: then it
+    loads with the quantization_config saved in it (passing None would mean "do not quantize").
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization, dtype=dtype,
-                                                device_map=device_map(device))
+    quantized = {"quantization_config": quantization} if quantization is not None else {}
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, device_map=device_map(device), **quantized)
     model = PeftModel.from_pretrained(base, adapters[0][0], adapter_name="adapter0", is_trainable=False)
     if len(adapters) > 1:
         names = [f"adapter{i}" for i in range(len(adapters))]

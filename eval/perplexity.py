@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quant.errors import InputError
+from qlora_requant.quant.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,10 @@ import base64
 import html
 import json
 
-from eval import plots
-from eval.compare import BASELINE, model_label
+from qlora_requant.eval import plots
+from qlora_requant.eval.compare import BASELINE, model_label
 
 SCHEMA_VERSION = 2
-REPORT_FILES = ("report.json", "report.md", "report.html")
 TOP = 5  # rows shown per "where the loss comes from" table
 
 
@@ -181,8 +180,7 @@ def render_html(report: dict, figures: dict[str, bytes]) -> str:
             f"<style>{style}</style></head><body>{''.join(sections)}</body></html>\n")
 
 
-def render_reports(report: dict, results: dict) -> dict[str, str]:
-    """The text of each report file (REPORT_FILES) by name."""
-    texts = (json.dumps(report, indent=2) + "\n", render_markdown(report),
-             render_html(report, report_plots(report, results)))
-    return dict(zip(REPORT_FILES, texts))
+def render_reports(report: dict, results: dict) -> tuple[str, str, str]:
+    """The text of report.json, report.md and report.html."""
+    return (json.dumps(report, indent=2) + "\n", render_markdown(report),
+            render_html(report, report_plots(report, results)))

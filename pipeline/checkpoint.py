@@ -16,9 +16,9 @@ from typing import Protocol
 
 import torch
 
-from pipeline.progress import progress
-from pipeline.safetensors_io import DTYPES, read_header, read_tensor, write_file
-from quant.errors import InputError
+from qlora_requant.pipeline.progress import progress
+from qlora_requant.pipeline.safetensors_io import DTYPES, read_header, read_tensor, write_file
+from qlora_requant.quant.errors import InputError
 
 CONFIG = "config.json"
 SINGLE_SHARD = "model.safetensors"

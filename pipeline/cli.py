@@ -7,19 +7,17 @@ data), nothing half-written; 3 the run finished but the release gate failed.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
-from pipeline.stages import STAGE_ORDER
+from qlora_requant.pipeline import console
+from qlora_requant.pipeline.plan import STAGE_KINDS
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 1, 2, 3
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 DEMO_FIXTURE = REPO_ROOT / "runs" / "demo-fixture"
-
-log = logging.getLogger("qlora_requant")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,8 +30,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                              help="override one config key (repeatable); the value is read as YAML")
         if name == "run":
-            command.add_argument("--force", action="append", default=[], choices=STAGE_ORDER, metavar="STAGE",
-                                 help=f"re-run this stage even if complete (repeatable): {', '.join(STAGE_ORDER)}")
+            command.add_argument("--force", action="append", default=[], choices=STAGE_KINDS, metavar="STAGE",
+                                 help=f"re-run this stage even if complete (repeatable): {', '.join(STAGE_KINDS)}")
     report = commands.add_parser("report", help="rebuild a run's report files from its saved results")
     report.add_argument("run_dir", type=Path)
     demo = commands.add_parser("demo", help="build the offline demo fixture if needed and run configs/demo.yaml")
@@ -41,28 +39,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging() -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger().setLevel(logging.INFO)
-    for noisy in ("transformers", "datasets", "accelerate", "peft", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _run(config_path: Path, overrides: list[str], force: list[str]) -> int:
-    from pipeline.config import load_config
+def _load(config_path: Path, overrides: list[str]):
+    """The validated config, with the network policy it calls for in place."""
+    from qlora_requant.pipeline.config import load_config
 
     config = load_config(config_path, overrides)
     _network_policy(config)  # before transformers and datasets are imported: they read it once
-    from pipeline.runner import Pipeline
+    return config
 
-    pipeline = Pipeline(config, set(force))
-    try:
-        pipeline.setup()
-        pipeline.run()
-        report = pipeline.save()
-    finally:
-        pipeline.close()
-    return _print_report(report, pipeline.run_dir)
+
+def _run(config_path: Path, overrides: list[str], force: list[str]) -> int:
+    from qlora_requant.pipeline.runner import Run
+
+    config = _load(config_path, overrides)
+    with Run(config, set(force)) as run:
+        run.setup()
+        run.execute()
+        report = run.save()
+    return _print_report(report, run.layout.root)
+
+
+def _validate(config_path: Path, overrides: list[str]) -> int:
+    from qlora_requant.pipeline.console import LibraryOutput
+    from qlora_requant.pipeline.preflight import preflight, resolve_device
+
+    config = _load(config_path, overrides)
+    with LibraryOutput():
+        preflight(config, resolve_device(config))
+    print(f"{config_path}: valid; output_dir {config.output_dir}")
+    return EXIT_OK
 
 
 def _network_policy(config) -> None:
@@ -72,7 +77,7 @@ def _network_policy(config) -> None:
     if not hub:
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
     elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
-        from quant.errors import InputError
+        from qlora_requant.quant.errors import InputError
 
         raise InputError(f"{hub[0]} names a hub dataset, but HF_HUB_OFFLINE is set; unset it to download, or "
                          "give a local file as path")
@@ -80,24 +85,26 @@ def _network_policy(config) -> None:
 
 def _report(run_dir: Path) -> int:
     """Rebuild a run's reports under its lock, so that they never mix with a run in progress."""
-    from pipeline.lock import RunLock
-    from pipeline.stages.report import write_reports
+    from qlora_requant.pipeline.layout import RunLayout
+    from qlora_requant.pipeline.lock import RunLock
+    from qlora_requant.pipeline.stages.report import write_reports
 
     if not run_dir.is_dir():
-        from quant.errors import InputError
+        from qlora_requant.quant.errors import InputError
 
         raise InputError(f"{run_dir}: not a folder; give the output_dir of a run")
-    lock = RunLock(run_dir)
+    layout = RunLayout(run_dir)
+    lock = RunLock(layout.lock)
     lock.acquire()
     try:
-        return _print_report(write_reports(run_dir), run_dir)
+        return _print_report(write_reports(layout), run_dir)
     finally:
         lock.release()
 
 
 def _print_report(report: dict, run_dir: Path) -> int:
     """The quality table and findings on the console; the exit code the release gate calls for."""
-    from eval.report import console_table, model_table, summary_lines
+    from qlora_requant.eval.report import console_table, model_table, summary_lines
 
     print()
     print(console_table(model_table(report["models"])))
@@ -109,23 +116,16 @@ def _print_report(report: dict, run_dir: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _configure_logging()
-    from quant.errors import InputError
+    console.install()
+    from qlora_requant.quant.errors import InputError
 
     try:
         if args.command == "validate":
-            from pipeline.config import load_config
-
-            from pipeline.runner import Pipeline
-
-            config = load_config(args.config, args.overrides)
-            Pipeline(config).check()
-            print(f"{args.config}: valid; output_dir {config.output_dir}")
-            return EXIT_OK
+            return _validate(args.config, args.overrides)
         if args.command == "report":
             return _report(args.run_dir)
         if args.command == "demo":
-            from pipeline.demo import build_fixture
+            from qlora_requant.pipeline.demo import build_fixture
 
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             build_fixture(DEMO_FIXTURE)

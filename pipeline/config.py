@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
-from pipeline.checkpoint import DEFAULT_MAX_SHARD_BYTES
-from quant.errors import InputError
+from qlora_requant.pipeline.checkpoint import DEFAULT_MAX_SHARD_BYTES
+from qlora_requant.quant.errors import InputError
 
 # bitsandbytes' Params4bit default, which BitsAndBytesConfig offers no way to change.
 TRANSFORMERS_BNB_BLOCKSIZE = 64
@@ -67,6 +67,9 @@ class BnbSection(Section):
 
 
 class BaseSection(Section):
+    # Keys no stage output depends on: changing them re-runs nothing.
+    not_settings: ClassVar[frozenset[str]] = frozenset({"model_id", "save_dequantized"})
+
     path: InputPath
     model_id: str | None = None  # hub id of the base, the model card's base_model (default: the folder name)
     dtype: DTypeName | Literal["auto"] = "auto"
@@ -143,7 +146,7 @@ class TextSource(Section):
 
     def load(self) -> list[str]:
         """The texts of this source."""
-        from quant.calibration import load_texts
+        from qlora_requant.quant.calibration import load_texts
 
         return load_texts(self.path, self.text_field, self.dataset, self.dataset_config, self.split)
 
@@ -178,6 +181,9 @@ class RequantizeSection(Section):
 
 
 class EvaluationSection(Section):
+    # Used by the checks or the report only: changing them re-scores nothing.
+    not_settings: ClassVar[frozenset[str]] = frozenset({"bootstrap_samples", "seed", "overlap"})
+
     text: TextSource
     seq_len: int = Field(512, gt=1)
     # null: non-overlapping windows (GPTQ paper); a number: sliding windows every `stride` tokens,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from quant.calibration import passage_fingerprints, token_stream
+from qlora_requant.quant.calibration import passage_fingerprints, token_stream
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from quant.errors import InputError
+from qlora_requant.quant.errors import InputError
 
 
 def fsync_path(path: Path) -> None:

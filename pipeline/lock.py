@@ -9,22 +9,20 @@ import os
 import socket
 from pathlib import Path
 
-from quant.errors import InputError
+from qlora_requant.quant.errors import InputError
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".lock"
-
 
 class RunLock:
-    """An exclusive `flock` on RUN_DIR/.lock, holding the owner's pid and host.
+    """An exclusive `flock` on the run directory's lock file (RunLayout.lock), holding the owner's pid and host.
 
     The kernel releases the lock when the owning process ends, however it ends (SIGKILL
     included), so a lock file left by a dead run is stale by construction and is simply taken over.
     """
 
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / LOCK_FILE
+    def __init__(self, path: Path):
+        self.path = path
         self._file = None
 
     def acquire(self) -> None:

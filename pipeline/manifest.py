@@ -4,9 +4,8 @@ A re-run compares the manifest a stage would have now with the one recorded when
 the stage is skipped when they match and its outputs are still the files it wrote. Files are
 identified by SHA-256. A file whose size and modification time equal the recorded ones keeps
 its recorded hash, so re-checking a multi-GB checkpoint that nobody touched reads nothing.
-Hidden entries, README.md files (model cards: the report writes one into the GPTQ folder after
-the evaluation read it) and gptqmodel's quant_log.csv (a log with timings) are not part of any
-stage's inputs or outputs.
+Hidden entries and the files layout.NOT_CONTENT names (model cards, gptqmodel's log) are not part
+of any stage's inputs or outputs.
 """
 
 from __future__ import annotations
@@ -14,8 +13,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from qlora_requant.pipeline.layout import NOT_CONTENT
+
 CHUNK = 1 << 24
-NOT_CONTENT = ("README.md", "quant_log.csv")
 
 
 def sha256(path: Path) -> str:
@@ -30,9 +30,9 @@ def file_records(folder_or_file: Path, known: dict[str, dict] | None = None,
                  relative_to: Path | None = None) -> dict[str, dict]:
     """{path: {size, mtime_ns, sha256}} for a file or every file under a folder (see the module note).
 
-    Paths are absolute, or relative to `relative_to` (a run's own outputs, so that the run
-    directory can be moved). `known` holds earlier records: a file whose size and mtime are
-    unchanged keeps its hash.
+    Paths are absolute or, for files under `relative_to` (the run directory), relative to it, so that
+    a moved run directory keeps its records. `known` holds earlier records: a file whose size and
+    mtime are unchanged keeps its hash.
     """
     known = known or {}
     if folder_or_file.is_file():
@@ -44,7 +44,7 @@ def file_records(folder_or_file: Path, known: dict[str, dict] | None = None,
     for path in paths:
         stat = path.stat()
         record = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-        name = str(path.relative_to(relative_to) if relative_to else path)
+        name = str(path.relative_to(relative_to) if relative_to and path.is_relative_to(relative_to) else path)
         previous = known.get(name, {})
         same_stat = previous.get("size") == stat.st_size and previous.get("mtime_ns") == stat.st_mtime_ns
         record["sha256"] = previous["sha256"] if same_stat else sha256(path)

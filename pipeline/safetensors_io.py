@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from quant.errors import InputError
+from qlora_requant.quant.errors import InputError
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

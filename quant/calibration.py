@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from quant.errors import InputError
+from qlora_requant.quant.errors import InputError
 
 MIN_PASSAGE_WORDS = 8
 LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}

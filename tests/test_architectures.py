@@ -6,12 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import random_adapter, save_model
-from pipeline.config import AdapterSection, BaseSection
-from pipeline.stages.dequantize import DequantizedBase, run_dequantize
-from pipeline.stages.merge import run_merge
-from test_dequantize import library_dequantized
-from test_merge import FP32_ROUNDING, peft_merged
+from qlora_requant.pipeline.config import AdapterSection, BaseSection
+from qlora_requant.pipeline.stages.dequantize import DequantizedBase
+from qlora_requant.pipeline.stages.merge import merge_checkpoint
+from support import FP32_ROUNDING, dequantize_to, library_dequantized, peft_merged, random_adapter, save_model
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 ARCHITECTURES = {
@@ -43,7 +41,7 @@ def test_dequantize_and_merge_match_the_libraries(tmp_path, tokenizer, architect
     section = BaseSection(path=base, dtype="bfloat16")
     dequantized = tmp_path / "dequantized"
     dequantized.mkdir()
-    run_dequantize(section, dequantized, max_shard_bytes=100_000)
+    dequantize_to(section, dequantized, max_shard_size=100_000)
     ours = read_all(dequantized)
     reference = library_dequantized(base, section, torch.bfloat16)
     assert len(reference) >= 8
@@ -54,7 +52,7 @@ def test_dequantize_and_merge_match_the_libraries(tmp_path, tokenizer, architect
     merged = tmp_path / "merged"
     merged.mkdir()
     streamed = DequantizedBase(section)  # the merge stage dequantizes on the fly, never reading `dequantized`
-    summary = run_merge(streamed, streamed.model_config, AdapterSection(path=adapter), torch.float32, merged,
+    summary = merge_checkpoint(streamed, streamed.model_config, AdapterSection(path=adapter), torch.float32, merged,
                         max_shard_bytes=100_000)
     assert summary["modules_merged"] == len(reference)
     peft = peft_merged(dequantized, adapter)

@@ -7,9 +7,9 @@ import shutil
 import pytest
 import yaml
 
-from conftest import write_config
-from pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
-from pipeline.config import ConfigError, apply_override, load_config
+from support import write_config
+from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from qlora_requant.pipeline.config import ConfigError, apply_override, load_config
 
 
 @pytest.fixture

@@ -11,25 +11,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import save_model, tiny_llama
-from pipeline.config import BaseSection, BnbSection
-from pipeline.stages.dequantize import DequantizedBase, bnb_settings, run_dequantize
-from quant.errors import InputError
-
-
-def library_dequantized(model_dir, section: BaseSection, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """dequantize_4bit of every Linear4bit that transformers builds at load, before any forward pass."""
-    quantization = bnb_settings(section).to_transformers()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=dtype,
-                                                 device_map="cpu")
-    return {f"{name}.weight": bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-            for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+from support import dequantize_to, library_dequantized, save_model, tiny_llama
+from qlora_requant.pipeline.config import BaseSection, BnbSection
+from qlora_requant.pipeline.stages.dequantize import DequantizedBase, bnb_settings
+from qlora_requant.quant.errors import InputError
 
 
 def dequantized_tensors(tmp_path, section: BaseSection) -> dict[str, torch.Tensor]:
     out = tmp_path / "dequantized"
     out.mkdir()
-    run_dequantize(section, out)
+    dequantize_to(section, out)
     return load_file(out / "model.safetensors")
 
 
@@ -70,7 +61,7 @@ def test_tied_embeddings_and_sharded_checkpoint(tmp_path, tokenizer):
     section = BaseSection(path=model_dir, dtype="bfloat16")
     out = tmp_path / "out"
     out.mkdir()
-    summary = run_dequantize(section, out)
+    summary = dequantize_to(section, out)
     reference = library_dequantized(model_dir, section, torch.bfloat16)
     ours = {}
     for shard in out.glob("*.safetensors"):

@@ -11,14 +11,11 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import random_adapter, save_model, tiny_llama
-from pipeline.config import AdapterSection, BaseSection
-from pipeline.stages.dequantize import run_dequantize
-from pipeline.checkpoint import CheckpointReader, checkpoint_dtype, dtype_of, read_model_config
-from pipeline.stages.merge import run_merge
-from quant.merge import AdapterError, read_lora_adapter
-
-FP32_ROUNDING = 1e-6
+from support import FP32_ROUNDING, dequantize_to, peft_merged, random_adapter, save_model, tiny_llama
+from qlora_requant.pipeline.config import AdapterSection, BaseSection
+from qlora_requant.pipeline.checkpoint import CheckpointReader, checkpoint_dtype, dtype_of, read_model_config
+from qlora_requant.pipeline.stages.merge import merge_checkpoint
+from qlora_requant.quant.merge import AdapterError, read_lora_adapter
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +25,15 @@ def dequantized(tmp_path_factory, tokenizer):
     base = save_model(tiny_llama(tokenizer, attention_bias=True, mlp_bias=True), tokenizer, folder / "base")
     out = folder / "dequantized"
     out.mkdir()
-    run_dequantize(BaseSection(path=base, dtype="bfloat16"), out)
+    dequantize_to(BaseSection(path=base, dtype="bfloat16"), out)
     return out
 
 
-def merge_checkpoint(model_dir, section: AdapterSection, dtype: str | None, out, **kwargs) -> dict:
-    """run_merge streaming from the checkpoint in `model_dir`; dtype None keeps the checkpoint's."""
+def merge_dir(model_dir, section: AdapterSection, dtype: str | None, out, **kwargs) -> dict:
+    """merge_checkpoint streaming from the checkpoint in `model_dir`; dtype None keeps the checkpoint's."""
     model_config = read_model_config(model_dir)
     dtype = dtype_of(dtype) if dtype else checkpoint_dtype(model_config, model_dir / "config.json")
-    return run_merge(CheckpointReader(model_dir), model_config, section, dtype, out, **kwargs)
+    return merge_checkpoint(CheckpointReader(model_dir), model_config, section, dtype, out, **kwargs)
 
 
 def as_if_trained(adapter_dir, seed: int = 1) -> None:
@@ -47,24 +44,10 @@ def as_if_trained(adapter_dir, seed: int = 1) -> None:
     save_file({k: v * (1 + 0.2 * torch.randn(v.shape, generator=generator)) for k, v in tensors.items()}, path)
 
 
-def peft_merged(model_dir, adapter_dir, weights=None, combination=None) -> dict[str, torch.Tensor]:
-    """PEFT's merge_and_unload on the fp32 model; several adapters go through add_weighted_adapter."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    adapter_dirs = adapter_dir if isinstance(adapter_dir, list) else [adapter_dir]
-    peft_model = PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name="a0")
-    if len(adapter_dirs) > 1:
-        names = [f"a{i}" for i in range(len(adapter_dirs))]
-        for name, path in zip(names[1:], adapter_dirs[1:]):
-            peft_model.load_adapter(path, adapter_name=name)
-        peft_model.add_weighted_adapter(names, weights, "combined", combination_type=combination)
-        peft_model.set_adapter("combined")
-    return peft_model.merge_and_unload().state_dict()
-
-
 def our_merged(tmp_path, model_dir, section: AdapterSection, dtype="float32") -> tuple[dict[str, torch.Tensor], dict]:
     out = tmp_path / "merged"
     out.mkdir()
-    summary = merge_checkpoint(model_dir, section, dtype, out)
+    summary = merge_dir(model_dir, section, dtype, out)
     return load_file(out / "model.safetensors"), summary
 
 
@@ -130,7 +113,7 @@ def test_fan_in_fan_out_on_gpt2(tmp_path, tokenizer):
 def test_merged_checkpoint_is_plain_transformers(tmp_path, dequantized, tiny_adapter):
     out = tmp_path / "merged"
     out.mkdir()
-    merge_checkpoint(dequantized, AdapterSection(path=tiny_adapter), "float16", out)
+    merge_dir(dequantized, AdapterSection(path=tiny_adapter), "float16", out)
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "float16"
     assert (out / "tokenizer.json").is_file()
@@ -161,43 +144,43 @@ def _edit_adapter(tmp_path, adapter_dir, config_changes=None, rename=None):
 def test_unsupported_adapter_features_are_refused(tmp_path, dequantized, tiny_adapter, changes, message):
     adapter = _edit_adapter(tmp_path, tiny_adapter, changes)
     with pytest.raises(AdapterError, match=message):
-        merge_checkpoint(dequantized, AdapterSection(path=adapter), None, tmp_path)
+        merge_dir(dequantized, AdapterSection(path=adapter), None, tmp_path)
 
 
 def test_dora_on_embeddings_is_refused(tmp_path, dequantized):
     adapter = random_adapter(dequantized, tmp_path / "embedding", target_modules=["embed_tokens", "q_proj"])
     adapter = _edit_adapter(tmp_path, adapter, {"use_dora": True})
     with pytest.raises(AdapterError, match="DoRA on embedding layers is not supported"):
-        merge_checkpoint(dequantized, AdapterSection(path=adapter), None, tmp_path)
+        merge_dir(dequantized, AdapterSection(path=adapter), None, tmp_path)
 
 
 def test_linear_combination_of_different_ranks_is_refused(tmp_path, dequantized):
     adapters = [random_adapter(dequantized, tmp_path / f"a{r}", r=r) for r in (4, 8)]
     section = AdapterSection(combination="linear", adapters=[{"path": p} for p in adapters])
     with pytest.raises(AdapterError, match=r"'linear' needs adapters of one rank, got r=\[4, 8\]; use 'cat'"):
-        merge_checkpoint(dequantized, section, None, tmp_path)
+        merge_dir(dequantized, section, None, tmp_path)
 
 
 def test_adapter_for_another_base_is_refused(tmp_path, dequantized, tokenizer):
-    from conftest import tiny_llama
+    from support import tiny_llama
 
     wider = save_model(tiny_llama(tokenizer, intermediate_size=384), tokenizer, tmp_path / "wider")
     adapter = random_adapter(wider, tmp_path / "adapter")
     with pytest.raises(AdapterError, match=r"delta for .* has shape .* another base model"):
-        merge_checkpoint(dequantized, AdapterSection(path=adapter), None, tmp_path / "x")
+        merge_dir(dequantized, AdapterSection(path=adapter), None, tmp_path / "x")
 
 
 def test_adapter_targeting_absent_modules_is_refused(tmp_path, dequantized, tiny_adapter):
     adapter = _edit_adapter(tmp_path, tiny_adapter, rename=lambda k: k.replace("q_proj", "query"))
     with pytest.raises(AdapterError, match="needs 2 tensor.* the base does not have, e.g. 'model.layers.0.self_attn.query"):
-        merge_checkpoint(dequantized, AdapterSection(path=adapter), None, tmp_path)
+        merge_dir(dequantized, AdapterSection(path=adapter), None, tmp_path)
 
 
 def test_streamed_shards_equal_the_single_file_result(tmp_path, dequantized, tiny_adapter):
     whole, sharded = tmp_path / "whole", tmp_path / "sharded"
     whole.mkdir(), sharded.mkdir()
-    merge_checkpoint(dequantized, AdapterSection(path=tiny_adapter), "float16", whole)
-    merge_checkpoint(dequantized, AdapterSection(path=tiny_adapter), "float16", sharded, max_shard_bytes=60_000)
+    merge_dir(dequantized, AdapterSection(path=tiny_adapter), "float16", whole)
+    merge_dir(dequantized, AdapterSection(path=tiny_adapter), "float16", sharded, max_shard_bytes=60_000)
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in sharded.glob("*.safetensors"))
     assert len(shards) > 3 and set(index["weight_map"].values()) == set(shards)

@@ -9,10 +9,10 @@ import torch
 
 import math
 
-from eval.perplexity import ReferenceLogProbs, eval_windows, perplexity, score_windows
-from eval.statistics import bootstrap_ppl_change
-from quant.calibration import calibration_windows, check_held_out, load_texts
-from quant.errors import InputError
+from qlora_requant.eval.perplexity import ReferenceLogProbs, eval_windows, perplexity, score_windows
+from qlora_requant.eval.statistics import bootstrap_ppl_change
+from qlora_requant.quant.calibration import calibration_windows, check_held_out, load_texts
+from qlora_requant.quant.errors import InputError
 
 
 class FixedModel(torch.nn.Module):

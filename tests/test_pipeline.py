@@ -11,9 +11,9 @@ import textwrap
 
 import pytest
 
-from conftest import base_section, random_adapter, save_model, tiny_llama, write_config
-from eval.compare import judge_gates
-from pipeline.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, main
+from support import base_section, random_adapter, save_model, tiny_llama, write_config
+from qlora_requant.eval.compare import judge_gates
+from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, main
 
 MODELS = ("base_nf4", "baseline", "merged", "gptq")
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import write_config
-from pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from support import write_config
+from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
 
 REPO = Path(__file__).resolve().parents[1]
 RELEASE_FILES = ("merged/model.safetensors", "gptq/model.safetensors")
@@ -120,7 +120,7 @@ def test_killed_inside_each_stage_then_rerun_gives_identical_outputs(reference, 
     _, reference_dir = reference
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, run_dir)
-    command = [sys.executable, "-m", "pipeline.cli", "run", str(config)]
+    command = [sys.executable, "-m", "qlora_requant.pipeline.cli", "run", str(config)]
     completed_before_kill = []
     for stage, partial in (("merge", ".merged.partial"), ("requantize", ".gptq.partial"),
                            ("evaluate", ".evaluation.partial")):
@@ -179,7 +179,7 @@ def test_inf_in_the_adapter_exits_2_naming_the_tensor(tmp_path, tiny_base, tiny_
 
 def test_too_little_disk_for_the_next_stage_exits_2_and_keeps_completed_stages(tmp_path, tiny_base, tiny_adapter,
                                                                                text_files, monkeypatch, capsys):
-    import pipeline.files
+    import qlora_requant.pipeline.files
 
     real = shutil.disk_usage
     calls = []
@@ -189,7 +189,7 @@ def test_too_little_disk_for_the_next_stage_exits_2_and_keeps_completed_stages(t
         calls.append(path)
         return usage._replace(free=1000) if (tmp_path / "run" / "merged").is_dir() else usage
 
-    monkeypatch.setattr(pipeline.files.shutil, "disk_usage", tight_after_merge)
+    monkeypatch.setattr(qlora_requant.pipeline.files.shutil, "disk_usage", tight_after_merge)
     config = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, tmp_path / "run")
     assert main(["run", str(config)]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
@@ -203,10 +203,10 @@ def test_overlapping_eval_text_can_be_allowed_with_a_warning(tmp_path, tiny_base
     overlapping = {**text_files, "eval": text_files["calibration"]}
     config = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, overlapping, tmp_path / "run")
     assert main(["validate", str(config)]) == EXIT_BAD_INPUT
-    from pipeline.config import load_config
-    from pipeline.runner import Pipeline
+    from qlora_requant.pipeline.config import load_config
+    from qlora_requant.pipeline.preflight import preflight
 
-    Pipeline(load_config(config, ["evaluation.overlap=warn"])).check()
+    preflight(load_config(config, ["evaluation.overlap=warn"]), "cpu")
     assert "shares" in caplog.text and "evaluation.overlap: warn" in caplog.text
 
 
@@ -279,9 +279,9 @@ def test_missing_weights_and_a_missing_shard_exit_2(tmp_path, tiny_base, tiny_ad
 def test_progress_is_logged_every_tenth_when_not_on_a_terminal(caplog):
     import logging
 
-    from pipeline.progress import progress
+    from qlora_requant.pipeline.progress import progress
 
-    caplog.set_level(logging.INFO, logger="pipeline.progress")
+    caplog.set_level(logging.INFO, logger="qlora_requant.pipeline.progress")
     assert list(progress(list(range(20)), "merge", "tensors")) == list(range(20))
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0] == "merge: 2/20 tensors (10%)" and lines[-1] == "merge: 20/20 tensors (100%)" and len(lines) == 10

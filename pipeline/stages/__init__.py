@@ -1,3 +1,1 @@
-"""The pipeline's stages, one module each, in the order they run."""
-
-STAGE_ORDER = ("dequantize", "merge", "requantize", "evaluate")
+"""The pipeline's stages, one module each, each entered as `run(context, out, **settings)` (see plan.py)."""

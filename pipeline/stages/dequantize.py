@@ -3,8 +3,8 @@
 Input: the base checkpoint folder (16-bit safetensors, or already saved in bitsandbytes 4-bit
 form) and the bitsandbytes training settings. `DequantizedBase` serves each weight that
 bitsandbytes quantized at load time as its 4-bit round trip, tensor by tensor: the merge stage
-streams from it directly. `run_dequantize` writes it out as a 16-bit checkpoint, when a user
-asks for that artifact (`base.save_dequantized`).
+streams from it directly. `run` writes it out as a 16-bit checkpoint, when a user asks for that
+artifact (`base.save_dequantized`).
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, CheckpointReader, checkpoint_dtype, copy_side_files,
+from qlora_requant.pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, CheckpointReader, checkpoint_dtype, copy_side_files,
                                  dtype_of, is_bnb_4bit, read_model_config, rewrite_checkpoint, write_model_config)
-from pipeline.config import BaseSection
-from quant.errors import InputError
-from quant.nf4 import QUANT_STATE_SUFFIXES, Bnb4bitSettings, dequantize_stored, quantized_module_names, roundtrip_4bit
-from quant.norms import relative_error
+from qlora_requant.pipeline.config import BaseSection
+from qlora_requant.pipeline.context import StageContext
+from qlora_requant.quant.errors import InputError
+from qlora_requant.quant.nf4 import QUANT_STATE_SUFFIXES, Bnb4bitSettings, dequantize_stored, quantized_module_names, roundtrip_4bit
+from qlora_requant.quant.norms import relative_error
 
 log = logging.getLogger(__name__)
 
@@ -159,14 +160,13 @@ class DequantizedBase:
         return dtype_of(dtypes.pop(), str(self.model_dir))
 
 
-def run_dequantize(section: BaseSection, out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                   device: str = "cpu", allow_pickle: bool = False) -> dict:
-    """Write the dequantized base into `out_dir`, doing the 4-bit math on `device`; return a summary."""
-    base = DequantizedBase(section, device, allow_pickle)
-    copied = rewrite_checkpoint(base, out_dir, lambda key, reader: {key: reader.get(key)}, max_shard_bytes,
+def run(context: StageContext, out: Path, *, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
+    """Write the base as the adapter saw it (see DequantizedBase) into `out` as a 16-bit checkpoint."""
+    base = context.inputs.base
+    copied = rewrite_checkpoint(base, out, lambda key, reader: {key: reader.get(key)}, max_shard_size,
                                 what="dequantize") - base.describe()["quantized"]
-    write_model_config(base.model_config, out_dir, base.dtype)
-    copy_side_files(section.path, out_dir)
+    write_model_config(base.model_config, out, base.dtype)
+    copy_side_files(base.model_dir, out)
     summary = {**base.describe(), "copied": copied}
     log.info("dequantize: %d weights through 4-bit, %d tensors copied, dtype %s",
              summary["quantized"], copied, summary["dtype"])

@@ -22,20 +22,17 @@ from pathlib import Path
 
 import torch
 
-from eval.generate import greedy_continuations
-from eval.models import load_plain, load_separate_adapter
-from eval.perplexity import ReferenceLogProbs, Windows, eval_windows, perplexity, score_windows
-from pipeline.checkpoint import dtype_of, is_bnb_4bit, read_model_config
-from pipeline.config import EvaluationSection, RunConfig
-from pipeline.files import require_free_space
-from pipeline.stages.dequantize import bnb_settings, load_dtype
-from quant.calibration import token_stream
+from qlora_requant.eval.generate import greedy_continuations
+from qlora_requant.eval.models import load_plain, load_separate_adapter
+from qlora_requant.eval.perplexity import ReferenceLogProbs, Windows, eval_windows, perplexity, score_windows
+from qlora_requant.pipeline.checkpoint import dtype_of, is_bnb_4bit
+from qlora_requant.pipeline.config import AdapterSection, EvaluationSection
+from qlora_requant.pipeline.context import StageContext
+from qlora_requant.pipeline.files import require_free_space
+from qlora_requant.pipeline.layout import BASELINE_REFERENCE, RESULTS
+from qlora_requant.quant.calibration import token_stream
 
 log = logging.getLogger(__name__)
-
-EVALUATION_DIR = "evaluation"
-RESULTS = "results.json"
-REFERENCE_FILE = ".baseline_logprobs.npy"
 
 
 class Scorer:
@@ -61,44 +58,42 @@ class Scorer:
                                                           self.section.max_new_tokens)
 
 
-def run_evaluate(config: RunConfig, device: str, plain_models: dict[str, Path], texts: list[str],
-                 out_dir: Path) -> dict:
-    """Score baseline, base_nf4 and each of `plain_models` (merged, gptq, ...: name -> checkpoint folder)
-    on the same windows; write results.json into `out_dir`.
+def run(context: StageContext, out: Path, *, evaluation: EvaluationSection, adapter: AdapterSection,
+        models: list[str]) -> dict:
+    """Score baseline, base_nf4 and each of `models` (merged, gptq, ...: checkpoints of this run) on the same
+    windows; write results.json into `out`.
 
     Returns a short summary; the scores themselves are in results.json.
     """
     from transformers import AutoTokenizer
 
-    section = config.evaluation
-    tokenizer = AutoTokenizer.from_pretrained(next(iter(plain_models.values())),
-                                              trust_remote_code=config.trust_remote_code)
+    section, device, base, texts = evaluation, context.device, context.inputs.base, context.inputs.eval_texts
+    model_dirs = {name: context.layout.model_dir(name) for name in models}
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs[models[0]], trust_remote_code=context.trust_remote_code)
     windows = eval_windows(token_stream(tokenizer, texts), section.seq_len, section.max_windows, section.stride,
                            tokenizer.bos_token_id if section.bos else None, where=section.text.describe())
     vocab = len(tokenizer)
-    require_free_space(out_dir, len(windows) * (windows.seq_len - 1) * vocab * 4,
+    require_free_space(out, len(windows) * (windows.seq_len - 1) * vocab * 4,
                        f"the baseline's log-probabilities ({len(windows)} windows x {windows.seq_len - 1} tokens x "
                        f"{vocab} vocabulary, float32; lower evaluation.max_windows to shrink it)")
-    scorer = Scorer(section, windows, tokenizer, out_dir / REFERENCE_FILE)
+    scorer = Scorer(section, windows, tokenizer, out / BASELINE_REFERENCE)
 
-    base_config = read_model_config(config.base.path)
-    prequantized = is_bnb_4bit(base_config)
-    quantization = None if prequantized else bnb_settings(config.base).to_transformers()
-    dtype = load_dtype(config.base, base_config) if not prequantized else "auto"
-    separate = load_separate_adapter(config.base.path, config.adapter.weighted(), config.adapter.combination,
-                                     quantization, dtype, device)
+    prequantized = is_bnb_4bit(base.model_config)  # a 4-bit save loads with its own quantization_config
+    separate = load_separate_adapter(base.model_dir, adapter.weighted(), adapter.combination,
+                                     None if prequantized else base.settings.to_transformers(),
+                                     "auto" if prequantized else base.dtype, device)
     scorer.score("baseline", separate, record=True)
     with separate.disable_adapter():
         scorer.score("base_nf4", separate, generate=False)
     del separate
     gc.collect()
     plain_dtype = _plain_dtype(section.dtype, device)
-    for name, model_dir in plain_models.items():
+    for name, model_dir in model_dirs.items():
         model = load_plain(model_dir, device, plain_dtype)
         scorer.score(name, model)
         del model
         gc.collect()
-    (out_dir / REFERENCE_FILE).unlink()
+    (out / BASELINE_REFERENCE).unlink()
 
     protocol = {"kind": "sliding windows" if section.stride else "non-overlapping windows",
                 "seq_len": section.seq_len, "stride": section.stride, "bos": section.bos,
@@ -109,7 +104,7 @@ def run_evaluate(config: RunConfig, device: str, plain_models: dict[str, Path], 
     results = {"protocol": protocol, "models": models,
                "generations": {"prompts": section.prompts, "max_new_tokens": section.max_new_tokens,
                                "outputs": scorer.generations}}
-    (out_dir / RESULTS).write_text(json.dumps(results, indent=1) + "\n")
+    (out / RESULTS).write_text(json.dumps(results, indent=1) + "\n")
     return {"windows": len(windows), "models": list(scorer.models)}
 
 

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, TensorSource, copy_side_files, rewrite_checkpoint,
-                                 write_model_config)
-from pipeline.config import AdapterSection
-from quant.errors import InputError
-from quant.merge import (AdapterError, LoraAdapter, LoraModule, combine_adapters, lora_delta, lora_delta_shape,
+from qlora_requant.pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, CheckpointReader, TensorSource, copy_side_files,
+                                               dtype_of, rewrite_checkpoint, write_model_config)
+from qlora_requant.pipeline.config import AdapterSection
+from qlora_requant.pipeline.context import StageContext
+from qlora_requant.quant.errors import InputError
+from qlora_requant.quant.merge import (AdapterError, LoraAdapter, LoraModule, combine_adapters, lora_delta, lora_delta_shape,
                          merge_bias, merge_weight, read_lora_adapter)
-from quant.norms import relative_error
+from qlora_requant.quant.norms import relative_error
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,22 @@ def load_adapter(section: AdapterSection, allow_pickle: bool = False) -> LoraAda
     return combine_adapters([a for a, _ in adapters], [w for _, w in adapters], section.combination)
 
 
-def run_merge(source: TensorSource, model_config: dict, section: AdapterSection, dtype: torch.dtype,
-              out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, device: str = "cpu",
-              allow_pickle: bool = False) -> dict:
+def run(context: StageContext, out: Path, *, adapter: AdapterSection, dtype: str | None, merge_base: str,
+        max_shard_size: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
+    """Merge into the NF4 round trip of the base (merge_base nf4), streamed from the base checkpoint, or
+    into its original 16-bit weights (original); the merged dtype defaults to the base's load dtype."""
+    base = context.inputs.base
+    source = base if merge_base == "nf4" else CheckpointReader(base.model_dir, context.allow_pickle)
+    summary = merge_checkpoint(source, base.model_config, adapter, dtype_of(dtype) if dtype else base.dtype, out,
+                               max_shard_size, context.device, context.allow_pickle)
+    if merge_base == "nf4":
+        summary["base"] = {**base.describe(), "roundtrip_error": base.roundtrip_errors}
+    return summary
+
+
+def merge_checkpoint(source: TensorSource, model_config: dict, section: AdapterSection, dtype: torch.dtype,
+                     out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, device: str = "cpu",
+                     allow_pickle: bool = False) -> dict:
     """Merge the adapter(s) of `section` into the tensors of `source`, writing a `dtype` checkpoint
     with `model_config` into `out_dir`, doing the math on `device`; return a summary."""
     adapter = load_adapter(section, allow_pickle)

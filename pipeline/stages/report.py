@@ -13,18 +13,12 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from eval.compare import RELEASE_MODEL, change, compare_to_baseline, judge_gates
-from eval.model_card import render_model_card
-from eval.report import SCHEMA_VERSION, render_reports
-from pipeline.files import write_atomically
-from pipeline.stages import STAGE_ORDER
-from pipeline.stages.evaluate import EVALUATION_DIR, RESULTS
-from quant.errors import InputError
-
-RUN_RECORD = "run.json"
-STAGE_RECORDS = "stages"
-GPTQ_LOG = "quant_log.csv"
-MODEL_CARD = "README.md"
+from qlora_requant.eval.compare import RELEASE_MODEL, change, compare_to_baseline, judge_gates
+from qlora_requant.eval.model_card import render_model_card
+from qlora_requant.eval.report import SCHEMA_VERSION, render_reports
+from qlora_requant.pipeline.files import write_atomically
+from qlora_requant.pipeline.layout import GPTQ_LOSS_LOG, MODEL_CARD, REPORT_FILES, RunLayout
+from qlora_requant.quant.errors import InputError
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -37,17 +31,15 @@ def read_json(path: Path, what: str) -> dict:
         raise InputError(f"{path}: not valid JSON ({exc}); re-run the stage that writes it") from None
 
 
-def stage_records(run_dir: Path) -> dict[str, dict]:
-    """Each completed stage's record, in pipeline order (merge before merge_original)."""
-    records = [json.loads(path.read_text()) for path in (run_dir / STAGE_RECORDS).glob("*.json")]
-    records = [record for record in records if "summary" in record]  # older records cannot be trusted
-    order = {record["stage"]: (STAGE_ORDER.index(record["stage"].split("_")[0]), record["stage"]) for record in records}
-    return {record["stage"]: record for record in sorted(records, key=lambda record: order[record["stage"]])}
+def stage_records(layout: RunLayout, planned: list[str]) -> dict[str, dict]:
+    """Each completed stage's record, in the order the run planned them (merge before merge_original)."""
+    records = {path.stem: read_json(path, "the stage's record") for path in layout.stage_records.glob("*.json")}
+    return {name: records[name] for name in planned if "summary" in records.get(name, {})}
 
 
 def gptq_losses(gptq_dir: Path) -> list[dict]:
     """gptqmodel's per-module GPTQ loss (quant_log.csv), or nothing if it wrote none."""
-    path = gptq_dir / GPTQ_LOG
+    path = gptq_dir / GPTQ_LOSS_LOG
     if not path.is_file():
         return []
     with path.open(newline="") as file:
@@ -55,11 +47,12 @@ def gptq_losses(gptq_dir: Path) -> list[dict]:
                 for row in csv.DictReader(file)]
 
 
-def build_report(run_dir: Path) -> tuple[dict, dict]:
+def build_report(layout: RunLayout) -> tuple[dict, dict]:
     """The report of a run directory, and the evaluation results it was computed from."""
-    run = read_json(run_dir / RUN_RECORD, "the run's record")
-    results = read_json(run_dir / EVALUATION_DIR / RESULTS, "the evaluation's results")
-    stages = stage_records(run_dir)
+    run_dir = layout.root
+    run = read_json(layout.run_record, "the run's record")
+    results = read_json(layout.results, "the evaluation's results")
+    stages = stage_records(layout, run.get("stages", []))
     unfinished = [name for name in ("merge", "requantize", "evaluate") if name not in stages]
     if unfinished:
         raise InputError(f"{run_dir}: the {unfinished[0]} stage has no completed record (the run was "
@@ -67,9 +60,9 @@ def build_report(run_dir: Path) -> tuple[dict, dict]:
     config, evaluation = run["config"], run["config"]["evaluation"]
     compared = compare_to_baseline(results["models"], evaluation["bootstrap_samples"], evaluation["seed"])
     merge = stages["merge"]["summary"]
-    artifacts = {name: str(run_dir / name) for name in results["models"] if (run_dir / name).is_dir()}
+    artifacts = {name: str(layout.model_dir(name)) for name in results["models"] if layout.model_dir(name).is_dir()}
     if "dequantize" in stages:
-        artifacts["dequantized"] = str(run_dir / "dequantized")
+        artifacts["dequantized"] = str(layout.dequantized)
     report = {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -81,7 +74,7 @@ def build_report(run_dir: Path) -> tuple[dict, dict]:
         "gate": judge_gates(compared, config["gate"]),
         "merge_base": config["merge"]["merge_base"],
         "requantize": stages["requantize"]["summary"],
-        "loss_sources": {"gptq_error": gptq_losses(run_dir / RELEASE_MODEL),
+        "loss_sources": {"gptq_error": gptq_losses(layout.model_dir(RELEASE_MODEL)),
                          "nf4_roundtrip_error": merge.get("base", {}).get("roundtrip_error", {}),
                          "merge_relative_change": merge["relative_change"]},
         "generations": results["generations"],
@@ -96,12 +89,12 @@ def build_report(run_dir: Path) -> tuple[dict, dict]:
     return report, results
 
 
-def write_reports(run_dir: Path) -> dict:
+def write_reports(layout: RunLayout) -> dict:
     """Build the report from the run directory and write every report file and the model card."""
-    report, results = build_report(run_dir)
-    for name, text in render_reports(report, results).items():
-        write_atomically(run_dir / name, text)
-    gptq_dir = run_dir / RELEASE_MODEL
+    report, results = build_report(layout)
+    for name, text in zip(REPORT_FILES, render_reports(report, results)):
+        write_atomically(layout.report_file(name), text)
+    gptq_dir = layout.model_dir(RELEASE_MODEL)
     base_model = report["config"]["base"].get("model_id") or Path(report["config"]["base"]["path"]).name
     write_atomically(gptq_dir / MODEL_CARD, render_model_card(report, base_model, gptq_dir.name))
     return report

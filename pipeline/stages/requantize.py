@@ -10,29 +10,30 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline.checkpoint import CheckpointReader
-from pipeline.config import RequantizeSection
-from quant.calibration import calibration_windows, token_stream
-from quant.gptq import GptqSettings, gptq_quantize
+from qlora_requant.pipeline.checkpoint import CheckpointReader
+from qlora_requant.pipeline.config import RequantizeSection
+from qlora_requant.pipeline.context import StageContext
+from qlora_requant.quant.calibration import calibration_windows, token_stream
+from qlora_requant.quant.gptq import GptqSettings, gptq_quantize
 
 log = logging.getLogger(__name__)
 
 
-def run_requantize(section: RequantizeSection, texts: list[str], merged_dir: Path, device: str, out_dir: Path,
-                   trust_remote_code: bool = False) -> dict:
-    """Quantize `merged_dir` with GPTQ into `out_dir`; return a summary for the report."""
+def run(context: StageContext, out: Path, *, requantize: RequantizeSection, merged: str) -> dict:
+    """Quantize the merged model named `merged` with GPTQ into `out`; return a summary for the report."""
     from transformers import AutoTokenizer
 
-    calibration = section.calibration
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=trust_remote_code)
-    windows = calibration_windows(token_stream(tokenizer, texts), calibration.n_samples, calibration.seq_len,
-                                  calibration.seed, where=calibration.describe())
+    section, calibration = requantize, requantize.calibration
+    merged_dir = context.layout.model_dir(merged)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=context.trust_remote_code)
+    windows = calibration_windows(token_stream(tokenizer, context.inputs.calibration_texts), calibration.n_samples,
+                                  calibration.seq_len, calibration.seed, where=calibration.describe())
     settings = GptqSettings(bits=section.bits, group_size=section.group_size, desc_act=section.desc_act,
                             sym=section.sym, damp_percent=section.damp_percent, batch_size=section.batch_size)
-    gptq_quantize(merged_dir, windows, settings, device, out_dir, log_dir=out_dir.parent / "logs",
-                  trust_remote_code=trust_remote_code)
+    gptq_quantize(merged_dir, windows, settings, context.device, out, log_dir=context.layout.gptq_logs,
+                  trust_remote_code=context.trust_remote_code)
     for name in ("config.json", "quantize_config.json"):
-        _drop_run_specific_keys(out_dir / name)
+        _drop_run_specific_keys(out / name)
     log.info("requantize: GPTQ %d-bit g%d on %d windows of %d tokens", section.bits, section.group_size,
              len(windows), calibration.seq_len)
     return {"bits": section.bits, "group_size": section.group_size, "desc_act": section.desc_act,

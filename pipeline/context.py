@@ -1,0 +1,35 @@
+"""What every stage is called with, besides its own settings: one shape for all stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from qlora_requant.pipeline.layout import RunLayout
+
+if TYPE_CHECKING:
+    from qlora_requant.pipeline.stages.dequantize import DequantizedBase
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the preflight checks read and the stages reuse: nothing is read twice."""
+
+    base: DequantizedBase  # the base as the adapter saw it in training, served tensor by tensor
+    calibration_texts: list[str] = field(repr=False)
+    eval_texts: list[str] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """A stage's surroundings: where it runs, the run directory, the checked inputs, the safety flags.
+
+    A stage is `run(context, out, **settings)`: it writes into `out` (a temporary folder that is
+    renamed into place when the stage completes) and returns a summary for the report.
+    """
+
+    device: str  # cpu | cuda
+    layout: RunLayout
+    inputs: Inputs
+    allow_pickle: bool = False  # read .bin checkpoints and adapters with torch's weights-only unpickler
+    trust_remote_code: bool = False  # run a tokenizer's own Python code

@@ -1,0 +1,98 @@
+"""Every path in a run directory, named in one place.
+
+    RUN_DIR/
+      run.json              the resolved config, device, library versions and planned stages of the last run
+      run.log               what every run did (appended), library output included
+      .lock                 held by the run using the directory (see lock.py)
+      stages/<stage>.json   each completed stage's record (manifest, summary, output hashes)
+      dequantized/          with base.save_dequantized: the base as the adapter saw it
+      merged/ gptq/         the merged 16-bit and the GPTQ checkpoints (merged_<base>/, gptq_<base>/ for
+                            the other merge base); a GPTQ folder also holds README.md (the model card)
+                            and quant_log.csv (gptqmodel's per-module loss log)
+      evaluation/results.json   per model and window: the scores the report is computed from
+      logs/                 gptqmodel's own log files
+      report.json report.md report.html
+      .<folder>.partial/ .<folder>.old/   a stage's output while it is written or replaced
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# Files that are not a checkpoint's content: the report writes the model card after the evaluation
+# read the folder, and gptqmodel's log holds timings that differ between identical runs.
+MODEL_CARD = "README.md"
+GPTQ_LOSS_LOG = "quant_log.csv"
+NOT_CONTENT = (MODEL_CARD, GPTQ_LOSS_LOG)
+
+RESULTS = "results.json"  # in the evaluation folder
+BASELINE_REFERENCE = ".baseline_logprobs.npy"  # in the evaluation's temporary folder, deleted with it
+REPORT_FILES = ("report.json", "report.md", "report.html")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of one run directory."""
+
+    root: Path
+
+    @property
+    def run_record(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "run.log"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def stage_records(self) -> Path:
+        return self.root / "stages"
+
+    def stage_record(self, stage: str) -> Path:
+        return self.stage_records / f"{stage}.json"
+
+    @property
+    def dequantized(self) -> Path:
+        return self.root / "dequantized"
+
+    def model_dir(self, model: str) -> Path:
+        """The checkpoint folder of a scored model: merged, gptq, merged_original, gptq_original."""
+        return self.root / model
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation"
+
+    @property
+    def results(self) -> Path:
+        return self.evaluation / RESULTS
+
+    @property
+    def gptq_logs(self) -> Path:
+        return self.root / "logs"
+
+    def report_file(self, name: str) -> Path:
+        return self.root / name
+
+    def partial(self, output: Path) -> Path:
+        """Where a stage writes `output` until it is complete."""
+        return self.root / f".{output.name}.partial"
+
+    def leftovers(self, outputs: list[Path]) -> list[Path]:
+        """What an interrupted run may have left of `outputs` (stage folders, records, reports): their
+        temporary and replaced copies, and nothing else."""
+        names = [*outputs, self.run_record, *(self.report_file(name) for name in REPORT_FILES)]
+        candidates = [path.with_name(f".{path.name}.{state}") for path in names for state in ("partial", "old")]
+        if self.stage_records.is_dir():
+            candidates += self.stage_records.glob(".*.json.partial")
+        return [path for path in candidates if path.exists() or path.is_symlink()]
+
+    def relative(self, path: Path) -> str:
+        """How records name a path: relative to the run directory when inside it (so that a moved run
+        directory keeps its records), else absolute."""
+        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)

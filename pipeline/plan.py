@@ -1,0 +1,150 @@
+"""What a config asks for: the run's stages, in order, as a pure function of the config.
+
+Each stage kind has one builder here and one module in pipeline/stages/ with `run(context, out,
+**arguments)`. A builder names the stage's output folder, the config it depends on (its settings:
+a change re-runs it), the files it reads (a change of their bytes re-runs it) and how much disk it
+needs. Adding a kind of stage: write its module, add its kind to STAGE_KINDS and a builder, and
+call the builder from `plan`. Builders import their stage module when called: stage modules bring
+torch and the model libraries, which a plan (and `qlora-requant --help`) does not need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from qlora_requant.pipeline.checkpoint import dtype_of
+from qlora_requant.pipeline.config import RunConfig
+from qlora_requant.pipeline.context import StageContext
+from qlora_requant.pipeline.layout import RunLayout
+
+# The kinds of stage, in the order they run; `--force KIND` re-runs every stage of a kind.
+STAGE_KINDS = ("dequantize", "merge", "requantize", "evaluate")
+
+
+def _no_disk(context: StageContext) -> int:
+    return 0
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run: its name, what it depends on and produces, and the work itself."""
+
+    name: str  # its record's name: merge, merge_original, ...
+    kind: str  # one of STAGE_KINDS
+    output: Path  # the folder it publishes in the run directory
+    settings: dict[str, Any]  # the config it depends on, as JSON
+    inputs: tuple[Path, ...]  # files and folders it reads
+    work: Callable[[StageContext, Path], dict]  # writes into a temporary folder; returns a summary
+    needed_bytes: Callable[[StageContext], int] = field(default=_no_disk, compare=False)
+
+
+def plan(config: RunConfig) -> list[Stage]:
+    """The stages `config` asks for, in order: the dequantized base if it is to be saved; merge and
+    requantize once per merge base; the evaluation of every model they made."""
+    layout = RunLayout(config.output_dir)
+    stages = [dequantize_stage(config, layout)] if config.base.save_dequantized else []
+    models = []
+    for merge_base in config.merge.merge_bases():
+        suffix = "" if merge_base == config.merge.merge_base else f"_{merge_base}"
+        merged, gptq = f"merged{suffix}", f"gptq{suffix}"
+        stages += [
+            merge_stage(config, layout, merge_base, name=f"merge{suffix}", model=merged),
+            requantize_stage(config, layout, name=f"requantize{suffix}", merged=merged, model=gptq),
+        ]
+        models += [merged, gptq]
+    stages.append(evaluate_stage(config, layout, models=models))
+    return stages
+
+
+def dequantize_stage(config: RunConfig, layout: RunLayout) -> Stage:
+    from qlora_requant.pipeline.stages import dequantize
+
+    return Stage(
+        name="dequantize",
+        kind="dequantize",
+        output=layout.dequantized,
+        settings=_json(base=config.base, max_shard_size=config.max_shard_size),
+        inputs=(config.base.path,),
+        work=partial(dequantize.run, max_shard_size=config.max_shard_size),
+        needed_bytes=partial(_base_bytes, dtype=None),
+    )
+
+
+def merge_stage(config: RunConfig, layout: RunLayout, merge_base: str, *, name: str, model: str) -> Stage:
+    from qlora_requant.pipeline.stages import merge
+
+    arguments = dict(adapter=config.adapter, dtype=config.merge.dtype, merge_base=merge_base,
+                     max_shard_size=config.max_shard_size)
+    return Stage(
+        name=name,
+        kind="merge",
+        output=layout.model_dir(model),
+        settings=_json(base=config.base, **arguments),
+        inputs=(config.base.path, *(path for _, path in config.adapter.keyed_paths())),
+        work=partial(merge.run, **arguments),
+        needed_bytes=partial(_base_bytes, dtype=config.merge.dtype),
+    )
+
+
+def requantize_stage(config: RunConfig, layout: RunLayout, *, name: str, merged: str, model: str) -> Stage:
+    from qlora_requant.pipeline.stages import requantize
+
+    calibration = config.requantize.calibration.path
+    return Stage(
+        name=name,
+        kind="requantize",
+        output=layout.model_dir(model),
+        settings=_json(requantize=config.requantize),
+        inputs=(layout.model_dir(merged), *([calibration] if calibration else [])),
+        work=partial(requantize.run, requantize=config.requantize, merged=merged),
+        needed_bytes=partial(_gptq_bytes, merged_dir=layout.model_dir(merged), bits=config.requantize.bits),
+    )
+
+
+def evaluate_stage(config: RunConfig, layout: RunLayout, *, models: list[str]) -> Stage:
+    from qlora_requant.pipeline.stages import evaluate
+
+    arguments = dict(evaluation=config.evaluation, adapter=config.adapter, models=models)
+    eval_text = config.evaluation.text.path
+    return Stage(
+        name="evaluate",
+        kind="evaluate",
+        output=layout.evaluation,
+        settings=_json(base=config.base, **arguments),
+        inputs=(
+            config.base.path,
+            *(path for _, path in config.adapter.keyed_paths()),
+            *(layout.model_dir(model) for model in models),
+            *([eval_text] if eval_text else []),
+        ),
+        work=partial(evaluate.run, **arguments),
+    )
+
+
+def _base_bytes(context: StageContext, dtype: str | None) -> int:
+    """Bytes of the base's tensors written in `dtype` (default: the base's load dtype)."""
+    base = context.inputs.base
+    size = dtype_of(dtype).itemsize if dtype else base.dtype.itemsize
+    return sum(base.shape(key).numel() * size for key in base.keys())
+
+
+def _gptq_bytes(context: StageContext, merged_dir: Path, bits: int) -> int:
+    from qlora_requant.pipeline.stages.requantize import estimate_gptq_bytes
+
+    return estimate_gptq_bytes(merged_dir, bits)
+
+
+def _json(**values: Any) -> dict[str, Any]:
+    """Settings as recorded in a stage's manifest: config sections as JSON, without the keys that
+    change no stage output (a section's `not_settings`)."""
+    return {
+        key: value.model_dump(mode="json", exclude=set(getattr(value, "not_settings", ()))) if isinstance(
+            value, BaseModel) else value
+        for key, value in values.items()
+    }
