@@ -19,6 +19,8 @@ demo: $(VENV)/.installed
 	$(BIN)/qlora-requant demo
 
 test: $(VENV)/.installed browser
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 # Headless Chromium renders report.html in one test. Installed from Debian's packages when missing

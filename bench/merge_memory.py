@@ -29,8 +29,14 @@ import torch
 from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[1]
-LLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_attention_heads=16,
-             num_key_value_heads=16, tie_word_embeddings=False)
+LLAMA = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    tie_word_embeddings=False,
+)
 RANK = 64
 SHARD_BYTES = 500 * 10**6
 
@@ -58,7 +64,7 @@ def make_checkpoint(out_dir: Path, layers: int) -> dict:
         shards.append({})
 
     for name, shape in shapes.items():
-        tensor = (torch.ones(shape) if "norm" in name else torch.randn(shape, generator=generator) * 0.02)
+        tensor = torch.ones(shape) if "norm" in name else torch.randn(shape, generator=generator) * 0.02
         tensor = tensor.to(torch.bfloat16)
         nbytes = tensor.numel() * 2
         if shards[-1] and sum(t.numel() * 2 for t in shards[-1].values()) + nbytes > SHARD_BYTES:
@@ -67,8 +73,9 @@ def make_checkpoint(out_dir: Path, layers: int) -> dict:
         sizes["largest_tensor_bytes"] = max(sizes["largest_tensor_bytes"], nbytes)
         sizes["total_bytes"] += nbytes
     flush()
-    (base / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": sizes["total_bytes"]}, "weight_map": weight_map}))
+    (base / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": sizes["total_bytes"]}, "weight_map": weight_map})
+    )
     config.save_pretrained(base)
 
     lora = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -122,13 +129,16 @@ from pathlib import Path
 shutil.copytree(Path(sys.argv[1]) / "base", Path(sys.argv[2]) / "copy")
 """
 
-ROUTE_DURABLE_COPY = ROUTE_COPY + """
+ROUTE_DURABLE_COPY = (
+    ROUTE_COPY
+    + """
 import os
 for path in (Path(sys.argv[2]) / "copy").iterdir():
     descriptor = os.open(path, os.O_RDONLY)
     os.fsync(descriptor)
     os.close(descriptor)
 """
+)
 
 
 REPORT_PEAK = """
@@ -140,8 +150,13 @@ print("VmHWM_kB", re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read(
 def measure(script: str, *args: str) -> dict:
     """Run `script` in a fresh Python process; its wall time and peak RSS."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", script + REPORT_PEAK, *args], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(
+        [sys.executable, "-c", script + REPORT_PEAK, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"route failed with exit status {done.returncode}:\n{done.stderr[-3000:]}")
@@ -166,26 +181,36 @@ def main() -> None:
     from qlora_requant.pipeline.config import parse_size
 
     sizes = make_checkpoint(args.work_dir, args.layers)
-    print(f"checkpoint: {sizes['total_bytes'] / 1e9:.2f} GB in {sizes['shards']} shards, largest tensor "
-          f"{sizes['largest_tensor_bytes'] / 1e6:.0f} MB, rank-{RANK} adapter {sizes['adapter_bytes'] / 1e6:.0f} MB")
+    print(
+        f"checkpoint: {sizes['total_bytes'] / 1e9:.2f} GB in {sizes['shards']} shards, largest tensor "
+        f"{sizes['largest_tensor_bytes'] / 1e6:.0f} MB, rank-{RANK} adapter {sizes['adapter_bytes'] / 1e6:.0f} MB"
+    )
     warm_page_cache(args.work_dir)
     results = {}
-    for name, script, extra in (("(a) qlora-requant dequantize+merge", ROUTE_TOOL, [str(parse_size(args.max_shard_size))]),
-                                ("(b) load_in_4bit+dequantize+PEFT merge", ROUTE_WHOLE_MODEL, []),
-                                ("(c) plain copy (I/O floor)", ROUTE_COPY, []),
-                                ("(d) copy + fsync (durable I/O floor)", ROUTE_DURABLE_COPY, [])):
+    for name, script, extra in (
+        ("(a) qlora-requant dequantize+merge", ROUTE_TOOL, [str(parse_size(args.max_shard_size))]),
+        ("(b) load_in_4bit+dequantize+PEFT merge", ROUTE_WHOLE_MODEL, []),
+        ("(c) plain copy (I/O floor)", ROUTE_COPY, []),
+        ("(d) copy + fsync (durable I/O floor)", ROUTE_DURABLE_COPY, []),
+    ):
         out = args.work_dir / "out"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
         results[name] = measure(script, str(args.work_dir), str(out), *extra)
         shutil.rmtree(out, ignore_errors=True)
-        print(f"{name:42s} {results[name]['seconds']:8.1f} s {results[name]['peak_rss_mb']:9.0f} MB peak RSS", flush=True)
+        print(
+            f"{name:42s} {results[name]['seconds']:8.1f} s {results[name]['peak_rss_mb']:9.0f} MB peak RSS", flush=True
+        )
     a, b, c, d = results.values()
     largest_mb = sizes["largest_tensor_bytes"] / 2**20
-    print(f"\npeak RSS a/b = {a['peak_rss_mb'] / b['peak_rss_mb']:.2f} (target <= 0.25); "
-          f"a - largest tensor = {a['peak_rss_mb'] - largest_mb:.0f} MB (target < 1024)")
-    print(f"wall time a/c = {a['seconds'] / c['seconds']:.2f} (target <= 1.5); a/b = {a['seconds'] / b['seconds']:.2f} "
-          f"(target < 1); a/d = {a['seconds'] / d['seconds']:.2f}")
+    print(
+        f"\npeak RSS a/b = {a['peak_rss_mb'] / b['peak_rss_mb']:.2f} (target <= 0.25); "
+        f"a - largest tensor = {a['peak_rss_mb'] - largest_mb:.0f} MB (target < 1024)"
+    )
+    print(
+        f"wall time a/c = {a['seconds'] / c['seconds']:.2f} (target <= 1.5); a/b = {a['seconds'] / b['seconds']:.2f} "
+        f"(target < 1); a/d = {a['seconds'] / d['seconds']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -36,11 +36,17 @@ def compare_to_baseline(models: dict[str, dict], bootstrap_samples: int, seed: i
         tokens = sum(result["window_tokens"])
         ppl = perplexity(result["window_nll"], result["window_tokens"])
         delta = change(ppl, perplexity(reference["window_nll"], reference["window_tokens"]))
-        row = {"ppl": ppl, "tokens": tokens, "windows": len(result["window_nll"]),
-               "delta_ppl": delta["abs"], "delta_pct": delta["pct"]}
+        row = {
+            "ppl": ppl,
+            "tokens": tokens,
+            "windows": len(result["window_nll"]),
+            "delta_ppl": delta["abs"],
+            "delta_pct": delta["pct"],
+        }
         if name != BASELINE:
-            row["delta_pct_ci95"] = bootstrap_ppl_change(result["window_nll"], reference["window_nll"],
-                                                         result["window_tokens"], bootstrap_samples, seed)
+            row["delta_pct_ci95"] = bootstrap_ppl_change(
+                result["window_nll"], reference["window_nll"], result["window_tokens"], bootstrap_samples, seed
+            )
             row["kl"] = sum(result["window_kl"]) / tokens
             row["top1_agreement"] = sum(result["window_top1"]) / tokens
         compared[name] = row
@@ -57,24 +63,59 @@ def judge_gates(compared: dict[str, dict], gate: dict) -> dict:
     checks = []
     if gate.get("max_ppl_increase_pct") is not None:
         limit, (low, high) = gate["max_ppl_increase_pct"], row["delta_pct_ci95"]
-        checks.append(_check("max_ppl_increase_pct", high, limit, high <= limit,
-                             f"GPTQ PPL change {row['delta_pct']:+.2f}% (95% CI {low:+.2f}%..{high:+.2f}%): "
-                             f"upper bound {high:+.2f}%", f"{limit:.2f}%", f"{high - limit:.2f} percentage points"))
+        checks.append(
+            _check(
+                "max_ppl_increase_pct",
+                high,
+                limit,
+                high <= limit,
+                f"GPTQ PPL change {row['delta_pct']:+.2f}% (95% CI {low:+.2f}%..{high:+.2f}%): "
+                f"upper bound {high:+.2f}%",
+                f"{limit:.2f}%",
+                f"{high - limit:.2f} percentage points",
+            )
+        )
     if gate.get("max_kl") is not None:
         limit = gate["max_kl"]
-        checks.append(_check("max_kl", row["kl"], limit, row["kl"] <= limit,
-                             f"GPTQ mean token KL {row['kl']:#.3g} nats", f"{limit:.3g}",
-                             f"{row['kl'] - limit:.3g} nats"))
+        checks.append(
+            _check(
+                "max_kl",
+                row["kl"],
+                limit,
+                row["kl"] <= limit,
+                f"GPTQ mean token KL {row['kl']:#.3g} nats",
+                f"{limit:.3g}",
+                f"{row['kl'] - limit:.3g} nats",
+            )
+        )
     if gate.get("min_top1_agreement") is not None:
         limit = gate["min_top1_agreement"]
-        checks.append(_check("min_top1_agreement", row["top1_agreement"], limit, row["top1_agreement"] >= limit,
-                             f"GPTQ top-1 agreement {row['top1_agreement']:.2%}", f"{limit:.2%}",
-                             f"{limit - row['top1_agreement']:.2%}"))
+        checks.append(
+            _check(
+                "min_top1_agreement",
+                row["top1_agreement"],
+                limit,
+                row["top1_agreement"] >= limit,
+                f"GPTQ top-1 agreement {row['top1_agreement']:.2%}",
+                f"{limit:.2%}",
+                f"{limit - row['top1_agreement']:.2%}",
+            )
+        )
     failed = [c for c in checks if not c["passed"]]
-    message = ("; ".join(c["message"] for c in failed) if failed
-               else "; ".join(c["message"] for c in checks) if checks else "no gate configured")
-    return {"enabled": bool(checks), "passed": not failed, "checks": checks, "failed": [c["name"] for c in failed],
-            "message": message}
+    message = (
+        "; ".join(c["message"] for c in failed)
+        if failed
+        else "; ".join(c["message"] for c in checks)
+        if checks
+        else "no gate configured"
+    )
+    return {
+        "enabled": bool(checks),
+        "passed": not failed,
+        "checks": checks,
+        "failed": [c["name"] for c in failed],
+        "message": message,
+    }
 
 
 def _check(name: str, value: float, limit: float, passed: bool, what: str, shown_limit: str, by: str) -> dict:

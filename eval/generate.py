@@ -13,7 +13,12 @@ def greedy_continuations(model, tokenizer, prompts: list[str], max_new_tokens: i
     outputs = []
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-        generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                   max_new_tokens=max_new_tokens, pad_token_id=pad_id)
-        outputs.append(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
+        generated = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id,
+        )
+        outputs.append(tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True))
     return outputs

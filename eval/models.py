@@ -11,8 +11,14 @@ def device_map(device: str) -> dict[str, str | int]:
     return {"": 0 if device == "cuda" else "cpu"}
 
 
-def load_separate_adapter(base_dir: Path, adapters: list[tuple[Path, float]], combination: str | None,
-                          quantization, dtype: torch.dtype, device: str):
+def load_separate_adapter(
+    base_dir: Path,
+    adapters: list[tuple[Path, float]],
+    combination: str | None,
+    quantization,
+    dtype: torch.dtype,
+    device: str,
+):
     """The model as trained: the base loaded in 4-bit by transformers + bitsandbytes, adapter unmerged (PEFT).
 
     Several `adapters` (path, weight) are combined with PEFT's add_weighted_adapter(combination).

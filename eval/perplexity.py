@@ -44,8 +44,14 @@ class Windows:
         return positions.unsqueeze(0) >= self.first_scored[rows].unsqueeze(1)
 
 
-def eval_windows(stream: torch.Tensor, seq_len: int, max_windows: int | None = None, stride: int | None = None,
-                 bos_id: int | None = None, where: str = "evaluation text") -> Windows:
+def eval_windows(
+    stream: torch.Tensor,
+    seq_len: int,
+    max_windows: int | None = None,
+    stride: int | None = None,
+    bos_id: int | None = None,
+    where: str = "evaluation text",
+) -> Windows:
     """Cut a token stream into windows of `seq_len` (non-overlapping, or sliding by `stride`).
 
     With `bos_id`, every window is BOS followed by seq_len - 1 text tokens, and every text token
@@ -53,11 +59,13 @@ def eval_windows(stream: torch.Tensor, seq_len: int, max_windows: int | None = N
     """
     content = seq_len - (bos_id is not None)
     if len(stream) < content:
-        raise InputError(f"{where}: {len(stream)} tokens, fewer than one window of evaluation.seq_len={seq_len}; "
-                         "give more text or lower evaluation.seq_len")
+        raise InputError(
+            f"{where}: {len(stream)} tokens, fewer than one window of evaluation.seq_len={seq_len}; "
+            "give more text or lower evaluation.seq_len"
+        )
     step = content if stride is None else stride
     starts = list(range(0, len(stream) - content + 1, step))[:max_windows]
-    rows = torch.stack([stream[start: start + content] for start in starts])
+    rows = torch.stack([stream[start : start + content] for start in starts])
     if bos_id is not None:
         rows = torch.cat([torch.full((len(rows), 1), bos_id, dtype=rows.dtype), rows], dim=1)
     first_scored = torch.zeros(len(rows), dtype=torch.long)
@@ -88,8 +96,13 @@ class ReferenceLogProbs:
 
 
 @torch.no_grad()
-def score_windows(model: torch.nn.Module, windows: Windows, batch_size: int,
-                  reference: ReferenceLogProbs | None = None, record: bool = False) -> dict[str, list[float]]:
+def score_windows(
+    model: torch.nn.Module,
+    windows: Windows,
+    batch_size: int,
+    reference: ReferenceLogProbs | None = None,
+    record: bool = False,
+) -> dict[str, list[float]]:
     """Per window: summed NLL of the scored tokens and, against `reference`, summed KL(reference ||
     model) and the count of tokens whose top-1 prediction agrees. With `record`, this model's
     log-probabilities are written into `reference` instead (it is the reference)."""

@@ -7,6 +7,8 @@ import io
 import matplotlib
 import numpy as np
 
+from qlora_requant.eval.schema import GptqLoss, ModelScores
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen before pyplot loads)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
@@ -19,15 +21,21 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def ppl_change_with_intervals(models: dict[str, dict], names: list[str]) -> bytes:
+def ppl_change_with_intervals(models: dict[str, ModelScores], names: list[str]) -> bytes:
     """The PPL change of each of `names` against the baseline, with its 95% bootstrap interval."""
     rows = [(name, models[name]) for name in names]
     figure, axis = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.2))
     for i, (name, row) in enumerate(rows):
-        low, high = row["delta_pct_ci95"]
-        axis.errorbar(row["delta_pct"], i, xerr=[[row["delta_pct"] - low], [high - row["delta_pct"]]], fmt="o",
-                      color="tab:red" if name.startswith("gptq") else "tab:blue", capsize=4)
-        axis.annotate(f"PPL {row['ppl']:.3f}", (high, i), xytext=(6, 0), textcoords="offset points", va="center")
+        low, high = row.delta_pct_ci95
+        axis.errorbar(
+            row.delta_pct,
+            i,
+            xerr=[[row.delta_pct - low], [high - row.delta_pct]],
+            fmt="o",
+            color="tab:red" if name.startswith("gptq") else "tab:blue",
+            capsize=4,
+        )
+        axis.annotate(f"PPL {row.ppl:.3f}", (high, i), xytext=(6, 0), textcoords="offset points", va="center")
     axis.axvline(0, color="gray", linewidth=1)
     axis.set_yticks(range(len(rows)), [name for name, _ in rows])
     axis.invert_yaxis()
@@ -40,8 +48,10 @@ def window_nll_differences(models: dict[str, dict], names: list[str]) -> bytes:
     """Distribution over windows of the mean token NLL difference, model minus baseline."""
     baseline = models["baseline"]
     reference = [n / t for n, t in zip(baseline["window_nll"], baseline["window_tokens"])]
-    differences = {name: [n / t - r for n, t, r in zip(models[name]["window_nll"], models[name]["window_tokens"],
-                                                       reference)] for name in names}
+    differences = {
+        name: [n / t - r for n, t, r in zip(models[name]["window_nll"], models[name]["window_tokens"], reference)]
+        for name in names
+    }
     values = [d for per_model in differences.values() for d in per_model]
     bins = np.linspace(min(values), max(values), 31) if max(values) > min(values) else 30
     figure, axis = plt.subplots(figsize=(7, 3.5))
@@ -55,11 +65,11 @@ def window_nll_differences(models: dict[str, dict], names: list[str]) -> bytes:
     return _png(figure)
 
 
-def gptq_error_by_layer(losses: list[dict]) -> bytes:
+def gptq_error_by_layer(losses: list[GptqLoss]) -> bytes:
     """gptqmodel's per-module GPTQ loss across layers, one line per module."""
     figure, axis = plt.subplots(figsize=(7, 3.5))
-    for module in dict.fromkeys(row["module"] for row in losses):
-        points = [(row["layer"], row["loss"]) for row in losses if row["module"] == module]
+    for module in dict.fromkeys(row.module for row in losses):
+        points = [(row.layer, row.loss) for row in losses if row.module == module]
         axis.plot(*zip(*points), marker="o", label=module)
     axis.set_yscale("log")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -1,32 +1,38 @@
 """The quality-loss report: report.json for scripts, report.md and report.html for people, a console table.
 
-Rendering only: pipeline/stages/report.py builds the report and writes the files.
+Rendering only: pipeline/stages/report.py builds the report (a `Report`, see schema.py) and writes the files.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import json
 
 from qlora_requant.eval import plots
 from qlora_requant.eval.compare import BASELINE, model_label
+from qlora_requant.eval.schema import ModelScores, Protocol, Report
 
-SCHEMA_VERSION = 2
 TOP = 5  # rows shown per "where the loss comes from" table
 
 
-def model_table(models: dict[str, dict]) -> list[list[str]]:
+def model_table(models: dict[str, ModelScores]) -> list[list[str]]:
     """Rows of the quality table: header first."""
     rows = [["model", "what it is", "PPL", "vs baseline (95% CI)", "KL (nats/token)", "top-1 agree"]]
     for name, row in models.items():
         if name == BASELINE:
-            rows.append([name, model_label(name), f"{row['ppl']:.3f}", "reference", "", ""])
+            rows.append([name, model_label(name), f"{row.ppl:.3f}", "reference", "", ""])
             continue
-        low, high = row["delta_pct_ci95"]
-        rows.append([name, model_label(name), f"{row['ppl']:.3f}",
-                     f"{row['delta_pct']:+.2f}% ({low:+.2f}%..{high:+.2f}%)", f"{row['kl']:#.3g}",
-                     f"{row['top1_agreement']:.2%}"])
+        low, high = row.delta_pct_ci95
+        rows.append(
+            [
+                name,
+                model_label(name),
+                f"{row.ppl:.3f}",
+                f"{row.delta_pct:+.2f}% ({low:+.2f}%..{high:+.2f}%)",
+                f"{row.kl:#.3g}",
+                f"{row.top1_agreement:.2%}",
+            ]
+        )
     return rows
 
 
@@ -44,69 +50,78 @@ def markdown_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def summary_lines(report: dict) -> list[str]:
+def summary_lines(report: Report) -> list[str]:
     """The headline findings in words, shared by the console, report.md and report.html."""
-    models, gate = report["models"], report["gate"]
+    models, gate, requantize = report.models, report.gate, report.requantize
     gptq = models["gptq"]
+    low, high = gptq.delta_pct_ci95
     lines = [
-        f"Adapter gain on the eval text: PPL {models['base_nf4']['ppl']:.3f} (NF4 base alone) -> "
-        f"{models['baseline']['ppl']:.3f} (with adapter), {report['adapter_ppl_change_pct']:+.2f}%.",
-        f"Merge: {models['merged']['delta_pct']:+.3f}% PPL against the separate adapter.",
-        f"Re-quantization: GPTQ {report['requantize']['bits']}-bit g{report['requantize']['group_size']} "
-        f"{gptq['delta_pct']:+.3f}% PPL (95% CI {gptq['delta_pct_ci95'][0]:+.3f}%..{gptq['delta_pct_ci95'][1]:+.3f}%), "
-        f"KL {gptq['kl']:#.3g} nats/token, top-1 agreement {gptq['top1_agreement']:.2%} against the separate "
+        f"Adapter gain on the eval text: PPL {models['base_nf4'].ppl:.3f} (NF4 base alone) -> "
+        f"{models['baseline'].ppl:.3f} (with adapter), {report.adapter_ppl_change_pct:+.2f}%.",
+        f"Merge: {models['merged'].delta_pct:+.3f}% PPL against the separate adapter.",
+        f"Re-quantization: GPTQ {requantize.bits}-bit g{requantize.group_size} "
+        f"{gptq.delta_pct:+.3f}% PPL (95% CI {low:+.3f}%..{high:+.3f}%), "
+        f"KL {gptq.kl:#.3g} nats/token, top-1 agreement {gptq.top1_agreement:.2%} against the separate "
         "adapter.",
     ]
-    if gate["enabled"]:
-        lines.append(f"Release gate: {'PASS' if gate['passed'] else 'FAIL'}: {gate['message']}.")
+    if gate.enabled:
+        lines.append(f"Release gate: {'PASS' if gate.passed else 'FAIL'}: {gate.message}.")
     else:
-        lines.append("Release gate: none configured (set gate.max_ppl_increase_pct, gate.max_kl or "
-                     "gate.min_top1_agreement).")
+        lines.append(
+            "Release gate: none configured (set gate.max_ppl_increase_pct, gate.max_kl or gate.min_top1_agreement)."
+        )
     return lines
 
 
-def protocol_text(protocol: dict) -> str:
+def protocol_text(protocol: Protocol) -> str:
     """How the models were scored, in one paragraph."""
-    if protocol["stride"]:
-        windows = (f"{protocol['windows']} sliding windows of {protocol['seq_len']} tokens every "
-                   f"{protocol['stride']} tokens (after the first window, only the {protocol['stride']} new tokens "
-                   "of each are scored)")
+    if protocol.stride:
+        windows = (
+            f"{protocol.windows} sliding windows of {protocol.seq_len} tokens every "
+            f"{protocol.stride} tokens (after the first window, only the {protocol.stride} new tokens "
+            "of each are scored)"
+        )
     else:
-        windows = f"{protocol['windows']} non-overlapping windows of {protocol['seq_len']} tokens"
-    bos = "a BOS token prepended to each window" if protocol["bos"] else "no BOS token"
-    return (f"All models scored on the same {windows} from `{protocol['text']}`, {bos}: {protocol['tokens']} "
-            f"scored tokens each. The baseline is the model as trained: the base loaded in 4-bit by bitsandbytes "
-            "with the training settings, the adapter applied unmerged by PEFT. KL is the mean over scored tokens "
-            "of KL(baseline || model); top-1 agreement is the share of tokens where both predict the same next "
-            f"token; the interval is a paired bootstrap over windows ({protocol['bootstrap_samples']} resamples, "
-            f"seed {protocol['seed']}).")
+        windows = f"{protocol.windows} non-overlapping windows of {protocol.seq_len} tokens"
+    bos = "a BOS token prepended to each window" if protocol.bos else "no BOS token"
+    return (
+        f"All models scored on the same {windows} from `{protocol.text}`, {bos}: {protocol.tokens} "
+        f"scored tokens each. The baseline is the model as trained: the base loaded in 4-bit by bitsandbytes "
+        "with the training settings, the adapter applied unmerged by PEFT. KL is the mean over scored tokens "
+        "of KL(baseline || model); top-1 agreement is the share of tokens where both predict the same next "
+        f"token; the interval is a paired bootstrap over windows ({protocol.bootstrap_samples} resamples, "
+        f"seed {protocol.seed})."
+    )
 
 
-def loss_source_tables(report: dict) -> list[tuple[str, list[list[str]]]]:
+def loss_source_tables(report: Report) -> list[tuple[str, list[list[str]]]]:
     """(title, rows) for where the loss comes from: GPTQ error, NF4 round trip, merge deltas."""
-    sources = report["loss_sources"]
+    sources = report.loss_sources
     tables = []
-    if sources["gptq_error"]:
-        worst = sorted(sources["gptq_error"], key=lambda row: -row["loss"])[:TOP]
-        tables.append(("Largest GPTQ errors (gptqmodel's per-module loss)",
-                       [["layer", "module", "loss"]] + [[str(r["layer"]), r["module"], f"{r['loss']:.3g}"]
-                                                        for r in worst]))
-    for key, title, column in (("nf4_roundtrip_error", "Largest NF4 round-trip errors of the base",
-                                "||W_nf4 - W|| / ||W||"),
-                               ("merge_relative_change", "Largest weight changes of the merge",
-                                "||W_merged - W|| / ||W||")):
-        if sources[key]:
-            worst = sorted(sources[key].items(), key=lambda item: -item[1])[:TOP]
+    if sources.gptq_error:
+        worst = sorted(sources.gptq_error, key=lambda row: -row.loss)[:TOP]
+        tables.append(
+            (
+                "Largest GPTQ errors (gptqmodel's per-module loss)",
+                [["layer", "module", "loss"]] + [[str(r.layer), r.module, f"{r.loss:.3g}"] for r in worst],
+            )
+        )
+    for errors, title, column in (
+        (sources.nf4_roundtrip_error, "Largest NF4 round-trip errors of the base", "||W_nf4 - W|| / ||W||"),
+        (sources.merge_relative_change, "Largest weight changes of the merge", "||W_merged - W|| / ||W||"),
+    ):
+        if errors:
+            worst = sorted(errors.items(), key=lambda item: -item[1])[:TOP]
             tables.append((title, [["weight", column]] + [[k, f"{v:.4f}"] for k, v in worst]))
     return tables
 
 
-def generation_rows(report: dict) -> list[list[str]]:
-    generations = report["generations"]
-    names = list(generations["outputs"])
+def generation_rows(report: Report) -> list[list[str]]:
+    generations = report.generations
+    names = list(generations.outputs)
     rows = [["prompt", *names]]
-    for i, prompt in enumerate(generations["prompts"]):
-        rows.append([prompt, *[generations["outputs"][name][i] for name in names]])
+    for i, prompt in enumerate(generations.prompts):
+        rows.append([prompt, *[generations.outputs[name][i] for name in names]])
     return rows
 
 
@@ -114,29 +129,68 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(report: dict) -> str:
-    parts = ["# qlora-requant quality report", "", *[f"- {line}" for line in summary_lines(report)], "",
-             "## Quality against the model as trained", "", protocol_text(report["protocol"]), "",
-             markdown_table(model_table(report["models"])), ""]
-    if report["gate"]["checks"]:
-        parts += ["## Release gates", "", markdown_table([["gate", "limit", "value", "result"]] + [
-            [c["name"], f"{c['limit']:g}", f"{c['value']:.5g}", "pass" if c["passed"] else "FAIL"]
-            for c in report["gate"]["checks"]]), ""]
+def quality_section(report: Report) -> list[str]:
+    """Markdown lines: the protocol and the quality table (report.md and the model card)."""
+    return [
+        "## Quality against the model as trained",
+        "",
+        protocol_text(report.protocol),
+        "",
+        markdown_table(model_table(report.models)),
+        "",
+    ]
+
+
+def render_markdown(report: Report) -> str:
+    parts = [
+        "# qlora-requant quality report",
+        "",
+        *[f"- {line}" for line in summary_lines(report)],
+        "",
+        *quality_section(report),
+    ]
+    if report.gate.checks:
+        parts += [
+            "## Release gates",
+            "",
+            markdown_table(
+                [["gate", "limit", "value", "result"]]
+                + [
+                    [c.name, f"{c.limit:g}", f"{c.value:.5g}", "pass" if c.passed else "FAIL"]
+                    for c in report.gate.checks
+                ]
+            ),
+            "",
+        ]
     parts += ["## Where the loss comes from", ""]
     for title, rows in loss_source_tables(report):
         parts += [f"### {title}", "", markdown_table(rows), ""]
-    if report["generations"]["prompts"]:
+    if report.generations.prompts:
         rows = [[_md_cell(cell) for cell in row] for row in generation_rows(report)]
         parts += ["## Greedy continuations", "", markdown_table(rows), ""]
-    parts += ["## Artifacts", "", *[f"- {name}: `{path}`" for name, path in report["artifacts"].items()], "",
-              "## Stages", "", markdown_table(stage_rows(report)), ""]
+    parts += [
+        "## Artifacts",
+        "",
+        *[f"- {name}: `{path}`" for name, path in report.artifacts.items()],
+        "",
+        "## Stages",
+        "",
+        markdown_table(stage_rows(report)),
+        "",
+    ]
     return "\n".join(parts)
 
 
-def stage_rows(report: dict) -> list[list[str]]:
+def stage_rows(report: Report) -> list[list[str]]:
     return [["stage", "seconds", "RSS at start (MB)", "peak RSS (MB)"]] + [
-        [name, f"{stage['seconds']:.1f}", f"{stage['rss_start_mb']:.0f}", f"{stage['peak_rss_mb']:.0f}"]
-        for name, stage in report["stages"].items()]
+        [
+            name,
+            f"{stage.seconds:.1f}",
+            "" if stage.rss_start_mb is None else f"{stage.rss_start_mb:.0f}",
+            f"{stage.peak_rss_mb:.0f}",
+        ]
+        for name, stage in report.stages.items()
+    ]
 
 
 def _html_table(rows: list[list[str]]) -> str:
@@ -145,42 +199,51 @@ def _html_table(rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def report_plots(report: dict, results: dict) -> dict[str, bytes]:
+def report_plots(report: Report, results: dict) -> dict[str, bytes]:
     """The report's plots by title; per-window data comes from the evaluation's results.json."""
-    compared = [name for name in report["models"] if name.startswith(("merged", "gptq"))]
-    figures = {"PPL change with 95% intervals": plots.ppl_change_with_intervals(report["models"], compared),
-               "Per-window NLL difference against the baseline": plots.window_nll_differences(results["models"],
-                                                                                              compared)}
-    if report["loss_sources"]["gptq_error"]:
-        figures["GPTQ error per layer"] = plots.gptq_error_by_layer(report["loss_sources"]["gptq_error"])
+    compared = [name for name in report.models if name.startswith(("merged", "gptq"))]
+    figures = {
+        "PPL change with 95% intervals": plots.ppl_change_with_intervals(report.models, compared),
+        "Per-window NLL difference against the baseline": plots.window_nll_differences(results["models"], compared),
+    }
+    if report.loss_sources.gptq_error:
+        figures["GPTQ error per layer"] = plots.gptq_error_by_layer(report.loss_sources.gptq_error)
     return figures
 
 
-def render_html(report: dict, figures: dict[str, bytes]) -> str:
+def render_html(report: Report, figures: dict[str, bytes]) -> str:
     """One self-contained page: tables, and the plots embedded as PNG data."""
-    gate = report["gate"]
-    verdict = "no gate" if not gate["enabled"] else "PASS" if gate["passed"] else "FAIL"
-    sections = [f"<h1>qlora-requant quality report: <span class='{verdict.split()[0].lower()}'>{verdict}</span></h1>",
-                "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in summary_lines(report)) + "</ul>",
-                "<h2>Quality against the model as trained</h2>", f"<p>{html.escape(protocol_text(report['protocol']))}</p>",
-                _html_table(model_table(report["models"]))]
+    gate = report.gate
+    verdict = "no gate" if not gate.enabled else "PASS" if gate.passed else "FAIL"
+    sections = [
+        f"<h1>qlora-requant quality report: <span class='{verdict.split()[0].lower()}'>{verdict}</span></h1>",
+        "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in summary_lines(report)) + "</ul>",
+        "<h2>Quality against the model as trained</h2>",
+        f"<p>{html.escape(protocol_text(report.protocol))}</p>",
+        _html_table(model_table(report.models)),
+    ]
     for title, png in figures.items():
         data = base64.b64encode(png).decode()
-        sections.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>")
+        sections.append(
+            f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
+        )
     sections.append("<h2>Where the loss comes from</h2>")
     for title, rows in loss_source_tables(report):
         sections += [f"<h3>{html.escape(title)}</h3>", _html_table(rows)]
-    if report["generations"]["prompts"]:
+    if report.generations.prompts:
         sections += ["<h2>Greedy continuations</h2>", _html_table(generation_rows(report))]
     sections += ["<h2>Stages</h2>", _html_table(stage_rows(report))]
-    style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;"
-             "text-align:left;vertical-align:top}.pass{color:#1a7f37}.fail{color:#c62828}img{max-width:100%}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>qlora-requant report</title>"
-            f"<style>{style}</style></head><body>{''.join(sections)}</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;max-width:70em;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;"
+        "text-align:left;vertical-align:top}.pass{color:#1a7f37}.fail{color:#c62828}img{max-width:100%}"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>qlora-requant report</title>"
+        f"<style>{style}</style></head><body>{''.join(sections)}</body></html>\n"
+    )
 
 
-def render_reports(report: dict, results: dict) -> tuple[str, str, str]:
+def render_reports(report: Report, results: dict) -> tuple[str, str, str]:
     """The text of report.json, report.md and report.html."""
-    return (json.dumps(report, indent=2) + "\n", render_markdown(report),
-            render_html(report, report_plots(report, results)))
+    return report.to_json(), render_markdown(report), render_html(report, report_plots(report, results))

@@ -10,8 +10,9 @@ def ppl_change_pct(nll: np.ndarray, reference_nll: np.ndarray, tokens: np.ndarra
     return 100.0 * np.expm1((nll.sum(-1) - reference_nll.sum(-1)) / tokens.sum(-1))
 
 
-def bootstrap_ppl_change(nll: list[float], reference_nll: list[float], tokens: list[int], samples: int,
-                         seed: int, confidence: float = 0.95) -> tuple[float, float]:
+def bootstrap_ppl_change(
+    nll: list[float], reference_nll: list[float], tokens: list[int], samples: int, seed: int, confidence: float = 0.95
+) -> tuple[float, float]:
     """Percentile interval of the PPL change over windows resampled with replacement.
 
     Resampling is paired: a resample draws the same windows for both models, so the interval

@@ -51,16 +51,23 @@ def shard_files(model_dir: Path, allow_pickle: bool = False) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise InputError(f"{index}: not a valid index (JSON with a weight_map); re-download or re-save it") from None
+            raise InputError(
+                f"{index}: not a valid index (JSON with a weight_map); re-download or re-save it"
+            ) from None
         shards = [model_dir / name for name in dict.fromkeys(weight_map.values())]
     elif (model_dir / SINGLE_SHARD).is_file():
         shards = [model_dir / SINGLE_SHARD]
     else:
         pickles = sorted(p.name for p in model_dir.glob("*.bin"))
-        hint = (f" (found {pickles[0]}: convert it to safetensors, or set allow_pickle: true if you trust it)"
-                if pickles else "")
-        raise InputError(f"{model_dir}: no {SINGLE_SHARD} or {INDEX}{hint}; give a Hugging Face checkpoint "
-                         "folder saved with safetensors")
+        hint = (
+            f" (found {pickles[0]}: convert it to safetensors, or set allow_pickle: true if you trust it)"
+            if pickles
+            else ""
+        )
+        raise InputError(
+            f"{model_dir}: no {SINGLE_SHARD} or {INDEX}{hint}; give a Hugging Face checkpoint "
+            "folder saved with safetensors"
+        )
     for shard in shards:
         if not shard.is_file():
             raise InputError(f"{shard}: listed in {index.name} but missing")
@@ -116,8 +123,10 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises many types for a bad or unsafe pickle
-        raise InputError(f"{path}: cannot be read as a weights-only PyTorch pickle ({type(exc).__name__}: "
-                         f"{exc}); convert it to safetensors") from None
+        raise InputError(
+            f"{path}: cannot be read as a weights-only PyTorch pickle ({type(exc).__name__}: "
+            f"{exc}); convert it to safetensors"
+        ) from None
 
 
 def release_freed_memory() -> None:
@@ -174,7 +183,9 @@ class ShardWriter:
         if self._buffer:
             self._flush()
         count = len(self._shard_keys)
-        names = [SINGLE_SHARD] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        names = (
+            [SINGLE_SHARD] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
         weight_map = {}
         for i, (name, keys) in enumerate(zip(names, self._shard_keys)):
             (self.out_dir / f"shard-{i}.partial").rename(self.out_dir / name)
@@ -185,8 +196,13 @@ class ShardWriter:
         return len(weight_map)
 
 
-def rewrite_checkpoint(reader: TensorSource, out_dir: Path, transform: TensorTransform,
-                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, what: str = "rewrite") -> int:
+def rewrite_checkpoint(
+    reader: TensorSource,
+    out_dir: Path,
+    transform: TensorTransform,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    what: str = "rewrite",
+) -> int:
     """Write `transform(key, reader)` for every input tensor, one tensor at a time, into shards.
 
     `transform` returns the output tensors for one input key (none to drop it). Returns the

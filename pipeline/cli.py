@@ -10,9 +10,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qlora_requant.pipeline import console
 from qlora_requant.pipeline.plan import STAGE_KINDS
+
+if TYPE_CHECKING:
+    from qlora_requant.eval.schema import Report
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 1, 2, 3
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -23,15 +27,29 @@ DEMO_FIXTURE = REPO_ROOT / "runs" / "demo-fixture"
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-requant", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("run", "run every stage of a config, skipping those complete and unchanged"),
-                            ("validate", "check a config and exit")):
+    for name, help_text in (
+        ("run", "run every stage of a config, skipping those complete and unchanged"),
+        ("validate", "check a config and exit"),
+    ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("config", type=Path)
-        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                             help="override one config key (repeatable); the value is read as YAML")
+        command.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY.PATH=VALUE",
+            help="override one config key (repeatable); the value is read as YAML",
+        )
         if name == "run":
-            command.add_argument("--force", action="append", default=[], choices=STAGE_KINDS, metavar="STAGE",
-                                 help=f"re-run this stage even if complete (repeatable): {', '.join(STAGE_KINDS)}")
+            command.add_argument(
+                "--force",
+                action="append",
+                default=[],
+                choices=STAGE_KINDS,
+                metavar="STAGE",
+                help=f"re-run this stage even if complete (repeatable): {', '.join(STAGE_KINDS)}",
+            )
     report = commands.add_parser("report", help="rebuild a run's report files from its saved results")
     report.add_argument("run_dir", type=Path)
     demo = commands.add_parser("demo", help="build the offline demo fixture if needed and run configs/demo.yaml")
@@ -72,15 +90,23 @@ def _validate(config_path: Path, overrides: list[str]) -> int:
 
 def _network_policy(config) -> None:
     """Offline unless the config names a hub dataset: the hub is never asked for anything else."""
-    hub = [f"{key}.dataset" for key, source in (("requantize.calibration", config.requantize.calibration),
-                                                  ("evaluation.text", config.evaluation.text)) if source.dataset]
+    hub = [
+        f"{key}.dataset"
+        for key, source in (
+            ("requantize.calibration", config.requantize.calibration),
+            ("evaluation.text", config.evaluation.text),
+        )
+        if source.dataset
+    ]
     if not hub:
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
     elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
         from qlora_requant.quant.errors import InputError
 
-        raise InputError(f"{hub[0]} names a hub dataset, but HF_HUB_OFFLINE is set; unset it to download, or "
-                         "give a local file as path")
+        raise InputError(
+            f"{hub[0]} names a hub dataset, but HF_HUB_OFFLINE is set; unset it to download, or "
+            "give a local file as path"
+        )
 
 
 def _report(run_dir: Path) -> int:
@@ -102,16 +128,16 @@ def _report(run_dir: Path) -> int:
         lock.release()
 
 
-def _print_report(report: dict, run_dir: Path) -> int:
+def _print_report(report: Report, run_dir: Path) -> int:
     """The quality table and findings on the console; the exit code the release gate calls for."""
     from qlora_requant.eval.report import console_table, model_table, summary_lines
 
     print()
-    print(console_table(model_table(report["models"])))
+    print(console_table(model_table(report.models)))
     print()
     print("\n".join(summary_lines(report)))
     print(f"\nReport: {run_dir / 'report.md'} and {run_dir / 'report.html'}")
-    return EXIT_OK if report["gate"]["passed"] else EXIT_GATE_FAILED
+    return EXIT_OK if report.gate.passed else EXIT_GATE_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,16 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from qlora_requant.pipeline.checkpoint import DEFAULT_MAX_SHARD_BYTES
 from qlora_requant.quant.errors import InputError
@@ -60,9 +68,11 @@ class BnbSection(Section):
     @classmethod
     def _transformers_blocksize(cls, value: int) -> int:
         if value != TRANSFORMERS_BNB_BLOCKSIZE:
-            raise ValueError(f"transformers always loads 4-bit weights with bitsandbytes' blocksize "
-                             f"{TRANSFORMERS_BNB_BLOCKSIZE}, so the adapter was trained against that; set "
-                             f"{TRANSFORMERS_BNB_BLOCKSIZE}")
+            raise ValueError(
+                f"transformers always loads 4-bit weights with bitsandbytes' blocksize "
+                f"{TRANSFORMERS_BNB_BLOCKSIZE}, so the adapter was trained against that; set "
+                f"{TRANSFORMERS_BNB_BLOCKSIZE}"
+            )
         return value
 
 
@@ -91,7 +101,7 @@ class AdapterSection(Section):
     adapters: list[WeightedAdapter] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _one_form(self) -> "AdapterSection":
+    def _one_form(self) -> AdapterSection:
         if self.path is not None and (self.adapters or self.combination):
             raise ValueError("set either 'path' (one adapter) or 'combination' with 'adapters', not both")
         if self.path is None and (len(self.adapters) < 2 or self.combination is None):
@@ -151,7 +161,7 @@ class TextSource(Section):
         return load_texts(self.path, self.text_field, self.dataset, self.dataset_config, self.split)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "TextSource":
+    def _one_source(self) -> TextSource:
         if (self.path is None) == (self.dataset is None):
             raise ValueError("set exactly one of 'path' (a local file) or 'dataset' (a hub dataset id)")
         return self
@@ -173,6 +183,7 @@ class RequantizeSection(Section):
         if value == 0:
             raise ValueError("must be -1 (one group per output channel) or a positive size such as 128")
         return value
+
     desc_act: bool = False
     sym: bool = True
     damp_percent: float = Field(0.01, gt=0, lt=1)
@@ -203,10 +214,12 @@ class EvaluationSection(Section):
     max_new_tokens: int = Field(32, gt=0)
 
     @model_validator(mode="after")
-    def _stride_below_window(self) -> "EvaluationSection":
+    def _stride_below_window(self) -> EvaluationSection:
         if self.stride is not None and self.stride > self.seq_len - 1 - self.bos:
-            raise ValueError(f"stride {self.stride} must be at most seq_len - 1{' - 1 (BOS)' if self.bos else ''}; "
-                             "use stride: null for non-overlapping windows")
+            raise ValueError(
+                f"stride {self.stride} must be at most seq_len - 1{' - 1 (BOS)' if self.bos else ''}; "
+                "use stride: null for non-overlapping windows"
+            )
         return self
 
 

@@ -34,11 +34,17 @@ RECIPE = "recipe.json"
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
 VOCAB_SIZE = 1024
 SEQ_LEN = 128
-BASE_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=512,
-                  # Tied embeddings leave the next-token mapping to the decoder layers, so their
-                  # Linear weights (the ones GPTQ quantizes) carry the model.
-                  tie_word_embeddings=True)
+BASE_MODEL = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    # Tied embeddings leave the next-token mapping to the decoder layers, so their
+    # Linear weights (the ones GPTQ quantizes) carry the model.
+    tie_word_embeddings=True,
+)
 # Trained to loss ~3.0 on source lines: far enough that 4-bit noise in its weights shows in PPL.
 BASE_TRAINING = dict(steps=900, batch_size=16, lr=4e-3)
 ADAPTER_TRAINING = dict(steps=120, batch_size=8, lr=2e-3, r=16, alpha=32)
@@ -95,8 +101,9 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     bpe.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
@@ -110,7 +117,7 @@ def _train(model, stream: torch.Tensor, steps: int, batch_size: int, lr: float, 
     model.train()
     for step in range(steps):
         starts = torch.randint(0, len(stream) - SEQ_LEN, (batch_size,), generator=generator)
-        batch = torch.stack([stream[s:s + SEQ_LEN] for s in starts.tolist()])
+        batch = torch.stack([stream[s : s + SEQ_LEN] for s in starts.tolist()])
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -127,8 +134,13 @@ def train_base(tokenizer, lines: list[str], out_dir: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(SEED)
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **BASE_MODEL)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **BASE_MODEL,
+    )
     model = LlamaForCausalLM(config)
     _train(model, token_stream(tokenizer, lines), what="base", **BASE_TRAINING)
     model.to(torch.bfloat16).save_pretrained(out_dir)
@@ -141,14 +153,23 @@ def train_adapter(base_dir: Path, tokenizer, docstrings: list[str], out_dir: Pat
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     torch.manual_seed(SEED)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=BNB_SETTINGS["quant_type"],
-                                      bnb_4bit_use_double_quant=BNB_SETTINGS["double_quant"],
-                                      bnb_4bit_compute_dtype=BNB_SETTINGS["compute_dtype"])
-    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization,
-                                                 dtype=TRAINING_DTYPE, device_map="cpu")
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=BNB_SETTINGS["quant_type"],
+        bnb_4bit_use_double_quant=BNB_SETTINGS["double_quant"],
+        bnb_4bit_compute_dtype=BNB_SETTINGS["compute_dtype"],
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=quantization, dtype=TRAINING_DTYPE, device_map="cpu"
+    )
     settings = dict(ADAPTER_TRAINING)
-    lora = LoraConfig(r=settings.pop("r"), lora_alpha=settings.pop("alpha"), target_modules="all-linear",
-                      lora_dropout=0.0, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=settings.pop("r"),
+        lora_alpha=settings.pop("alpha"),
+        target_modules="all-linear",
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, lora)
     _train(model, token_stream(tokenizer, docstrings), what="adapter", **settings)
     model.save_pretrained(out_dir)
@@ -156,9 +177,17 @@ def train_adapter(base_dir: Path, tokenizer, docstrings: list[str], out_dir: Pat
 
 def fixture_recipe() -> dict:
     """Everything the fixture is built from; a cached fixture with another recipe is rebuilt."""
-    return {"vocab_size": VOCAB_SIZE, "seq_len": SEQ_LEN, "base_model": BASE_MODEL, "base_training": BASE_TRAINING,
-            "adapter_training": ADAPTER_TRAINING, "bnb": {k: str(v) for k, v in BNB_SETTINGS.items()},
-            "training_dtype": str(TRAINING_DTYPE), "seed": SEED, "python": sys.version.split()[0]}
+    return {
+        "vocab_size": VOCAB_SIZE,
+        "seq_len": SEQ_LEN,
+        "base_model": BASE_MODEL,
+        "base_training": BASE_TRAINING,
+        "adapter_training": ADAPTER_TRAINING,
+        "bnb": {k: str(v) for k, v in BNB_SETTINGS.items()},
+        "training_dtype": str(TRAINING_DTYPE),
+        "seed": SEED,
+        "python": sys.version.split()[0],
+    }
 
 
 def build_fixture(fixture_dir: Path) -> Path:
@@ -173,8 +202,7 @@ def build_fixture(fixture_dir: Path) -> Path:
     lines, docstrings = stdlib_corpus()
     random.Random(SEED).shuffle(lines)
     parts = split_docstrings(docstrings)
-    log.info("demo fixture: %d source lines, docstrings %s", len(lines),
-             {k: len(v) for k, v in parts.items()})
+    log.info("demo fixture: %d source lines, docstrings %s", len(lines), {k: len(v) for k, v in parts.items()})
     tokenizer = train_tokenizer(lines + parts["adapter"])
     train_base(tokenizer, lines, tmp / "base")
     train_adapter(tmp / "base", tokenizer, parts["adapter"], tmp / "adapter")

@@ -52,8 +52,11 @@ class StageExecutor:
         for path in stage.inputs:
             input_files.update(file_records(path, known, relative_to=self.layout.root))
         self.files.update(input_files)
-        manifest = {"settings": {**stage.settings, "device": context.device}, "versions": self.versions,
-                    "inputs": hashes(input_files)}
+        manifest = {
+            "settings": {**stage.settings, "device": context.device},
+            "versions": self.versions,
+            "inputs": hashes(input_files),
+        }
         reason = self.rerun_reason(stage, previous, manifest)
         if reason is None:
             console.info("stage %s: skipped, complete and unchanged (%s)", stage.name, stage.output)
@@ -73,11 +76,20 @@ class StageExecutor:
             shutil.rmtree(tmp, ignore_errors=True)
         outputs = file_records(stage.output, relative_to=self.layout.root)
         self.files.update(outputs)
-        record = {"stage": stage.name, "kind": stage.kind, "finished": time.time(), "measures": measured,
-                  "summary": summary, "manifest": manifest, "input_files": input_files, "outputs": outputs}
+        record = {
+            "stage": stage.name,
+            "kind": stage.kind,
+            "finished": time.time(),
+            "measures": measured,
+            "summary": summary,
+            "manifest": manifest,
+            "input_files": input_files,
+            "outputs": outputs,
+        }
         write_atomically(self.layout.stage_record(stage.name), json.dumps(record, indent=1) + "\n")
-        console.info("stage %s: done in %.1f s, peak RSS %.0f MB", stage.name, measured["seconds"],
-                     measured["peak_rss_mb"])
+        console.info(
+            "stage %s: done in %.1f s, peak RSS %.0f MB", stage.name, measured["seconds"], measured["peak_rss_mb"]
+        )
 
     def rerun_reason(self, stage: Stage, previous: dict | None, manifest: dict) -> str | None:
         """Why the stage must run, or None when its recorded result still stands."""
@@ -85,8 +97,11 @@ class StageExecutor:
             return f"--force {stage.kind}"
         if previous is None:
             return "not run before"
-        for part, what in (("settings", "settings changed"), ("versions", "library versions changed"),
-                           ("inputs", "inputs changed")):
+        for part, what in (
+            ("settings", "settings changed"),
+            ("versions", "library versions changed"),
+            ("inputs", "inputs changed"),
+        ):
             if previous["manifest"][part] != manifest[part]:
                 return what
         recorded = previous["outputs"]

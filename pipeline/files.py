@@ -53,8 +53,10 @@ def require_free_space(folder: Path, needed_bytes: int, what: str) -> None:
     """Refuse, before writing, when `folder`'s file system has less room than `needed_bytes` (+5%)."""
     free = shutil.disk_usage(folder).free
     if free < needed_bytes * 1.05:
-        raise InputError(f"{folder}: {_size(free)} free, but {what} needs about {_size(needed_bytes)}; "
-                         "free some space or choose an output_dir on a larger disk")
+        raise InputError(
+            f"{folder}: {_size(free)} free, but {what} needs about {_size(needed_bytes)}; "
+            "free some space or choose an output_dir on a larger disk"
+        )
 
 
 def _size(nbytes: int) -> str:

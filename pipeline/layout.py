@@ -1,18 +1,18 @@
 """Every path in a run directory, named in one place.
 
-    RUN_DIR/
-      run.json              the resolved config, device, library versions and planned stages of the last run
-      run.log               what every run did (appended), library output included
-      .lock                 held by the run using the directory (see lock.py)
-      stages/<stage>.json   each completed stage's record (manifest, summary, output hashes)
-      dequantized/          with base.save_dequantized: the base as the adapter saw it
-      merged/ gptq/         the merged 16-bit and the GPTQ checkpoints (merged_<base>/, gptq_<base>/ for
-                            the other merge base); a GPTQ folder also holds README.md (the model card)
-                            and quant_log.csv (gptqmodel's per-module loss log)
-      evaluation/results.json   per model and window: the scores the report is computed from
-      logs/                 gptqmodel's own log files
-      report.json report.md report.html
-      .<folder>.partial/ .<folder>.old/   a stage's output while it is written or replaced
+RUN_DIR/
+  run.json              the resolved config, device, library versions and planned stages of the last run
+  run.log               what every run did (appended), library output included
+  .lock                 held by the run using the directory (see lock.py)
+  stages/<stage>.json   each completed stage's record (manifest, summary, output hashes)
+  dequantized/          with base.save_dequantized: the base as the adapter saw it
+  merged/ gptq/         the merged 16-bit and the GPTQ checkpoints (merged_<base>/, gptq_<base>/ for
+                        the other merge base); a GPTQ folder also holds README.md (the model card)
+                        and quant_log.csv (gptqmodel's per-module loss log)
+  evaluation/results.json   per model and window: the scores the report is computed from
+  logs/                 gptqmodel's own log files
+  report.json report.md report.html
+  .<folder>.partial/ .<folder>.old/   a stage's output while it is written or replaced
 """
 
 from __future__ import annotations

@@ -32,9 +32,11 @@ class RunLock:
         except BlockingIOError:
             owner = _read_owner(file)
             file.close()
-            raise InputError(f"{self.path.parent}: another qlora-requant run is using this output_dir "
-                             f"(pid {owner.get('pid', '?')} on {owner.get('host', '?')}); wait for it to "
-                             "finish or choose another output_dir") from None
+            raise InputError(
+                f"{self.path.parent}: another qlora-requant run is using this output_dir "
+                f"(pid {owner.get('pid', '?')} on {owner.get('host', '?')}); wait for it to "
+                "finish or choose another output_dir"
+            ) from None
         previous = _read_owner(file)
         if previous:
             log.info("lock: taking over from a run that ended without releasing it (pid %s)", previous.get("pid"))

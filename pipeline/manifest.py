@@ -26,8 +26,9 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def file_records(folder_or_file: Path, known: dict[str, dict] | None = None,
-                 relative_to: Path | None = None) -> dict[str, dict]:
+def file_records(
+    folder_or_file: Path, known: dict[str, dict] | None = None, relative_to: Path | None = None
+) -> dict[str, dict]:
     """{path: {size, mtime_ns, sha256}} for a file or every file under a folder (see the module note).
 
     Paths are absolute or, for files under `relative_to` (the run directory), relative to it, so that
@@ -38,8 +39,11 @@ def file_records(folder_or_file: Path, known: dict[str, dict] | None = None,
     if folder_or_file.is_file():
         paths = [folder_or_file]
     else:
-        paths = sorted(p for p in folder_or_file.rglob("*") if p.is_file() and p.name not in NOT_CONTENT
-                       and not p.relative_to(folder_or_file).parts[0].startswith("."))
+        paths = sorted(
+            p
+            for p in folder_or_file.rglob("*")
+            if p.is_file() and p.name not in NOT_CONTENT and not p.relative_to(folder_or_file).parts[0].startswith(".")
+        )
     records = {}
     for path in paths:
         stat = path.stat()

@@ -79,8 +79,9 @@ def dequantize_stage(config: RunConfig, layout: RunLayout) -> Stage:
 def merge_stage(config: RunConfig, layout: RunLayout, merge_base: str, *, name: str, model: str) -> Stage:
     from qlora_requant.pipeline.stages import merge
 
-    arguments = dict(adapter=config.adapter, dtype=config.merge.dtype, merge_base=merge_base,
-                     max_shard_size=config.max_shard_size)
+    arguments = dict(
+        adapter=config.adapter, dtype=config.merge.dtype, merge_base=merge_base, max_shard_size=config.max_shard_size
+    )
     return Stage(
         name=name,
         kind="merge",
@@ -144,7 +145,8 @@ def _json(**values: Any) -> dict[str, Any]:
     """Settings as recorded in a stage's manifest: config sections as JSON, without the keys that
     change no stage output (a section's `not_settings`)."""
     return {
-        key: value.model_dump(mode="json", exclude=set(getattr(value, "not_settings", ()))) if isinstance(
-            value, BaseModel) else value
+        key: value.model_dump(mode="json", exclude=set(getattr(value, "not_settings", ())))
+        if isinstance(value, BaseModel)
+        else value
         for key, value in values.items()
     }

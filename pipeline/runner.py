@@ -1,9 +1,9 @@
 """One run, read top to bottom: preflight, take the run directory, run the planned stages, write the report.
 
-    with Run(config, force) as run:
-        run.setup()     # every input check (preflight), then the lock, leftovers cleared, run.json, run.log
-        run.execute()   # the stages plan(config) lists, through the StageExecutor (skip, publish, record)
-        report = run.save()
+with Run(config, force) as run:
+    run.setup()     # every input check (preflight), then the lock, leftovers cleared, run.json, run.log
+    run.execute()   # the stages plan(config) lists, through the StageExecutor (skip, publish, record)
+    report = run.save()
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import shutil
 from contextlib import ExitStack
 from importlib.metadata import version
 
+from qlora_requant.eval.schema import Report
 from qlora_requant.pipeline import console as console_output
 from qlora_requant.pipeline.config import RunConfig
 from qlora_requant.pipeline.console import LibraryOutput, console
@@ -28,8 +29,7 @@ from qlora_requant.pipeline.stages.report import write_reports
 
 log = logging.getLogger(__name__)
 
-LIBRARIES = ("qlora-requant", "torch", "transformers", "peft", "bitsandbytes", "gptqmodel", "safetensors",
-             "datasets")
+LIBRARIES = ("qlora-requant", "torch", "transformers", "peft", "bitsandbytes", "gptqmodel", "safetensors", "datasets")
 
 
 def library_versions() -> dict[str, str]:
@@ -60,8 +60,13 @@ class Run:
         self.stages = plan(config)
         device = resolve_device(config)
         inputs = preflight(config, device)
-        self.context = StageContext(device=device, layout=layout, inputs=inputs, allow_pickle=config.allow_pickle,
-                                    trust_remote_code=config.trust_remote_code)
+        self.context = StageContext(
+            device=device,
+            layout=layout,
+            inputs=inputs,
+            allow_pickle=config.allow_pickle,
+            trust_remote_code=config.trust_remote_code,
+        )
         layout.root.mkdir(parents=True, exist_ok=True)
         lock = RunLock(layout.lock)
         lock.acquire()
@@ -71,15 +76,19 @@ class Run:
         self._held.callback(console_output.stop_logging, console_output.log_to(layout.log))
         library_output.into(layout.log)
         console.info("run %s on %s: %s", layout.root, device, ", ".join(stage.name for stage in self.stages))
-        run = {"config": config.model_dump(mode="json"), "device": device, "versions": self.executor.versions,
-               "stages": [stage.name for stage in self.stages]}
+        run = {
+            "config": config.model_dump(mode="json"),
+            "device": device,
+            "versions": self.executor.versions,
+            "stages": [stage.name for stage in self.stages],
+        }
         write_atomically(layout.run_record, json.dumps(run, indent=2) + "\n")
 
     def execute(self) -> None:
         """Run the planned stages in order, skipping those already complete and unchanged."""
         self.executor.run(self.stages, self.context)
 
-    def save(self) -> dict:
+    def save(self) -> Report:
         """Write report.json, report.md, report.html and the GPTQ model card; return the report."""
         report = write_reports(self.layout)
         log.info("report written; stages skipped as complete: %s", ", ".join(self.executor.skipped) or "none")

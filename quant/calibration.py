@@ -14,8 +14,13 @@ MIN_PASSAGE_WORDS = 8
 LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def load_texts(path: Path | None, text_field: str = "text", dataset: str | None = None,
-               dataset_config: str | None = None, split: str = "train") -> list[str]:
+def load_texts(
+    path: Path | None,
+    text_field: str = "text",
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "train",
+) -> list[str]:
     """Non-empty texts from a local text/jsonl/parquet file or a hub dataset.
 
     A .txt file yields one text per paragraph (blank-line separated).
@@ -38,8 +43,10 @@ def load_texts(path: Path | None, text_field: str = "text", dataset: str | None 
         try:
             table = load_dataset(dataset, dataset_config, split=split)
         except Exception as exc:  # hub errors (unknown id, offline, bad split) have many types
-            raise InputError(f"dataset {dataset!r} (config {dataset_config!r}, split {split!r}) cannot be loaded "
-                             f"({type(exc).__name__}: {exc}); check the id, or use a local file offline") from None
+            raise InputError(
+                f"dataset {dataset!r} (config {dataset_config!r}, split {split!r}) cannot be loaded "
+                f"({type(exc).__name__}: {exc}); check the id, or use a local file offline"
+            ) from None
     if text_field not in table.column_names:
         raise InputError(f"{where}: has no field {text_field!r} (fields: {table.column_names}); set text_field")
     texts = [text for text in table[text_field] if isinstance(text, str) and text.strip()]
@@ -78,16 +85,21 @@ def require_tokens(tokenizer, texts: list[str], needed: int, what: str) -> None:
     raise InputError(f"{what}: {count} tokens, fewer than the {needed} needed; give more text or shorten the windows")
 
 
-def calibration_windows(stream: torch.Tensor, n_samples: int, seq_len: int, seed: int,
-                        where: str = "calibration text") -> list[dict[str, torch.Tensor]]:
+def calibration_windows(
+    stream: torch.Tensor, n_samples: int, seq_len: int, seed: int, where: str = "calibration text"
+) -> list[dict[str, torch.Tensor]]:
     """`n_samples` windows of `seq_len` tokens at seeded random offsets, as gptqmodel inputs."""
     if len(stream) <= seq_len:
-        raise InputError(f"{where}: {len(stream)} tokens, fewer than calibration seq_len {seq_len}; "
-                         "give more text or lower requantize.calibration.seq_len")
+        raise InputError(
+            f"{where}: {len(stream)} tokens, fewer than calibration seq_len {seq_len}; "
+            "give more text or lower requantize.calibration.seq_len"
+        )
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(stream) - seq_len, (n_samples,), generator=generator).tolist()
-    return [{"input_ids": stream[s:s + seq_len].unsqueeze(0),
-             "attention_mask": torch.ones(1, seq_len, dtype=torch.long)} for s in starts]
+    return [
+        {"input_ids": stream[s : s + seq_len].unsqueeze(0), "attention_mask": torch.ones(1, seq_len, dtype=torch.long)}
+        for s in starts
+    ]
 
 
 def passage_fingerprints(texts: list[str]) -> set[str]:
@@ -106,7 +118,9 @@ def check_held_out(eval_texts: list[str], calibration_texts: list[str], eval_nam
     words) with the calibration text; returns the number of shared passages."""
     shared = passage_fingerprints(eval_texts) & passage_fingerprints(calibration_texts)
     if shared and refuse:
-        raise InputError(f"evaluation.text ({eval_name}) shares {len(shared)} passage(s) with "
-                         "requantize.calibration; held-out text must not calibrate (give disjoint text, or set "
-                         "evaluation.overlap: warn to score it anyway)")
+        raise InputError(
+            f"evaluation.text ({eval_name}) shares {len(shared)} passage(s) with "
+            "requantize.calibration; held-out text must not calibrate (give disjoint text, or set "
+            "evaluation.overlap: warn to score it anyway)"
+        )
     return len(shared)

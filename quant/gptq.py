@@ -21,8 +21,15 @@ class GptqSettings:
     batch_size: int = 8
 
 
-def gptq_quantize(model_dir: Path, calibration: list[dict[str, torch.Tensor]], settings: GptqSettings,
-                  device: str, out_dir: Path, log_dir: Path, trust_remote_code: bool = False) -> None:
+def gptq_quantize(
+    model_dir: Path,
+    calibration: list[dict[str, torch.Tensor]],
+    settings: GptqSettings,
+    device: str,
+    out_dir: Path,
+    log_dir: Path,
+    trust_remote_code: bool = False,
+) -> None:
     """Quantize the 16-bit checkpoint in `model_dir` on `calibration` windows and save it to `out_dir`.
 
     gptqmodel's per-module logs (GPTQ loss per layer) go to `log_dir` instead of ./logs.
@@ -36,9 +43,13 @@ def gptq_quantize(model_dir: Path, calibration: list[dict[str, torch.Tensor]], s
     if hasattr(loop_processor, "_PROJECT_LOG_DIR"):
         loop_processor._PROJECT_LOG_DIR = log_dir
 
-    config = QuantizeConfig(bits=settings.bits, group_size=settings.group_size, desc_act=settings.desc_act,
-                            sym=settings.sym, damp_percent=settings.damp_percent)
+    config = QuantizeConfig(
+        bits=settings.bits,
+        group_size=settings.group_size,
+        desc_act=settings.desc_act,
+        sym=settings.sym,
+        damp_percent=settings.damp_percent,
+    )
     model = GPTQModel.load(str(model_dir), config, device=device, trust_remote_code=trust_remote_code)
     model.quantize(calibration, batch_size=settings.batch_size)
     model.save(str(out_dir))
-

@@ -135,10 +135,14 @@ def read_lora_adapter(adapter_dir: Path, allow_pickle: bool = False) -> LoraAdap
         weights_path = pickled
     for path in (config_path, weights_path):
         if not path.is_file():
-            hint = (f" (found {ADAPTER_PICKLE}: save it as safetensors, or set allow_pickle: true if you trust it)"
-                    if pickled.is_file() else "")
-            raise AdapterError(f"{path}: not found{hint}; a PEFT adapter directory holds {ADAPTER_CONFIG} "
-                               f"and {ADAPTER_WEIGHTS}")
+            hint = (
+                f" (found {ADAPTER_PICKLE}: save it as safetensors, or set allow_pickle: true if you trust it)"
+                if pickled.is_file()
+                else ""
+            )
+            raise AdapterError(
+                f"{path}: not found{hint}; a PEFT adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
+            )
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
@@ -147,16 +151,22 @@ def read_lora_adapter(adapter_dir: Path, allow_pickle: bool = False) -> LoraAdap
     if missing:
         raise AdapterError(f"{config_path}: has no {missing[0]!r}; is this a PEFT LoRA adapter_config.json?")
     try:
-        tensors = (torch.load(weights_path, map_location="cpu", weights_only=True) if weights_path == pickled
-                   else load_file(weights_path))
+        tensors = (
+            torch.load(weights_path, map_location="cpu", weights_only=True)
+            if weights_path == pickled
+            else load_file(weights_path)
+        )
     except Exception as exc:  # safetensors and torch's unpickler raise many types for a bad file
-        raise AdapterError(f"{weights_path}: cannot be read ({type(exc).__name__}: {exc}); re-save the adapter "
-                           "as safetensors") from None
+        raise AdapterError(
+            f"{weights_path}: cannot be read ({type(exc).__name__}: {exc}); re-save the adapter as safetensors"
+        ) from None
     _refuse_unsupported(config, list(tensors), weights_path)
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise AdapterError(f"{weights_path}: tensor {name!r} contains NaN or Inf; the adapter is corrupt or "
-                               "training diverged; use an earlier checkpoint of the adapter")
+            raise AdapterError(
+                f"{weights_path}: tensor {name!r} contains NaN or Inf; the adapter is corrupt or "
+                "training diverged; use an earlier checkpoint of the adapter"
+            )
 
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora"))
@@ -176,9 +186,13 @@ def read_lora_adapter(adapter_dir: Path, allow_pickle: bool = False) -> LoraAdap
                 f"{weights_path}: {module_name} has rank {lora_a.shape[0]} but {ADAPTER_CONFIG} says r={rank}"
             )
         modules[module_name] = LoraModule(
-            lora_a=lora_a, lora_b=lora_b, scaling=lora_scaling(alpha, rank, use_rslora),
-            fan_in_fan_out=bool(config.get("fan_in_fan_out")) and not embedding, embedding=embedding,
-            magnitude=tensors.get(f"{prefix}.lora_magnitude_vector"), bias=tensors.get(f"{prefix}.lora_B.bias"),
+            lora_a=lora_a,
+            lora_b=lora_b,
+            scaling=lora_scaling(alpha, rank, use_rslora),
+            fan_in_fan_out=bool(config.get("fan_in_fan_out")) and not embedding,
+            embedding=embedding,
+            magnitude=tensors.get(f"{prefix}.lora_magnitude_vector"),
+            bias=tensors.get(f"{prefix}.lora_B.bias"),
         )
     consumed = {n for n in tensors if any(marker in n for marker in LORA_MARKERS)}
     replacements = {_base_name(n): t for n, t in tensors.items() if n not in consumed}
@@ -199,11 +213,14 @@ def combine_adapters(adapters: list[LoraAdapter], weights: list[float], combinat
         raise AdapterError(f"adapter.combination {combination!r} is not supported; use 'linear' or 'cat'")
     for adapter in adapters:
         if adapter.replacements or any(m.magnitude is not None or m.bias is not None for m in adapter.modules.values()):
-            raise AdapterError("adapters with DoRA, lora_bias, trained biases or modules_to_save cannot be combined; "
-                               "merge them one at a time")
+            raise AdapterError(
+                "adapters with DoRA, lora_bias, trained biases or modules_to_save cannot be combined; "
+                "merge them one at a time"
+            )
     if combination == "linear" and len({a.rank for a in adapters}) > 1:
-        raise AdapterError(f"combination 'linear' needs adapters of one rank, got r={[a.rank for a in adapters]}; "
-                           "use 'cat'")
+        raise AdapterError(
+            f"combination 'linear' needs adapters of one rank, got r={[a.rank for a in adapters]}; use 'cat'"
+        )
     new_rank = sum(a.rank for a in adapters) if combination == "cat" else adapters[0].rank
     combined = {}
     for name in sorted(set().union(*(a.modules for a in adapters))):
@@ -212,12 +229,18 @@ def combine_adapters(adapters: list[LoraAdapter], weights: list[float], combinat
             lora_a = torch.cat([w * m.scaling * m.lora_a.float() for w, m in parts], dim=0)
             lora_b = torch.cat([m.lora_b.float() for _, m in parts], dim=1)
         else:
-            factors = [(math.copysign(math.sqrt(abs(w * m.scaling)), w * m.scaling), math.sqrt(abs(w * m.scaling)))
-                       for w, m in parts]
+            factors = [
+                (math.copysign(math.sqrt(abs(w * m.scaling)), w * m.scaling), math.sqrt(abs(w * m.scaling)))
+                for w, m in parts
+            ]
             lora_a = sum(fa * m.lora_a.float() for (fa, _), (_, m) in zip(factors, parts))
             lora_b = sum(fb * m.lora_b.float() for (_, fb), (_, m) in zip(factors, parts))
         first = parts[0][1]
-        combined[name] = LoraModule(lora_a=lora_a, lora_b=lora_b,
-                                    scaling=lora_scaling(new_rank, new_rank, adapters[0].use_rslora),
-                                    fan_in_fan_out=first.fan_in_fan_out, embedding=first.embedding)
+        combined[name] = LoraModule(
+            lora_a=lora_a,
+            lora_b=lora_b,
+            scaling=lora_scaling(new_rank, new_rank, adapters[0].use_rslora),
+            fan_in_fan_out=first.fan_in_fan_out,
+            embedding=first.embedding,
+        )
     return LoraAdapter(modules=combined, rank=new_rank, use_rslora=adapters[0].use_rslora)

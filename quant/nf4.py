@@ -81,10 +81,10 @@ def quantized_module_names(model_config, settings: Bnb4bitSettings) -> tuple[set
     transposed, and transformers transposes it before quantizing. The decision is transformers'
     own: its bitsandbytes quantizer is applied to a weightless (meta) copy of the model.
     """
+    import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
-    import bitsandbytes as bnb
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)

@@ -6,14 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 from qlora_requant.pipeline.demo import split_docstrings, stdlib_corpus, train_tokenizer  # noqa: E402
-from support import random_adapter, save_model, tiny_llama  # noqa: E402
 
+from support import random_adapter, save_model, tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="session")

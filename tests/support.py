@@ -14,10 +14,17 @@ from qlora_requant.pipeline.layout import RunLayout
 from qlora_requant.pipeline.stages import dequantize
 from qlora_requant.pipeline.stages.dequantize import DequantizedBase, bnb_settings
 
-TINY_LLAMA = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256)
+TINY_LLAMA = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 # Largest difference allowed between two fp32 computations of one merged weight.
 FP32_ROUNDING = 1e-6
+
 
 def save_model(model, tokenizer, out_dir: Path, dtype: torch.dtype = torch.bfloat16, **save_kwargs) -> Path:
     model.to(dtype).save_pretrained(out_dir, **save_kwargs)
@@ -29,9 +36,13 @@ def tiny_llama(tokenizer, seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         **{**TINY_LLAMA, **overrides})
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **{**TINY_LLAMA, **overrides},
+    )
     return LlamaForCausalLM(config)
 
 
@@ -54,8 +65,9 @@ def base_section(base: Path, **settings) -> dict:
     return {"path": str(base), "dtype": "float32", "bnb": {"compute_dtype": "float32"}, **settings}
 
 
-def write_config(path: Path, base_dir: Path, adapter_dir: Path, texts: dict[str, Path], output_dir: Path,
-                 **sections) -> Path:
+def write_config(
+    path: Path, base_dir: Path, adapter_dir: Path, texts: dict[str, Path], output_dir: Path, **sections
+) -> Path:
     """A valid YAML run config for the tiny fixtures; `sections` replace whole top-level sections."""
     import yaml
 
@@ -65,21 +77,32 @@ def write_config(path: Path, base_dir: Path, adapter_dir: Path, texts: dict[str,
         "base": base_section(base_dir),
         "adapter": {"path": str(adapter_dir)},
         "merge": {"dtype": "float16"},
-        "requantize": {"bits": 4, "group_size": 64, "batch_size": 4,
-                       "calibration": {"path": str(texts["calibration"]), "n_samples": 16, "seq_len": 64}},
-        "evaluation": {"text": {"path": str(texts["eval"])}, "seq_len": 64, "max_windows": 24,
-                       "prompts": ["The quick", "Return the"], "max_new_tokens": 6},
+        "requantize": {
+            "bits": 4,
+            "group_size": 64,
+            "batch_size": 4,
+            "calibration": {"path": str(texts["calibration"]), "n_samples": 16, "seq_len": 64},
+        },
+        "evaluation": {
+            "text": {"path": str(texts["eval"])},
+            "seq_len": 64,
+            "max_windows": 24,
+            "prompts": ["The quick", "Return the"],
+            "max_new_tokens": 6,
+        },
     }
     config.update(sections)
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-
 def stage_context(section: BaseSection, run_dir: Path, device: str = "cpu") -> StageContext:
     """What the stages are called with, for a run directory `run_dir` of the base in `section`."""
-    return StageContext(device=device, layout=RunLayout(run_dir),
-                        inputs=Inputs(base=DequantizedBase(section, device), calibration_texts=[], eval_texts=[]))
+    return StageContext(
+        device=device,
+        layout=RunLayout(run_dir),
+        inputs=Inputs(base=DequantizedBase(section, device), calibration_texts=[], eval_texts=[]),
+    )
 
 
 def dequantize_to(section: BaseSection, out: Path, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
@@ -94,10 +117,14 @@ def library_dequantized(model_dir, section: BaseSection, dtype: torch.dtype) -> 
     from transformers import AutoModelForCausalLM
 
     quantization = bnb_settings(section).to_transformers()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=dtype,
-                                                 device_map="cpu")
-    return {f"{name}.weight": bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-            for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=quantization, dtype=dtype, device_map="cpu"
+    )
+    return {
+        f"{name}.weight": bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        for name, module in model.named_modules()
+        if isinstance(module, bnb.nn.Linear4bit)
+    }
 
 
 def peft_merged(model_dir, adapter_dir, weights=None, combination=None) -> dict[str, torch.Tensor]:
@@ -115,3 +142,17 @@ def peft_merged(model_dir, adapter_dir, weights=None, combination=None) -> dict[
         peft_model.add_weighted_adapter(names, weights, "combined", combination_type=combination)
         peft_model.set_adapter("combined")
     return peft_model.merge_and_unload().state_dict()
+
+
+REPORT_SCHEMA = Path(__file__).resolve().parents[1] / "report.schema.json"
+
+
+def validate_report(report_json_path: Path) -> None:
+    """Check a report.json against report.schema.json at the repository root (JSON Schema 2020-12, as pydantic
+    writes it); raises jsonschema.ValidationError where it does not match."""
+    import json
+
+    import jsonschema
+
+    schema = json.loads(REPORT_SCHEMA.read_text())
+    jsonschema.validate(json.loads(Path(report_json_path).read_text()), schema, cls=jsonschema.Draft202012Validator)

@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
 import yaml
 
-from support import write_config
 from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from qlora_requant.pipeline.config import ConfigError, apply_override, load_config
+
+from support import write_config
 
 
 @pytest.fixture
 def config_path(tmp_path, tiny_base, tiny_adapter, text_files):
     return write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, tmp_path / "out")
+
+
+def overlap_refusal(text_path) -> str:
+    """The refusal of an evaluation text that is the calibration text: every passage (paragraph of 8+ words,
+    counted once) is shared."""
+    paragraphs = {" ".join(p.split()) for p in re.split(r"\n\s*\n", text_path.read_text())}
+    shared = sum(len(p.split()) >= 8 for p in paragraphs)
+    return (
+        f"error: evaluation.text ({text_path}) shares {shared} passage(s) with requantize.calibration; "
+        "held-out text must not calibrate"
+    )
 
 
 def edit(path, change) -> None:
@@ -23,26 +36,30 @@ def edit(path, change) -> None:
     path.write_text(yaml.safe_dump(tree))
 
 
-def test_valid_config_validates(config_path, capsys):
+def test_valid_config_validates(config_path, tmp_path, capsys):
     assert main(["validate", str(config_path)]) == EXIT_OK
-    assert "valid" in capsys.readouterr().out
+    assert capsys.readouterr().out == f"{config_path}: valid; output_dir {tmp_path / 'out'}\n"
 
 
-@pytest.mark.parametrize("change, expected", [
-    (lambda t: t["requantize"].update(bitz=4), "requantize.bitz: unknown key"),
-    (lambda t: t["requantize"].update(bits="four"), "requantize.bits: Input should be 2, 3, 4 or 8"),
-    (lambda t: t["evaluation"].update(seq_len="long"), "evaluation.seq_len: Input should be a valid integer"),
-    (lambda t: t["adapter"].update(path="no/such/adapter"), "adapter.path: path does not exist"),
-    (lambda t: t.pop("base"), "base: Field required"),
-    (lambda t: t["base"]["bnb"].update(blocksize=128), "base.bnb.blocksize: transformers always loads"),
-    (lambda t: t["evaluation"]["text"].update(dataset="wikitext"), "evaluation.text: set exactly one of"),
-    (lambda t: t["requantize"].update(group_size=0), "requantize.group_size: must be -1"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda t: t["requantize"].update(bitz=4), "requantize.bitz: unknown key"),
+        (lambda t: t["requantize"].update(bits="four"), "requantize.bits: Input should be 2, 3, 4 or 8"),
+        (lambda t: t["evaluation"].update(seq_len="long"), "evaluation.seq_len: Input should be a valid integer"),
+        (lambda t: t["adapter"].update(path="no/such/adapter"), "adapter.path: path does not exist"),
+        (lambda t: t.pop("base"), "base: Field required"),
+        (lambda t: t["base"]["bnb"].update(blocksize=128), "base.bnb.blocksize: transformers always loads"),
+        (lambda t: t["evaluation"]["text"].update(dataset="wikitext"), "evaluation.text: set exactly one of"),
+        (lambda t: t["requantize"].update(group_size=0), "requantize.group_size: must be -1"),
+    ],
+)
 def test_bad_config_exits_2_naming_the_key(config_path, tmp_path, capsys, change, expected):
     edit(config_path, change)
     assert main(["run", str(config_path)]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert str(config_path) in err and expected in err
+    # One problem, on its own line under the file: "error: <config>: invalid config\n  <key>: <reason>".
+    assert err.startswith(f"error: {config_path}: invalid config\n  {expected}") and len(err.splitlines()) == 2, err
     assert not (tmp_path / "out").exists()
 
 
@@ -59,7 +76,9 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path, tiny_base, tin
 
 
 def test_set_overrides_any_key(config_path):
-    config = load_config(config_path, ["requantize.bits=3", "evaluation.max_windows=5", "gate.max_ppl_increase_pct=2.5"])
+    config = load_config(
+        config_path, ["requantize.bits=3", "evaluation.max_windows=5", "gate.max_ppl_increase_pct=2.5"]
+    )
     assert (config.requantize.bits, config.evaluation.max_windows, config.gate.max_ppl_increase_pct) == (3, 5, 2.5)
 
 
@@ -75,7 +94,10 @@ def test_set_rejects_malformed_assignments():
 def test_output_inside_an_input_is_refused(tmp_path, tiny_base, tiny_adapter, text_files, capsys):
     path = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, tiny_adapter / "run")
     assert main(["run", str(path)]) == EXIT_BAD_INPUT
-    assert "is inside adapter.path" in capsys.readouterr().err
+    assert (
+        f"error: output_dir {tiny_adapter / 'run'} is inside adapter.path {tiny_adapter}; choose another "
+        "output_dir" in capsys.readouterr().err
+    )
     assert not (tiny_adapter / "run").exists()
 
 
@@ -83,7 +105,8 @@ def test_eval_text_overlapping_calibration_is_refused(tmp_path, tiny_base, tiny_
     texts = {"calibration": text_files["calibration"], "eval": text_files["calibration"]}
     path = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, texts, tmp_path / "out")
     assert main(["run", str(path)]) == EXIT_BAD_INPUT
-    assert "shares" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert overlap_refusal(text_files["calibration"]) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("value, expected", [("500MB", 500 * 10**6), ("2GiB", 2 * 2**30), (1234, 1234)])
@@ -97,13 +120,16 @@ def test_max_shard_size_default_and_bad_unit(config_path):
         load_config(config_path, ["max_shard_size=5 parsecs"])
 
 
-def test_text_too_short_for_one_window_is_refused_before_anything_runs(config_path, tmp_path, capsys):
+def test_text_too_short_for_one_window_is_refused_before_anything_runs(config_path, tmp_path, tokenizer, capsys):
+    sentence = "Far too short to fill one evaluation window of sixty-four tokens."
     short = tmp_path / "short.txt"
-    short.write_text("Far too short to fill one evaluation window of sixty-four tokens.\n")
+    short.write_text(sentence + "\n")
     edit(config_path, lambda t: t["evaluation"]["text"].update(path=str(short)))
     assert main(["run", str(config_path)]) == EXIT_BAD_INPUT
-    err = capsys.readouterr().err
-    assert f"{short} (evaluation.seq_len=64):" in err and "fewer than the 64 needed" in err
+    tokens = len(tokenizer(sentence, add_special_tokens=False)["input_ids"]) + 1  # and the EOS that ends it
+    assert (
+        f"error: {short} (evaluation.seq_len=64): {tokens} tokens, fewer than the 64 needed" in capsys.readouterr().err
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -111,11 +137,10 @@ def test_validate_reads_the_inputs_too(tmp_path, tiny_base, tiny_adapter, text_f
     texts = {"calibration": text_files["calibration"], "eval": text_files["calibration"]}
     path = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, texts, tmp_path / "out")
     assert main(["validate", str(path)]) == EXIT_BAD_INPUT
-    assert "shares" in capsys.readouterr().err
+    assert overlap_refusal(text_files["calibration"]) in capsys.readouterr().err
 
 
-def test_broken_adapter_config_and_base_without_tokenizer_exit_2(tmp_path, tiny_base, tiny_adapter, text_files,
-                                                                  capsys):
+def test_broken_adapter_config_and_base_without_tokenizer_exit_2(tmp_path, tiny_base, tiny_adapter, text_files, capsys):
     adapter = tmp_path / "adapter"
     shutil.copytree(tiny_adapter, adapter)
     (adapter / "adapter_config.json").write_text("{not json")

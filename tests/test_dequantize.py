@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import shutil
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from support import dequantize_to, library_dequantized, save_model, tiny_llama
 from qlora_requant.pipeline.config import BaseSection, BnbSection
 from qlora_requant.pipeline.stages.dequantize import DequantizedBase, bnb_settings
 from qlora_requant.quant.errors import InputError
+
+from support import dequantize_to, library_dequantized, save_model, tiny_llama
 
 
 def dequantized_tensors(tmp_path, section: BaseSection) -> dict[str, torch.Tensor]:
@@ -37,8 +36,10 @@ def test_bit_exact_against_transformers_load(tmp_path, tiny_base, quant_type, do
         assert torch.equal(ours[key], expected), key
     original = load_file(tiny_base / "model.safetensors")
     assert torch.equal(ours["lm_head.weight"], original["lm_head.weight"].to(getattr(torch, dtype)))
-    assert not torch.equal(ours["model.layers.0.mlp.up_proj.weight"],
-                           original["model.layers.0.mlp.up_proj.weight"].to(getattr(torch, dtype)))
+    assert not torch.equal(
+        ours["model.layers.0.mlp.up_proj.weight"],
+        original["model.layers.0.mlp.up_proj.weight"].to(getattr(torch, dtype)),
+    )
 
 
 def test_skip_modules_follow_transformers(tmp_path, tiny_base):
@@ -55,8 +56,9 @@ def test_skip_modules_follow_transformers(tmp_path, tiny_base):
 
 
 def test_tied_embeddings_and_sharded_checkpoint(tmp_path, tokenizer):
-    model_dir = save_model(tiny_llama(tokenizer, tie_word_embeddings=True), tokenizer, tmp_path / "tied",
-                           max_shard_size="100KB")
+    model_dir = save_model(
+        tiny_llama(tokenizer, tie_word_embeddings=True), tokenizer, tmp_path / "tied", max_shard_size="100KB"
+    )
     assert (model_dir / "model.safetensors.index.json").is_file()
     section = BaseSection(path=model_dir, dtype="bfloat16")
     out = tmp_path / "out"
@@ -91,8 +93,9 @@ def test_gpt2_conv1d_weights_are_transposed_for_quantization(tmp_path, tokenizer
 def test_prequantized_base_gives_the_same_weights(tmp_path, tiny_base):
     section = BaseSection(path=tiny_base, dtype="bfloat16")
     quantized_dir = tmp_path / "bnb4bit"
-    model = AutoModelForCausalLM.from_pretrained(tiny_base, quantization_config=bnb_settings(section).to_transformers(),
-                                                 dtype=torch.bfloat16, device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_base, quantization_config=bnb_settings(section).to_transformers(), dtype=torch.bfloat16, device_map="cpu"
+    )
     model.save_pretrained(quantized_dir)
     from_16bit = dequantized_tensors(tmp_path, section)
     (tmp_path / "second").mkdir()
@@ -105,8 +108,9 @@ def test_prequantized_base_gives_the_same_weights(tmp_path, tiny_base):
 def test_prequantized_base_refuses_contradicting_settings(tmp_path, tiny_base):
     section = BaseSection(path=tiny_base, dtype="bfloat16")
     quantized_dir = tmp_path / "bnb4bit"
-    AutoModelForCausalLM.from_pretrained(tiny_base, quantization_config=bnb_settings(section).to_transformers(),
-                                         dtype=torch.bfloat16, device_map="cpu").save_pretrained(quantized_dir)
+    AutoModelForCausalLM.from_pretrained(
+        tiny_base, quantization_config=bnb_settings(section).to_transformers(), dtype=torch.bfloat16, device_map="cpu"
+    ).save_pretrained(quantized_dir)
     with pytest.raises(InputError, match="base.bnb.quant_type is 'fp4' but .*saved with 'nf4'"):
         dequantized_tensors(tmp_path, BaseSection(path=quantized_dir, bnb=BnbSection(quant_type="fp4")))
 
@@ -117,11 +121,15 @@ def test_pickle_only_checkpoint_is_read_only_when_allowed(tmp_path, tiny_base):
     shutil.copy(tiny_base / "config.json", base)
     torch.save(load_file(tiny_base / "model.safetensors"), base / "pytorch_model.bin")
     section = BaseSection(path=base, dtype="bfloat16")
-    with pytest.raises(InputError, match="found pytorch_model.bin: convert it to safetensors, or set allow_pickle: "
-                                         "true if you trust it"):
+    with pytest.raises(
+        InputError,
+        match="found pytorch_model.bin: convert it to safetensors, or set allow_pickle: true if you trust it",
+    ):
         DequantizedBase(section)
-    pickled, safe = DequantizedBase(section, allow_pickle=True), DequantizedBase(BaseSection(path=tiny_base,
-                                                                                              dtype="bfloat16"))
+    pickled, safe = (
+        DequantizedBase(section, allow_pickle=True),
+        DequantizedBase(BaseSection(path=tiny_base, dtype="bfloat16")),
+    )
     assert sorted(pickled.keys()) == sorted(safe.keys())
     assert all(torch.equal(pickled.get(key), safe.get(key)) for key in safe.keys())
     (base / "pytorch_model.bin").write_bytes(b"not a pickle")

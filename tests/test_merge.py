@@ -7,15 +7,15 @@ import shutil
 
 import pytest
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from support import FP32_ROUNDING, dequantize_to, peft_merged, random_adapter, save_model, tiny_llama
-from qlora_requant.pipeline.config import AdapterSection, BaseSection
 from qlora_requant.pipeline.checkpoint import CheckpointReader, checkpoint_dtype, dtype_of, read_model_config
+from qlora_requant.pipeline.config import AdapterSection, BaseSection
 from qlora_requant.pipeline.stages.merge import merge_checkpoint
 from qlora_requant.quant.merge import AdapterError, read_lora_adapter
+
+from support import FP32_ROUNDING, dequantize_to, peft_merged, random_adapter, save_model, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -51,51 +51,92 @@ def our_merged(tmp_path, model_dir, section: AdapterSection, dtype="float32") ->
     return load_file(out / "model.safetensors"), summary
 
 
+def lora_modules(adapter_dirs) -> set[str]:
+    """The base modules that the saved adapter(s) hold LoRA factors for, named as in the base checkpoint."""
+    names = set()
+    for adapter_dir in adapter_dirs if isinstance(adapter_dirs, list) else [adapter_dirs]:
+        for key in load_file(adapter_dir / "adapter_model.safetensors"):
+            if ".lora_A." in key or ".lora_embedding_A" in key:
+                names.add(key.removeprefix("base_model.model.").split(".lora_")[0])
+    return names
+
+
 def assert_matches_peft(tmp_path, model_dir, adapter_dir, weights=None, combination=None) -> dict:
     if combination is None:
         section = AdapterSection(path=adapter_dir)
     else:
-        section = AdapterSection(combination=combination,
-                                 adapters=[{"path": p, "weight": w} for p, w in zip(adapter_dir, weights)])
+        section = AdapterSection(
+            combination=combination, adapters=[{"path": p, "weight": w} for p, w in zip(adapter_dir, weights)]
+        )
     ours, summary = our_merged(tmp_path, model_dir, section)
     reference = peft_merged(model_dir, adapter_dir, weights, combination)
     original = load_file(next(model_dir.glob("*.safetensors")))
-    changed = 0
+    # Every tensor of the base and no other (PEFT's state dict adds GPT-2's lm_head, tied to wte and not saved).
+    assert ours.keys() == original.keys() and ours.keys() <= reference.keys()
     for key, tensor in ours.items():
         assert (tensor - reference[key]).abs().max().item() <= FP32_ROUNDING, key
-        changed += not torch.equal(tensor, original[key].float())
-    assert changed >= summary["modules_merged"] > 0
+    adapted = lora_modules(adapter_dir)
+    assert summary["modules_merged"] == len(adapted) > 0
+    unchanged = [m for m in adapted if torch.equal(ours[f"{m}.weight"], original[f"{m}.weight"].float())]
+    assert not unchanged  # each adapted weight really moved (PEFT's result too, since ours equals it)
     return summary
 
 
-@pytest.mark.parametrize("lora_kwargs", [
-    {},
-    {"use_rslora": True, "r": 16, "lora_alpha": 8},
-    {"target_modules": ["q_proj", "v_proj", "down_proj"], "rank_pattern": {"v_proj": 4, "layers.1.mlp.down_proj": 2},
-     "alpha_pattern": {"q_proj": 3.0}},
-    {"target_modules": r".*layers\.1\.(mlp\.up_proj|self_attn\.k_proj)"},
-    {"use_dora": True},
-    {"bias": "lora_only"},
-    {"bias": "all"},
-    {"lora_bias": True},
-    {"target_modules": ["q_proj"], "modules_to_save": ["lm_head", "embed_tokens"]},
-    {"target_modules": ["embed_tokens", "q_proj", "down_proj"]},
-], ids=["lora", "rslora", "rank-alpha-pattern", "regex-targets", "dora", "bias-lora-only", "bias-all", "lora-bias",
-        "modules-to-save", "embedding-lora"])
+@pytest.mark.parametrize(
+    "lora_kwargs",
+    [
+        {},
+        {"use_rslora": True, "r": 16, "lora_alpha": 8},
+        {
+            "target_modules": ["q_proj", "v_proj", "down_proj"],
+            "rank_pattern": {"v_proj": 4, "layers.1.mlp.down_proj": 2},
+            "alpha_pattern": {"q_proj": 3.0},
+        },
+        {"target_modules": r".*layers\.1\.(mlp\.up_proj|self_attn\.k_proj)"},
+        {"use_dora": True},
+        {"bias": "lora_only"},
+        {"bias": "all"},
+        {"lora_bias": True},
+        {"target_modules": ["q_proj"], "modules_to_save": ["lm_head", "embed_tokens"]},
+        {"target_modules": ["embed_tokens", "q_proj", "down_proj"]},
+    ],
+    ids=[
+        "lora",
+        "rslora",
+        "rank-alpha-pattern",
+        "regex-targets",
+        "dora",
+        "bias-lora-only",
+        "bias-all",
+        "lora-bias",
+        "modules-to-save",
+        "embedding-lora",
+    ],
+)
 def test_merge_equals_peft_merge_and_unload(tmp_path, dequantized, lora_kwargs):
     adapter = random_adapter(dequantized, tmp_path / "adapter", **lora_kwargs)
     as_if_trained(adapter)
     assert_matches_peft(tmp_path, dequantized, adapter)
 
 
-@pytest.mark.parametrize("combination, ranks, weights", [
-    ("cat", (8, 4), [0.7, 0.5]),
-    ("linear", (8, 8), [0.7, -0.4]),
-])
+@pytest.mark.parametrize(
+    "combination, ranks, weights",
+    [
+        ("cat", (8, 4), [0.7, 0.5]),
+        ("linear", (8, 8), [0.7, -0.4]),
+    ],
+)
 def test_weighted_adapters_equal_peft_add_weighted_adapter(tmp_path, dequantized, combination, ranks, weights):
-    adapters = [random_adapter(dequantized, tmp_path / f"adapter{i}", seed=i, r=r,
-                               target_modules=["q_proj", "v_proj", "up_proj"] if i else ["q_proj", "down_proj"])
-                for i, r in enumerate(ranks)]
+    adapters = [
+        random_adapter(
+            dequantized,
+            tmp_path / f"adapter{i}",
+            seed=i,
+            r=r,
+            target_modules=["q_proj", "v_proj", "up_proj"] if i else ["q_proj", "down_proj"],
+        )
+        for i, r in enumerate(ranks)
+    ]
     summary = assert_matches_peft(tmp_path, dequantized, adapters, weights, combination)
     assert summary["modules_merged"] == 2 * 4  # q, v, up, down in each of 2 layers
 
@@ -135,12 +176,15 @@ def _edit_adapter(tmp_path, adapter_dir, config_changes=None, rename=None):
     return out
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"peft_type": "IA3"}, "adapter type IA3 is not supported"),
-    ({"peft_type": "LOHA"}, "adapter type LOHA is not supported"),
-    ({"layer_replication": [[0, 2]]}, "layer_replication is not supported"),
-    ({"trainable_token_indices": [1, 2]}, "trainable_token_indices is not supported"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"peft_type": "IA3"}, "adapter type IA3 is not supported"),
+        ({"peft_type": "LOHA"}, "adapter type LOHA is not supported"),
+        ({"layer_replication": [[0, 2]]}, "layer_replication is not supported"),
+        ({"trainable_token_indices": [1, 2]}, "trainable_token_indices is not supported"),
+    ],
+)
 def test_unsupported_adapter_features_are_refused(tmp_path, dequantized, tiny_adapter, changes, message):
     adapter = _edit_adapter(tmp_path, tiny_adapter, changes)
     with pytest.raises(AdapterError, match=message):
@@ -172,7 +216,9 @@ def test_adapter_for_another_base_is_refused(tmp_path, dequantized, tokenizer):
 
 def test_adapter_targeting_absent_modules_is_refused(tmp_path, dequantized, tiny_adapter):
     adapter = _edit_adapter(tmp_path, tiny_adapter, rename=lambda k: k.replace("q_proj", "query"))
-    with pytest.raises(AdapterError, match="needs 2 tensor.* the base does not have, e.g. 'model.layers.0.self_attn.query"):
+    with pytest.raises(
+        AdapterError, match="needs 2 tensor.* the base does not have, e.g. 'model.layers.0.self_attn.query"
+    ):
         merge_dir(dequantized, AdapterSection(path=adapter), None, tmp_path)
 
 
@@ -205,5 +251,8 @@ def test_pickled_adapter_is_read_only_when_allowed(tmp_path, tiny_adapter):
     with pytest.raises(AdapterError, match="found adapter_model.bin: save it as safetensors, or set allow_pickle"):
         read_lora_adapter(adapter)
     pickled, safe = read_lora_adapter(adapter, allow_pickle=True), read_lora_adapter(tiny_adapter)
-    assert pickled.modules.keys() == safe.modules.keys()
-    assert all(torch.equal(pickled.modules[k].lora_b, safe.modules[k].lora_b) for k in safe.modules)
+    assert pickled.modules.keys() == safe.modules.keys() and len(safe.modules) == 14
+    for key, module in safe.modules.items():
+        assert torch.equal(pickled.modules[key].lora_a, module.lora_a), key
+        assert torch.equal(pickled.modules[key].lora_b, module.lora_b), key
+        assert pickled.modules[key].scaling == module.scaling == 2.0, key  # lora_alpha 16 / r 8

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-import math
 
 from qlora_requant.eval.perplexity import ReferenceLogProbs, eval_windows, perplexity, score_windows
 from qlora_requant.eval.statistics import bootstrap_ppl_change
@@ -52,7 +51,8 @@ def test_bos_is_prepended_and_every_text_token_scored():
 
 
 def test_max_windows_caps_and_short_text_is_refused():
-    assert len(eval_windows(torch.arange(1000), seq_len=10, max_windows=7)) == 7
+    capped = eval_windows(torch.arange(1000), seq_len=10, max_windows=7)
+    assert len(capped) == 7 and torch.equal(capped.input_ids, torch.arange(70).view(7, 10))  # the first 7
     with pytest.raises(InputError, match="fewer than one window of evaluation.seq_len=64"):
         eval_windows(torch.arange(10), seq_len=64, where="eval.txt")
 
@@ -72,6 +72,15 @@ def test_kl_and_top1_agreement_against_the_reference(tmp_path):
     assert other["top1_agree"] == [0] * len(tokens)
 
 
+def normal_interval_width(nll: list[float], reference: list[float], tokens: list[int]) -> float:
+    """Width of the 95% normal-theory interval of the PPL change (in percent) when the windows are resampled in
+    pairs: 2 x 1.96 standard errors of the mean per-token NLL difference, through d(100 expm1(x)) = 100 exp(x) dx."""
+    change = torch.tensor(nll, dtype=torch.float64) - torch.tensor(reference, dtype=torch.float64)
+    per_token = change / torch.tensor(tokens, dtype=torch.float64)
+    standard_error = per_token.std(correction=0).item() / math.sqrt(len(nll))
+    return 2 * 1.96 * 100 * math.exp(per_token.mean().item()) * standard_error
+
+
 def test_bootstrap_interval_is_paired_and_reproducible():
     rng = torch.Generator().manual_seed(0)
     reference = (torch.rand(200, generator=rng) * 50 + 100).tolist()
@@ -82,9 +91,16 @@ def test_bootstrap_interval_is_paired_and_reproducible():
     assert first != bootstrap_ppl_change(worse, reference, tokens, samples=500, seed=8)
     point = 100 * math.expm1((sum(worse) - sum(reference)) / sum(tokens))
     assert first[0] < point < first[1]
+    # Paired, the interval is only as wide as the spread of the per-window change (about +-0.08 points around
+    # +5.07%); resampling the two models' windows independently would make it ~70 times wider. 500 resamples
+    # estimate the percentiles to within ~20%.
+    assert first[1] - first[0] == pytest.approx(normal_interval_width(worse, reference, tokens), rel=0.2)
     noisy = [n + (torch.rand(1, generator=rng).item() - 0.5) * 40 for n in worse]
     low, high = bootstrap_ppl_change(noisy, reference, tokens, samples=500, seed=7)
-    assert high - low > 2 * (first[1] - first[0])  # more window-to-window noise, wider interval
+    assert low < 100 * math.expm1((sum(noisy) - sum(reference)) / sum(tokens)) < high
+    # More window-to-window noise, a wider interval: by as much as the spread of the change grew.
+    assert high - low == pytest.approx(normal_interval_width(noisy, reference, tokens), rel=0.2)
+    assert high - low > 20 * (first[1] - first[0])
 
 
 def test_calibration_windows_are_seeded():
@@ -95,6 +111,9 @@ def test_calibration_windows_are_seeded():
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, again))
     assert not all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, other))
     assert first[0]["input_ids"].shape == (1, 64) and first[0]["attention_mask"].sum() == 64
+    for window in first:  # each a contiguous slice of the stream (here its own positions), wholly inside it
+        start = window["input_ids"][0, 0].item()
+        assert 0 <= start <= 5000 - 64 and torch.equal(window["input_ids"][0], torch.arange(start, start + 64))
     with pytest.raises(InputError, match="fewer than calibration seq_len"):
         calibration_windows(torch.arange(30), n_samples=8, seq_len=64, seed=0)
 

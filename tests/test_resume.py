@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,8 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from support import write_config
 from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
+
+from support import write_config
 
 REPO = Path(__file__).resolve().parents[1]
 RELEASE_FILES = ("merged/model.safetensors", "gptq/model.safetensors")
@@ -48,7 +50,7 @@ def rerun(config: Path, run_dir: Path, *args: str) -> tuple[list[str], list[str]
     log = run_dir / "run.log"
     before = log.read_text()
     assert main(["run", str(config), *args]) == EXIT_OK
-    return started_and_skipped(log.read_text()[len(before):])
+    return started_and_skipped(log.read_text()[len(before) :])
 
 
 def test_a_repeated_run_skips_every_stage_and_changes_nothing(reference):
@@ -62,10 +64,15 @@ def test_a_repeated_run_skips_every_stage_and_changes_nothing(reference):
 
 def test_changed_settings_rerun_that_stage_and_what_depends_on_it(reference):
     config, run_dir = reference
+    before = digests(run_dir)
     started, skipped = rerun(config, run_dir, "--set", "requantize.damp_percent=0.02")
     assert (started, skipped) == (["requantize", "evaluate"], ["merge"])
+    changed = digests(run_dir)  # the new setting took effect: another GPTQ checkpoint from the same merge
+    assert changed["merged/model.safetensors"] == before["merged/model.safetensors"]
+    assert changed["gptq/model.safetensors"] != before["gptq/model.safetensors"]
     started, _ = rerun(config, run_dir)  # back to the original settings
     assert started == ["requantize", "evaluate"]
+    assert digests(run_dir) == before
 
 
 def test_force_reruns_one_stage_and_identical_output_keeps_the_rest(reference):
@@ -88,16 +95,27 @@ def test_a_damaged_output_is_rebuilt(reference):
 
 def test_a_second_run_on_the_same_directory_is_refused_while_the_first_holds_it(reference, capsys):
     config, run_dir = reference
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, json, os, sys, time\n"
-        f"f = open({str(run_dir / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
-        "f.seek(0); f.truncate(); f.write(json.dumps({'pid': os.getpid(), 'host': 'h'})); f.flush()\n"
-        "print('locked', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import fcntl, json, os, sys, time\n"
+                f"f = open({str(run_dir / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                "f.seek(0); f.truncate(); f.write(json.dumps({'pid': os.getpid(), 'host': 'h'})); f.flush()\n"
+                "print('locked', flush=True); time.sleep(60)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert main(["run", str(config)]) == EXIT_BAD_INPUT
-        assert (f"{run_dir}: another qlora-requant run is using this output_dir (pid {holder.pid} on h)"
-                in capsys.readouterr().err)
+        assert (
+            f"{run_dir}: another qlora-requant run is using this output_dir (pid {holder.pid} on h)"
+            in capsys.readouterr().err
+        )
         assert main(["report", str(run_dir)]) == EXIT_BAD_INPUT  # no report from a run in progress
     finally:
         holder.kill()
@@ -115,15 +133,19 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
         time.sleep(0.005)
 
 
-def test_killed_inside_each_stage_then_rerun_gives_identical_outputs(reference, tmp_path, tiny_base, tiny_adapter,
-                                                                    text_files):
+def test_killed_inside_each_stage_then_rerun_gives_identical_outputs(
+    reference, tmp_path, tiny_base, tiny_adapter, text_files
+):
     _, reference_dir = reference
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, run_dir)
     command = [sys.executable, "-m", "qlora_requant.pipeline.cli", "run", str(config)]
     completed_before_kill = []
-    for stage, partial in (("merge", ".merged.partial"), ("requantize", ".gptq.partial"),
-                           ("evaluate", ".evaluation.partial")):
+    for stage, partial in (
+        ("merge", ".merged.partial"),
+        ("requantize", ".gptq.partial"),
+        ("evaluate", ".evaluation.partial"),
+    ):
         process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(run_dir / partial, process)
         process.send_signal(signal.SIGKILL)
@@ -145,6 +167,7 @@ def test_killed_inside_each_stage_then_rerun_gives_identical_outputs(reference, 
 @pytest.fixture
 def corrupt_copy(tmp_path, tiny_base):
     """A copy of the tiny base whose given tensor gets a NaN."""
+
     def make(key: str) -> Path:
         base = tmp_path / "corrupt-base"
         shutil.copytree(tiny_base, base)
@@ -153,6 +176,7 @@ def corrupt_copy(tmp_path, tiny_base):
         tensors[key].view(-1)[3] = float("nan")
         save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
         return base
+
     return make
 
 
@@ -160,8 +184,10 @@ def test_nan_in_the_base_exits_2_naming_the_tensor(tmp_path, corrupt_copy, tiny_
     base = corrupt_copy("model.layers.1.mlp.up_proj.weight")
     config = write_config(tmp_path / "run.yaml", base, tiny_adapter, text_files, tmp_path / "run")
     assert main(["run", str(config)]) == EXIT_BAD_INPUT
-    assert (f"{base}: tensor 'model.layers.1.mlp.up_proj.weight' contains NaN or Inf; the base checkpoint is "
-            "corrupt" in capsys.readouterr().err)
+    assert (
+        f"{base}: tensor 'model.layers.1.mlp.up_proj.weight' contains NaN or Inf; the base checkpoint is "
+        "corrupt" in capsys.readouterr().err
+    )
     assert not (tmp_path / "run" / "merged").exists()
 
 
@@ -174,11 +200,16 @@ def test_inf_in_the_adapter_exits_2_naming_the_tensor(tmp_path, tiny_base, tiny_
     save_file(tensors, adapter / "adapter_model.safetensors")
     config = write_config(tmp_path / "run.yaml", tiny_base, adapter, text_files, tmp_path / "run")
     assert main(["run", str(config)]) == EXIT_BAD_INPUT
-    assert f"tensor {key!r} contains NaN or Inf; the adapter is corrupt" in capsys.readouterr().err
+    assert (
+        f"error: {adapter / 'adapter_model.safetensors'}: tensor {key!r} contains NaN or Inf; the adapter is "
+        "corrupt" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "run" / "merged").exists()
 
 
-def test_too_little_disk_for_the_next_stage_exits_2_and_keeps_completed_stages(tmp_path, tiny_base, tiny_adapter,
-                                                                               text_files, monkeypatch, capsys):
+def test_too_little_disk_for_the_next_stage_exits_2_and_keeps_completed_stages(
+    tmp_path, tiny_base, tiny_adapter, text_files, monkeypatch, capsys
+):
     import qlora_requant.pipeline.files
 
     real = shutil.disk_usage
@@ -199,34 +230,66 @@ def test_too_little_disk_for_the_next_stage_exits_2_and_keeps_completed_stages(t
     assert not (tmp_path / "run" / ".gptq.partial").exists()
 
 
-def test_overlapping_eval_text_can_be_allowed_with_a_warning(tmp_path, tiny_base, tiny_adapter, text_files, caplog):
+def test_overlapping_eval_text_can_be_allowed_with_a_warning(
+    tmp_path, tiny_base, tiny_adapter, text_files, caplog, capsys
+):
     overlapping = {**text_files, "eval": text_files["calibration"]}
     config = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, overlapping, tmp_path / "run")
     assert main(["validate", str(config)]) == EXIT_BAD_INPUT
+    refused = re.search(r"shares (\d+) passage\(s\) with requantize.calibration", capsys.readouterr().err)
     from qlora_requant.pipeline.config import load_config
     from qlora_requant.pipeline.preflight import preflight
 
-    preflight(load_config(config, ["evaluation.overlap=warn"]), "cpu")
-    assert "shares" in caplog.text and "evaluation.overlap: warn" in caplog.text
+    caplog.clear()
+    inputs = preflight(load_config(config, ["evaluation.overlap=warn"]), "cpu")
+    assert refused
+    warnings = [r.getMessage() for r in caplog.records if r.name == "qlora_requant.pipeline.preflight"]
+    assert warnings == [
+        f"evaluation text shares {refused[1]} passage(s) with the calibration text "
+        "(evaluation.overlap: warn); its scores favour the GPTQ model"
+    ]
+    assert inputs.eval_texts == inputs.calibration_texts  # scored anyway
 
 
-def test_a_hub_dataset_with_hf_hub_offline_set_exits_2(tmp_path, tiny_base, tiny_adapter, text_files, monkeypatch,
-                                                       capsys):
+def test_a_hub_dataset_with_hf_hub_offline_set_exits_2(
+    tmp_path, tiny_base, tiny_adapter, text_files, monkeypatch, capsys
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, tmp_path / "run")
-    assert main(["run", str(config), "--set", "evaluation.text={dataset: wikitext, dataset_config: "
-                 "wikitext-2-raw-v1, split: test}"]) == EXIT_BAD_INPUT
-    assert ("evaluation.text.dataset names a hub dataset, but HF_HUB_OFFLINE is set"
-            in capsys.readouterr().err)
+    assert (
+        main(
+            [
+                "run",
+                str(config),
+                "--set",
+                "evaluation.text={dataset: wikitext, dataset_config: wikitext-2-raw-v1, split: test}",
+            ]
+        )
+        == EXIT_BAD_INPUT
+    )
+    assert "evaluation.text.dataset names a hub dataset, but HF_HUB_OFFLINE is set" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
-def test_runs_without_a_hub_dataset_are_offline(reference):
-    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"
+def test_runs_without_a_hub_dataset_are_offline(tmp_path, tiny_base, tiny_adapter, text_files, monkeypatch, capsys):
+    offline = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    for name in offline:  # conftest.py sets HF_HUB_OFFLINE itself; the policy must set both on its own
+        monkeypatch.delenv(name, raising=False)
+    config = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, tmp_path / "run")
+    assert main(["validate", str(config)]) == EXIT_OK
+    assert [os.environ.get(name) for name in offline] == ["1", "1"]
+
+    # A config that names a hub dataset leaves the network alone. Its output_dir inside the adapter makes
+    # preflight stop at its first check, after the policy but before the dataset is looked up on the hub.
+    for name in offline:
+        monkeypatch.delenv(name)
+    hub = write_config(tmp_path / "hub.yaml", tiny_base, tiny_adapter, text_files, tiny_adapter / "run")
+    assert main(["validate", str(hub), "--set", "evaluation.text={dataset: x}"]) == EXIT_BAD_INPUT
+    assert f"output_dir {tiny_adapter / 'run'} is inside adapter.path" in capsys.readouterr().err
+    assert [os.environ.get(name) for name in offline] == [None, None]
 
 
-def test_a_tokenizer_with_its_own_code_needs_trust_remote_code(tmp_path, tiny_base, tiny_adapter, text_files,
-                                                               capsys):
+def test_a_tokenizer_with_its_own_code_needs_trust_remote_code(tmp_path, tiny_base, tiny_adapter, text_files, capsys):
     base = tmp_path / "custom-tokenizer"
     shutil.copytree(tiny_base, base)
     tokenizer_config = json.loads((base / "tokenizer_config.json").read_text())
@@ -234,24 +297,28 @@ def test_a_tokenizer_with_its_own_code_needs_trust_remote_code(tmp_path, tiny_ba
     (base / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     config = write_config(tmp_path / "run.yaml", base, tiny_adapter, text_files, tmp_path / "run")
     assert main(["validate", str(config)]) == EXIT_BAD_INPUT
-    assert (f"{base / 'tokenizer_config.json'}: the tokenizer ships its own Python code (auto_map), which "
-            "qlora-requant does not run unless trust_remote_code: true" in capsys.readouterr().err)
+    assert (
+        f"{base / 'tokenizer_config.json'}: the tokenizer ships its own Python code (auto_map), which "
+        "qlora-requant does not run unless trust_remote_code: true" in capsys.readouterr().err
+    )
 
 
-def test_yaml_is_loaded_safely(tmp_path, capsys):
+def test_yaml_is_loaded_safely(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # where the payload would create its file
     config = tmp_path / "run.yaml"
     config.write_text("output_dir: !!python/object/apply:os.system ['touch pwned']\n")
     assert main(["validate", str(config)]) == EXIT_BAD_INPUT
     assert f"{config}: not valid YAML" in capsys.readouterr().err
-    assert not Path("pwned").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
 
 
 @pytest.mark.parametrize("which", ["calibration", "eval"])
 def test_an_empty_text_file_exits_2_naming_it(tmp_path, tiny_base, tiny_adapter, text_files, which, capsys):
     empty = tmp_path / f"empty-{which}.txt"
     empty.write_text("\n\n")
-    config = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, {**text_files, which: empty},
-                          tmp_path / "run")
+    config = write_config(
+        tmp_path / "run.yaml", tiny_base, tiny_adapter, {**text_files, which: empty}, tmp_path / "run"
+    )
     assert main(["run", str(config)]) == EXIT_BAD_INPUT
     assert f"{empty}: holds no text" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
@@ -264,13 +331,22 @@ def test_missing_weights_and_a_missing_shard_exit_2(tmp_path, tiny_base, tiny_ad
     sharded = tmp_path / "sharded"
     shutil.copytree(tiny_base, sharded)
     (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
-    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
-                                            "b": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
+    }
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
-    for base, expected in ((no_weights, f"{no_weights}: no model.safetensors or model.safetensors.index.json; "
-                                        "give a Hugging Face checkpoint folder saved with safetensors"),
-                           (sharded, f"{sharded / 'model-00002-of-00002.safetensors'}: listed in "
-                                     "model.safetensors.index.json but missing")):
+    for base, expected in (
+        (
+            no_weights,
+            f"{no_weights}: no model.safetensors or model.safetensors.index.json; "
+            "give a Hugging Face checkpoint folder saved with safetensors",
+        ),
+        (
+            sharded,
+            f"{sharded / 'model-00002-of-00002.safetensors'}: listed in model.safetensors.index.json but missing",
+        ),
+    ):
         config = write_config(tmp_path / "run.yaml", base, tiny_adapter, text_files, tmp_path / "run")
         assert main(["validate", str(config)]) == EXIT_BAD_INPUT
         assert expected in capsys.readouterr().err

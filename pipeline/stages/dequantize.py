@@ -15,12 +15,27 @@ from pathlib import Path
 
 import torch
 
-from qlora_requant.pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, CheckpointReader, checkpoint_dtype, copy_side_files,
-                                 dtype_of, is_bnb_4bit, read_model_config, rewrite_checkpoint, write_model_config)
+from qlora_requant.pipeline.checkpoint import (
+    DEFAULT_MAX_SHARD_BYTES,
+    CheckpointReader,
+    checkpoint_dtype,
+    copy_side_files,
+    dtype_of,
+    is_bnb_4bit,
+    read_model_config,
+    rewrite_checkpoint,
+    write_model_config,
+)
 from qlora_requant.pipeline.config import BaseSection
 from qlora_requant.pipeline.context import StageContext
 from qlora_requant.quant.errors import InputError
-from qlora_requant.quant.nf4 import QUANT_STATE_SUFFIXES, Bnb4bitSettings, dequantize_stored, quantized_module_names, roundtrip_4bit
+from qlora_requant.quant.nf4 import (
+    QUANT_STATE_SUFFIXES,
+    Bnb4bitSettings,
+    dequantize_stored,
+    quantized_module_names,
+    roundtrip_4bit,
+)
 from qlora_requant.quant.norms import relative_error
 
 log = logging.getLogger(__name__)
@@ -29,9 +44,14 @@ log = logging.getLogger(__name__)
 def bnb_settings(section: BaseSection) -> Bnb4bitSettings:
     """Bnb4bitSettings from the config's base.bnb section."""
     bnb = section.bnb
-    return Bnb4bitSettings(quant_type=bnb.quant_type, blocksize=bnb.blocksize, double_quant=bnb.double_quant,
-                           compute_dtype=dtype_of(bnb.compute_dtype), quant_storage=dtype_of(bnb.quant_storage),
-                           skip_modules=tuple(bnb.skip_modules))
+    return Bnb4bitSettings(
+        quant_type=bnb.quant_type,
+        blocksize=bnb.blocksize,
+        double_quant=bnb.double_quant,
+        compute_dtype=dtype_of(bnb.compute_dtype),
+        quant_storage=dtype_of(bnb.quant_storage),
+        skip_modules=tuple(bnb.skip_modules),
+    )
 
 
 def load_dtype(section: BaseSection, model_config: dict) -> torch.dtype:
@@ -43,17 +63,24 @@ def load_dtype(section: BaseSection, model_config: dict) -> torch.dtype:
 
 def prequantized_settings(section: BaseSection, quantization: dict) -> Bnb4bitSettings:
     """Settings stored in a bitsandbytes 4-bit checkpoint; refuse a config that contradicts them."""
-    stored = dict(quant_type=quantization.get("bnb_4bit_quant_type", "nf4"),
-                  double_quant=bool(quantization.get("bnb_4bit_use_double_quant", False)),
-                  compute_dtype=quantization.get("bnb_4bit_compute_dtype", "float32"),
-                  quant_storage=quantization.get("bnb_4bit_quant_storage", "uint8"))
+    stored = dict(
+        quant_type=quantization.get("bnb_4bit_quant_type", "nf4"),
+        double_quant=bool(quantization.get("bnb_4bit_use_double_quant", False)),
+        compute_dtype=quantization.get("bnb_4bit_compute_dtype", "float32"),
+        quant_storage=quantization.get("bnb_4bit_quant_storage", "uint8"),
+    )
     for key in section.bnb.model_fields_set & stored.keys():
         if getattr(section.bnb, key) != stored[key]:
-            raise InputError(f"base.bnb.{key} is {getattr(section.bnb, key)!r} but {section.path / 'config.json'} "
-                             f"was saved with {stored[key]!r}; remove the key or make it match")
-    return Bnb4bitSettings(quant_type=stored["quant_type"], double_quant=stored["double_quant"],
-                           compute_dtype=dtype_of(stored["compute_dtype"]),
-                           quant_storage=dtype_of(stored["quant_storage"]))
+            raise InputError(
+                f"base.bnb.{key} is {getattr(section.bnb, key)!r} but {section.path / 'config.json'} "
+                f"was saved with {stored[key]!r}; remove the key or make it match"
+            )
+    return Bnb4bitSettings(
+        quant_type=stored["quant_type"],
+        double_quant=stored["double_quant"],
+        compute_dtype=dtype_of(stored["compute_dtype"]),
+        quant_storage=dtype_of(stored["quant_storage"]),
+    )
 
 
 def check_base(section: BaseSection, model_config: dict) -> None:
@@ -61,8 +88,10 @@ def check_base(section: BaseSection, model_config: dict) -> None:
     in 4-bit with settings the config contradicts."""
     quantization = model_config.get("quantization_config")
     if quantization and not is_bnb_4bit(model_config):
-        raise InputError(f"{section.path / 'config.json'}: base is quantized with "
-                         f"{quantization.get('quant_method')!r}; give a 16-bit or bitsandbytes 4-bit checkpoint")
+        raise InputError(
+            f"{section.path / 'config.json'}: base is quantized with "
+            f"{quantization.get('quant_method')!r}; give a 16-bit or bitsandbytes 4-bit checkpoint"
+        )
     if quantization:
         prequantized_settings(section, quantization)
 
@@ -110,8 +139,11 @@ class DequantizedBase:
 
     def get(self, key: str) -> torch.Tensor:
         if key in self._packed:
-            state = {suffix[1:]: self._reader.get(key + suffix) for suffix in QUANT_STATE_SUFFIXES
-                     if key + suffix in self._reader}
+            state = {
+                suffix[1:]: self._reader.get(key + suffix)
+                for suffix in QUANT_STATE_SUFFIXES
+                if key + suffix in self._reader
+            }
             return dequantize_stored(self._reader.get(key).to(self.device), state).cpu()
         tensor = self._reader.get(key)
         if key not in self._quantized:
@@ -125,27 +157,36 @@ class DequantizedBase:
 
     def describe(self) -> dict:
         """Where the weights come from and how they were quantized, for the stage summary."""
-        return {"source": "bitsandbytes 4-bit" if self._packed else "16-bit",
-                "dtype": str(self.dtype).removeprefix("torch."),
-                "quantized": len(self._packed or self._quantized),
-                "settings": {"quant_type": self.settings.quant_type, "blocksize": self.settings.blocksize,
-                             "double_quant": self.settings.double_quant,
-                             "quant_storage": str(self.settings.quant_storage).removeprefix("torch."),
-                             "skip_modules": list(self.settings.skip_modules)}}
+        return {
+            "source": "bitsandbytes 4-bit" if self._packed else "16-bit",
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "quantized": len(self._packed or self._quantized),
+            "settings": {
+                "quant_type": self.settings.quant_type,
+                "blocksize": self.settings.blocksize,
+                "double_quant": self.settings.double_quant,
+                "quant_storage": str(self.settings.quant_storage).removeprefix("torch."),
+                "skip_modules": list(self.settings.skip_modules),
+            },
+        }
 
     def _modules_quantized_at_load(self) -> tuple[set[str], set[str]]:
         from transformers import CONFIG_MAPPING, AutoConfig
 
         model_type = self.model_config.get("model_type")
         if model_type not in CONFIG_MAPPING:
-            raise InputError(f"{self.model_dir / 'config.json'}: model_type {model_type!r} is not an architecture "
-                             "built into this transformers version; only built-in architectures are supported")
+            raise InputError(
+                f"{self.model_dir / 'config.json'}: model_type {model_type!r} is not an architecture "
+                "built into this transformers version; only built-in architectures are supported"
+            )
         linear, conv1d = quantized_module_names(AutoConfig.for_model(**self.model_config), self.settings)
         expected = {f"{name}.weight" for name in linear | conv1d}
         missing = sorted(expected - set(self._reader.keys()))
         if missing:
-            raise InputError(f"{self.model_dir}: no tensor {missing[0]!r}, which transformers would quantize; "
-                             "the checkpoint does not match its config.json")
+            raise InputError(
+                f"{self.model_dir}: no tensor {missing[0]!r}, which transformers would quantize; "
+                "the checkpoint does not match its config.json"
+            )
         return expected, conv1d
 
     def _state(self, key: str) -> dict:
@@ -155,19 +196,27 @@ class DequantizedBase:
     def _stored_dtype(self) -> torch.dtype:
         dtypes = {self._state(key)["dtype"] for key in self._packed}
         if len(dtypes) != 1:
-            raise InputError(f"{self.model_dir}: found {len(self._packed)} 4-bit weights with dtypes "
-                             f"{sorted(dtypes)}; expected one dtype")
+            raise InputError(
+                f"{self.model_dir}: found {len(self._packed)} 4-bit weights with dtypes "
+                f"{sorted(dtypes)}; expected one dtype"
+            )
         return dtype_of(dtypes.pop(), str(self.model_dir))
 
 
 def run(context: StageContext, out: Path, *, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
     """Write the base as the adapter saw it (see DequantizedBase) into `out` as a 16-bit checkpoint."""
     base = context.inputs.base
-    copied = rewrite_checkpoint(base, out, lambda key, reader: {key: reader.get(key)}, max_shard_size,
-                                what="dequantize") - base.describe()["quantized"]
+    copied = (
+        rewrite_checkpoint(base, out, lambda key, reader: {key: reader.get(key)}, max_shard_size, what="dequantize")
+        - base.describe()["quantized"]
+    )
     write_model_config(base.model_config, out, base.dtype)
     copy_side_files(base.model_dir, out)
     summary = {**base.describe(), "copied": copied}
-    log.info("dequantize: %d weights through 4-bit, %d tensors copied, dtype %s",
-             summary["quantized"], copied, summary["dtype"])
+    log.info(
+        "dequantize: %d weights through 4-bit, %d tensors copied, dtype %s",
+        summary["quantized"],
+        copied,
+        summary["dtype"],
+    )
     return summary

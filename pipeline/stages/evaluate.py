@@ -48,18 +48,25 @@ class Scorer:
         started = time.perf_counter()
         scores = score_windows(model, self.windows, self.section.batch_size, self.reference, record)
         tokens = self.windows.scored_tokens().tolist()
-        self.models[name] = {"ppl": perplexity(scores["nll"], tokens), "tokens": sum(tokens),
-                             "windows": len(tokens), "seconds": round(time.perf_counter() - started, 2),
-                             "window_tokens": tokens, "window_nll": scores["nll"],
-                             **({} if record else {"window_kl": scores["kl"], "window_top1": scores["top1_agree"]})}
+        self.models[name] = {
+            "ppl": perplexity(scores["nll"], tokens),
+            "tokens": sum(tokens),
+            "windows": len(tokens),
+            "seconds": round(time.perf_counter() - started, 2),
+            "window_tokens": tokens,
+            "window_nll": scores["nll"],
+            **({} if record else {"window_kl": scores["kl"], "window_top1": scores["top1_agree"]}),
+        }
         log.info("evaluate: %-9s ppl %.4f on %d tokens", name, self.models[name]["ppl"], sum(tokens))
         if generate and self.section.prompts:
-            self.generations[name] = greedy_continuations(model, self.tokenizer, self.section.prompts,
-                                                          self.section.max_new_tokens)
+            self.generations[name] = greedy_continuations(
+                model, self.tokenizer, self.section.prompts, self.section.max_new_tokens
+            )
 
 
-def run(context: StageContext, out: Path, *, evaluation: EvaluationSection, adapter: AdapterSection,
-        models: list[str]) -> dict:
+def run(
+    context: StageContext, out: Path, *, evaluation: EvaluationSection, adapter: AdapterSection, models: list[str]
+) -> dict:
     """Score baseline, base_nf4 and each of `models` (merged, gptq, ...: checkpoints of this run) on the same
     windows; write results.json into `out`.
 
@@ -70,18 +77,32 @@ def run(context: StageContext, out: Path, *, evaluation: EvaluationSection, adap
     section, device, base, texts = evaluation, context.device, context.inputs.base, context.inputs.eval_texts
     model_dirs = {name: context.layout.model_dir(name) for name in models}
     tokenizer = AutoTokenizer.from_pretrained(model_dirs[models[0]], trust_remote_code=context.trust_remote_code)
-    windows = eval_windows(token_stream(tokenizer, texts), section.seq_len, section.max_windows, section.stride,
-                           tokenizer.bos_token_id if section.bos else None, where=section.text.describe())
+    windows = eval_windows(
+        token_stream(tokenizer, texts),
+        section.seq_len,
+        section.max_windows,
+        section.stride,
+        tokenizer.bos_token_id if section.bos else None,
+        where=section.text.describe(),
+    )
     vocab = len(tokenizer)
-    require_free_space(out, len(windows) * (windows.seq_len - 1) * vocab * 4,
-                       f"the baseline's log-probabilities ({len(windows)} windows x {windows.seq_len - 1} tokens x "
-                       f"{vocab} vocabulary, float32; lower evaluation.max_windows to shrink it)")
+    require_free_space(
+        out,
+        len(windows) * (windows.seq_len - 1) * vocab * 4,
+        f"the baseline's log-probabilities ({len(windows)} windows x {windows.seq_len - 1} tokens x "
+        f"{vocab} vocabulary, float32; lower evaluation.max_windows to shrink it)",
+    )
     scorer = Scorer(section, windows, tokenizer, out / BASELINE_REFERENCE)
 
     prequantized = is_bnb_4bit(base.model_config)  # a 4-bit save loads with its own quantization_config
-    separate = load_separate_adapter(base.model_dir, adapter.weighted(), adapter.combination,
-                                     None if prequantized else base.settings.to_transformers(),
-                                     "auto" if prequantized else base.dtype, device)
+    separate = load_separate_adapter(
+        base.model_dir,
+        adapter.weighted(),
+        adapter.combination,
+        None if prequantized else base.settings.to_transformers(),
+        "auto" if prequantized else base.dtype,
+        device,
+    )
     scorer.score("baseline", separate, record=True)
     with separate.disable_adapter():
         scorer.score("base_nf4", separate, generate=False)
@@ -95,15 +116,27 @@ def run(context: StageContext, out: Path, *, evaluation: EvaluationSection, adap
         gc.collect()
     (out / BASELINE_REFERENCE).unlink()
 
-    protocol = {"kind": "sliding windows" if section.stride else "non-overlapping windows",
-                "seq_len": section.seq_len, "stride": section.stride, "bos": section.bos,
-                "windows": len(windows), "tokens": int(windows.scored_tokens().sum()),
-                "compute_dtype": str(plain_dtype).removeprefix("torch."), "text": section.text.describe(),
-                "documents": len(texts)}
+    protocol = {
+        "kind": "sliding windows" if section.stride else "non-overlapping windows",
+        "seq_len": section.seq_len,
+        "stride": section.stride,
+        "bos": section.bos,
+        "windows": len(windows),
+        "tokens": int(windows.scored_tokens().sum()),
+        "compute_dtype": str(plain_dtype).removeprefix("torch."),
+        "text": section.text.describe(),
+        "documents": len(texts),
+    }
     models = {"base_nf4": scorer.models["base_nf4"], **scorer.models}  # display order: base_nf4 first
-    results = {"protocol": protocol, "models": models,
-               "generations": {"prompts": section.prompts, "max_new_tokens": section.max_new_tokens,
-                               "outputs": scorer.generations}}
+    results = {
+        "protocol": protocol,
+        "models": models,
+        "generations": {
+            "prompts": section.prompts,
+            "max_new_tokens": section.max_new_tokens,
+            "outputs": scorer.generations,
+        },
+    }
     (out / RESULTS).write_text(json.dumps(results, indent=1) + "\n")
     return {"windows": len(windows), "models": list(scorer.models)}
 

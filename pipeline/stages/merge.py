@@ -14,13 +14,29 @@ from pathlib import Path
 
 import torch
 
-from qlora_requant.pipeline.checkpoint import (DEFAULT_MAX_SHARD_BYTES, CheckpointReader, TensorSource, copy_side_files,
-                                               dtype_of, rewrite_checkpoint, write_model_config)
+from qlora_requant.pipeline.checkpoint import (
+    DEFAULT_MAX_SHARD_BYTES,
+    CheckpointReader,
+    TensorSource,
+    copy_side_files,
+    dtype_of,
+    rewrite_checkpoint,
+    write_model_config,
+)
 from qlora_requant.pipeline.config import AdapterSection
 from qlora_requant.pipeline.context import StageContext
 from qlora_requant.quant.errors import InputError
-from qlora_requant.quant.merge import (AdapterError, LoraAdapter, LoraModule, combine_adapters, lora_delta, lora_delta_shape,
-                         merge_bias, merge_weight, read_lora_adapter)
+from qlora_requant.quant.merge import (
+    AdapterError,
+    LoraAdapter,
+    LoraModule,
+    combine_adapters,
+    lora_delta,
+    lora_delta_shape,
+    merge_bias,
+    merge_weight,
+    read_lora_adapter,
+)
 from qlora_requant.quant.norms import relative_error
 
 log = logging.getLogger(__name__)
@@ -34,22 +50,44 @@ def load_adapter(section: AdapterSection, allow_pickle: bool = False) -> LoraAda
     return combine_adapters([a for a, _ in adapters], [w for _, w in adapters], section.combination)
 
 
-def run(context: StageContext, out: Path, *, adapter: AdapterSection, dtype: str | None, merge_base: str,
-        max_shard_size: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
+def run(
+    context: StageContext,
+    out: Path,
+    *,
+    adapter: AdapterSection,
+    dtype: str | None,
+    merge_base: str,
+    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+) -> dict:
     """Merge into the NF4 round trip of the base (merge_base nf4), streamed from the base checkpoint, or
     into its original 16-bit weights (original); the merged dtype defaults to the base's load dtype."""
     base = context.inputs.base
     source = base if merge_base == "nf4" else CheckpointReader(base.model_dir, context.allow_pickle)
-    summary = merge_checkpoint(source, base.model_config, adapter, dtype_of(dtype) if dtype else base.dtype, out,
-                               max_shard_size, context.device, context.allow_pickle)
+    summary = merge_checkpoint(
+        source,
+        base.model_config,
+        adapter,
+        dtype_of(dtype) if dtype else base.dtype,
+        out,
+        max_shard_size,
+        context.device,
+        context.allow_pickle,
+    )
     if merge_base == "nf4":
         summary["base"] = {**base.describe(), "roundtrip_error": base.roundtrip_errors}
     return summary
 
 
-def merge_checkpoint(source: TensorSource, model_config: dict, section: AdapterSection, dtype: torch.dtype,
-                     out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, device: str = "cpu",
-                     allow_pickle: bool = False) -> dict:
+def merge_checkpoint(
+    source: TensorSource,
+    model_config: dict,
+    section: AdapterSection,
+    dtype: torch.dtype,
+    out_dir: Path,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    device: str = "cpu",
+    allow_pickle: bool = False,
+) -> dict:
     """Merge the adapter(s) of `section` into the tensors of `source`, writing a `dtype` checkpoint
     with `model_config` into `out_dir`, doing the math on `device`; return a summary."""
     adapter = load_adapter(section, allow_pickle)
@@ -59,8 +97,10 @@ def merge_checkpoint(source: TensorSource, model_config: dict, section: AdapterS
     wanted += [f"{name}.bias" for name, m in adapter.modules.items() if m.bias is not None]
     absent = sorted(key for key in wanted if key not in source)
     if absent:
-        raise AdapterError(f"{where}: needs {len(absent)} tensor(s) the base does not have, e.g. {absent[0]!r}; "
-                           "was the adapter trained on another base model?")
+        raise AdapterError(
+            f"{where}: needs {len(absent)} tensor(s) the base does not have, e.g. {absent[0]!r}; "
+            "was the adapter trained on another base model?"
+        )
     _check_shapes(adapter, source, where)
     changes: dict[str, float] = {}
 
@@ -69,8 +109,10 @@ def merge_checkpoint(source: TensorSource, model_config: dict, section: AdapterS
         if tensor is None:
             tensor = reader.get(key)
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise InputError(f"{source.model_dir}: tensor {key!r} contains NaN or Inf; the base checkpoint is "
-                                 "corrupt; re-download or re-save it")
+                raise InputError(
+                    f"{source.model_dir}: tensor {key!r} contains NaN or Inf; the base checkpoint is "
+                    "corrupt; re-download or re-save it"
+                )
         module_name, _, kind = key.rpartition(".")
         module = modules_on_device.get(module_name)
         if module is not None and kind == "weight":
@@ -85,11 +127,18 @@ def merge_checkpoint(source: TensorSource, model_config: dict, section: AdapterS
     rewrite_checkpoint(source, out_dir, transform, max_shard_bytes, what="merge")
     write_model_config(model_config, out_dir, dtype)
     copy_side_files(source.model_dir, out_dir)
-    log.info("merge: %d LoRA modules merged in fp32 and %d tensors replaced, written as %s",
-             len(adapter.modules), len(adapter.replacements), dtype)
-    return {"modules_merged": len(adapter.modules), "tensors_replaced": sorted(adapter.replacements),
-            "dtype": str(dtype).removeprefix("torch."),
-            "relative_change": dict(sorted(changes.items(), key=lambda item: -item[1]))}
+    log.info(
+        "merge: %d LoRA modules merged in fp32 and %d tensors replaced, written as %s",
+        len(adapter.modules),
+        len(adapter.replacements),
+        dtype,
+    )
+    return {
+        "modules_merged": len(adapter.modules),
+        "tensors_replaced": sorted(adapter.replacements),
+        "dtype": str(dtype).removeprefix("torch."),
+        "relative_change": dict(sorted(changes.items(), key=lambda item: -item[1])),
+    }
 
 
 def _check_shapes(adapter: LoraAdapter, reader: TensorSource, where: str) -> None:
@@ -98,14 +147,19 @@ def _check_shapes(adapter: LoraAdapter, reader: TensorSource, where: str) -> Non
     expected.update({key: (tensor.shape, "saved tensor") for key, tensor in adapter.replacements.items()})
     for key, (shape, what) in sorted(expected.items()):
         if shape != reader.shape(key):
-            raise AdapterError(f"{where}: {what} for {key} has shape {tuple(shape)} but the base's is "
-                               f"{tuple(reader.shape(key))}; was the adapter trained on another base model?")
+            raise AdapterError(
+                f"{where}: {what} for {key} has shape {tuple(shape)} but the base's is "
+                f"{tuple(reader.shape(key))}; was the adapter trained on another base model?"
+            )
 
 
 def _to_device(module: LoraModule, device: str) -> LoraModule:
     """The module with its tensors on `device` (the same object on CPU)."""
     if device == "cpu":
         return module
-    moved = {f.name: getattr(module, f.name).to(device) for f in dataclasses.fields(module)
-             if isinstance(getattr(module, f.name), torch.Tensor)}
+    moved = {
+        f.name: getattr(module, f.name).to(device)
+        for f in dataclasses.fields(module)
+        if isinstance(getattr(module, f.name), torch.Tensor)
+    }
     return dataclasses.replace(module, **moved)

@@ -3,7 +3,8 @@
 Reads run.json (resolved config, device, library versions), stages/<name>.json (each stage's summary,
 time and memory), evaluation/results.json (per-window scores and generations) and gptqmodel's
 quant_log.csv in the GPTQ folder. Writes report.json, report.md, report.html and the GPTQ folder's
-README.md (model card). `qlora-requant report RUN_DIR` runs this alone, without loading a model.
+README.md (model card). report.json is the dump of a validated `Report` (eval/schema.py), which every
+other file is rendered from. `qlora-requant report RUN_DIR` runs this alone, without loading a model.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from qlora_requant.eval.compare import RELEASE_MODEL, change, compare_to_baseline, judge_gates
 from qlora_requant.eval.model_card import render_model_card
-from qlora_requant.eval.report import SCHEMA_VERSION, render_reports
+from qlora_requant.eval.report import render_reports
+from qlora_requant.eval.schema import SCHEMA_VERSION, GptqLoss, Report
 from qlora_requant.pipeline.files import write_atomically
 from qlora_requant.pipeline.layout import GPTQ_LOSS_LOG, MODEL_CARD, REPORT_FILES, RunLayout
 from qlora_requant.quant.errors import InputError
@@ -25,8 +29,9 @@ def read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise InputError(f"{path}: missing, so {what} is not there; run `qlora-requant run` on this "
-                         "run's config first") from None
+        raise InputError(
+            f"{path}: missing, so {what} is not there; run `qlora-requant run` on this run's config first"
+        ) from None
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc}); re-run the stage that writes it") from None
 
@@ -37,64 +42,90 @@ def stage_records(layout: RunLayout, planned: list[str]) -> dict[str, dict]:
     return {name: records[name] for name in planned if "summary" in records.get(name, {})}
 
 
-def gptq_losses(gptq_dir: Path) -> list[dict]:
+def gptq_losses(gptq_dir: Path) -> list[GptqLoss]:
     """gptqmodel's per-module GPTQ loss (quant_log.csv), or nothing if it wrote none."""
     path = gptq_dir / GPTQ_LOSS_LOG
     if not path.is_file():
         return []
     with path.open(newline="") as file:
-        return [{"layer": int(row["layer"]), "module": row["module"], "loss": float(row["loss"])}
-                for row in csv.DictReader(file)]
+        return [
+            GptqLoss(layer=int(row["layer"]), module=row["module"], loss=float(row["loss"]))
+            for row in csv.DictReader(file)
+        ]
 
 
-def build_report(layout: RunLayout) -> tuple[dict, dict]:
-    """The report of a run directory, and the evaluation results it was computed from."""
+def build_report(layout: RunLayout) -> tuple[Report, dict]:
+    """The report of a run directory, validated, and the evaluation results it was computed from."""
     run_dir = layout.root
     run = read_json(layout.run_record, "the run's record")
     results = read_json(layout.results, "the evaluation's results")
     stages = stage_records(layout, run.get("stages", []))
     unfinished = [name for name in ("merge", "requantize", "evaluate") if name not in stages]
     if unfinished:
-        raise InputError(f"{run_dir}: the {unfinished[0]} stage has no completed record (the run was "
-                         "interrupted or failed); run `qlora-requant run` with the run's config to finish it")
+        raise InputError(
+            f"{run_dir}: the {unfinished[0]} stage has no completed record (the run was "
+            "interrupted or failed); run `qlora-requant run` with the run's config to finish it"
+        )
+    try:
+        return _assemble(layout, run, results, stages), results
+    except (KeyError, TypeError, ValidationError) as exc:
+        raise InputError(
+            f"{run_dir}: its records do not hold what this version of qlora-requant reports "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0]}); they were written by another "
+            "version or edited: re-run `qlora-requant run` with the run's config"
+        ) from None
+
+
+def _assemble(layout: RunLayout, run: dict, results: dict, stages: dict[str, dict]) -> Report:
+    """The report from the run record, the evaluation's results and the stage records."""
     config, evaluation = run["config"], run["config"]["evaluation"]
     compared = compare_to_baseline(results["models"], evaluation["bootstrap_samples"], evaluation["seed"])
     merge = stages["merge"]["summary"]
     artifacts = {name: str(layout.model_dir(name)) for name in results["models"] if layout.model_dir(name).is_dir()}
     if "dequantize" in stages:
         artifacts["dequantized"] = str(layout.dequantized)
-    report = {
-        "schema_version": SCHEMA_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": run["device"],
-        "protocol": {**results["protocol"], "bootstrap_samples": evaluation["bootstrap_samples"],
-                     "seed": evaluation["seed"]},
-        "models": compared,
-        "adapter_ppl_change_pct": change(compared["baseline"]["ppl"], compared["base_nf4"]["ppl"])["pct"],
-        "gate": judge_gates(compared, config["gate"]),
-        "merge_base": config["merge"]["merge_base"],
-        "requantize": stages["requantize"]["summary"],
-        "loss_sources": {"gptq_error": gptq_losses(layout.model_dir(RELEASE_MODEL)),
-                         "nf4_roundtrip_error": merge.get("base", {}).get("roundtrip_error", {}),
-                         "merge_relative_change": merge["relative_change"]},
-        "generations": results["generations"],
-        "artifacts": artifacts,
-        "stages": {name: {"finished": record["finished"], **record["measures"], **record["summary"]}
-                   for name, record in stages.items()},
-        "output_sha256": {name: {path: entry["sha256"] for path, entry in record["outputs"].items()}
-                          for name, record in stages.items()},
-        "versions": run["versions"],
-        "config": config,
-    }
-    return report, results
+    return Report.model_validate(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "device": run["device"],
+            "protocol": {
+                **results["protocol"],
+                "bootstrap_samples": evaluation["bootstrap_samples"],
+                "seed": evaluation["seed"],
+            },
+            "models": compared,
+            "adapter_ppl_change_pct": change(compared["baseline"]["ppl"], compared["base_nf4"]["ppl"])["pct"],
+            "gate": judge_gates(compared, config["gate"]),
+            "merge_base": config["merge"]["merge_base"],
+            "requantize": stages["requantize"]["summary"],
+            "loss_sources": {
+                "gptq_error": gptq_losses(layout.model_dir(RELEASE_MODEL)),
+                "nf4_roundtrip_error": merge.get("base", {}).get("roundtrip_error", {}),
+                "merge_relative_change": merge["relative_change"],
+            },
+            "generations": results["generations"],
+            "artifacts": artifacts,
+            "stages": {
+                name: {"finished": record["finished"], **record["measures"], **record["summary"]}
+                for name, record in stages.items()
+            },
+            "output_sha256": {
+                name: {path: entry["sha256"] for path, entry in record["outputs"].items()}
+                for name, record in stages.items()
+            },
+            "versions": run["versions"],
+            "config": config,
+        }
+    )
 
 
-def write_reports(layout: RunLayout) -> dict:
+def write_reports(layout: RunLayout) -> Report:
     """Build the report from the run directory and write every report file and the model card."""
     report, results = build_report(layout)
     for name, text in zip(REPORT_FILES, render_reports(report, results)):
         write_atomically(layout.report_file(name), text)
     gptq_dir = layout.model_dir(RELEASE_MODEL)
-    base_model = report["config"]["base"].get("model_id") or Path(report["config"]["base"]["path"]).name
+    base_model = report.config["base"].get("model_id") or Path(report.config["base"]["path"]).name
     write_atomically(gptq_dir / MODEL_CARD, render_model_card(report, base_model, gptq_dir.name))
     return report

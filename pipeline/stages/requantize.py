@@ -26,19 +26,48 @@ def run(context: StageContext, out: Path, *, requantize: RequantizeSection, merg
     section, calibration = requantize, requantize.calibration
     merged_dir = context.layout.model_dir(merged)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=context.trust_remote_code)
-    windows = calibration_windows(token_stream(tokenizer, context.inputs.calibration_texts), calibration.n_samples,
-                                  calibration.seq_len, calibration.seed, where=calibration.describe())
-    settings = GptqSettings(bits=section.bits, group_size=section.group_size, desc_act=section.desc_act,
-                            sym=section.sym, damp_percent=section.damp_percent, batch_size=section.batch_size)
-    gptq_quantize(merged_dir, windows, settings, context.device, out, log_dir=context.layout.gptq_logs,
-                  trust_remote_code=context.trust_remote_code)
+    windows = calibration_windows(
+        token_stream(tokenizer, context.inputs.calibration_texts),
+        calibration.n_samples,
+        calibration.seq_len,
+        calibration.seed,
+        where=calibration.describe(),
+    )
+    settings = GptqSettings(
+        bits=section.bits,
+        group_size=section.group_size,
+        desc_act=section.desc_act,
+        sym=section.sym,
+        damp_percent=section.damp_percent,
+        batch_size=section.batch_size,
+    )
+    gptq_quantize(
+        merged_dir,
+        windows,
+        settings,
+        context.device,
+        out,
+        log_dir=context.layout.gptq_logs,
+        trust_remote_code=context.trust_remote_code,
+    )
     for name in ("config.json", "quantize_config.json"):
         _drop_run_specific_keys(out / name)
-    log.info("requantize: GPTQ %d-bit g%d on %d windows of %d tokens", section.bits, section.group_size,
-             len(windows), calibration.seq_len)
-    return {"bits": section.bits, "group_size": section.group_size, "desc_act": section.desc_act,
-            "sym": section.sym, "damp_percent": section.damp_percent,
-            "calibration_windows": len(windows), "calibration_seq_len": calibration.seq_len}
+    log.info(
+        "requantize: GPTQ %d-bit g%d on %d windows of %d tokens",
+        section.bits,
+        section.group_size,
+        len(windows),
+        calibration.seq_len,
+    )
+    return {
+        "bits": section.bits,
+        "group_size": section.group_size,
+        "desc_act": section.desc_act,
+        "sym": section.sym,
+        "damp_percent": section.damp_percent,
+        "calibration_windows": len(windows),
+        "calibration_seq_len": calibration.seq_len,
+    }
 
 
 def estimate_gptq_bytes(merged_dir: Path, bits: int) -> int:

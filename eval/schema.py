@@ -1,0 +1,199 @@
+"""The typed schema of report.json, the quality report of a run.
+
+pipeline/stages/report.py builds a `Report` (validated when built) and writes report.json as its dump; report.md,
+report.html, the model card and the console read the same `Report`. Scripts can load report.json with
+`Report.model_validate_json`, or check it against report.schema.json at the repository root: the JSON Schema
+of `Report`. After changing a model here, regenerate that file (a test fails while it is stale):
+
+    python -m qlora_requant.eval.schema > report.schema.json
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import JsonDict, SkipJsonSchema
+
+from qlora_requant.eval.compare import BASELINE
+
+SCHEMA_VERSION = 2  # Report.schema_version; raise both when a change breaks readers of report.json
+
+GateName = Literal["max_ppl_increase_pct", "max_kl", "min_top1_agreement"]
+
+
+def _no_default(schema: JsonDict) -> None:
+    del schema["default"]
+
+
+def _omitted(description: str) -> Any:
+    """A field that report.json leaves out where it does not apply; never written as null."""
+    return Field(None, description=description, exclude_if=lambda value: value is None, json_schema_extra=_no_default)
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Protocol(_Closed):
+    """How every model was scored: the same token windows of the evaluation text for all."""
+
+    kind: Literal["sliding windows", "non-overlapping windows"] = Field(description="How windows are cut.")
+    seq_len: int = Field(description="Tokens per window.")
+    stride: int | None = Field(description="Tokens between sliding windows; null for non-overlapping windows.")
+    bos: bool = Field(description="Whether a BOS token is prepended to each window.")
+    windows: int = Field(description="Number of windows.")
+    tokens: int = Field(description="Scored tokens per model.")
+    compute_dtype: str = Field(description="dtype the merged and GPTQ models were scored in.")
+    text: str = Field(description="The evaluation text, as the config names it.")
+    documents: int = Field(description="Documents in the evaluation text.")
+    bootstrap_samples: int = Field(description="Resamples of the paired bootstrap over windows.")
+    seed: int = Field(description="Seed of the bootstrap.")
+
+
+class ModelScores(_Closed):
+    """One model's scores against the baseline (the NF4 base with the adapter unmerged, as trained)."""
+
+    ppl: float = Field(description="Perplexity over the scored tokens.")
+    tokens: int = Field(description="Scored tokens.")
+    windows: int = Field(description="Scored windows.")
+    delta_ppl: float = Field(description="PPL minus the baseline's PPL.")
+    delta_pct: float = Field(description="PPL change against the baseline, percent.")
+    delta_pct_ci95: tuple[float, float] | SkipJsonSchema[None] = _omitted(
+        "Paired bootstrap 95% interval of delta_pct, [low, high]; on every row but the baseline's."
+    )
+    kl: float | SkipJsonSchema[None] = _omitted(
+        "Mean token KL(baseline || model), nats; on every row but the baseline's."
+    )
+    top1_agreement: float | SkipJsonSchema[None] = _omitted(
+        "Share of scored tokens where model and baseline predict the same next token; on every row but the baseline's."
+    )
+
+
+class GateCheck(_Closed):
+    """One configured gate, judged on the release model (GPTQ)."""
+
+    name: GateName = Field(description="The gate's config key under gate.")
+    value: float = Field(description="The measured value; for the PPL gate the upper bound of the 95% interval.")
+    limit: float = Field(description="The configured limit.")
+    passed: bool = Field(description="Whether the value is within the limit.")
+    message: str = Field(description="The verdict in words.")
+
+
+class Gate(_Closed):
+    """The release gate: every configured check on GPTQ against the baseline."""
+
+    enabled: bool = Field(description="Whether any gate is configured.")
+    passed: bool = Field(description="Whether no check failed (true when none is configured).")
+    checks: list[GateCheck] = Field(description="Every configured check.")
+    failed: list[GateName] = Field(description="Names of the failed checks.")
+    message: str = Field(description="The failed checks in words, else every check's, else that none is configured.")
+
+
+class Requantize(_Closed):
+    """The GPTQ settings the release model was quantized with."""
+
+    bits: int = Field(description="Bits per weight.")
+    group_size: int = Field(description="Weights per quantization group.")
+    desc_act: bool = Field(description="Whether columns were quantized in order of decreasing activation.")
+    sym: bool = Field(description="Whether quantization is symmetric.")
+    damp_percent: float = Field(description="Hessian dampening, as a fraction of its mean diagonal.")
+    calibration_windows: int = Field(description="Calibration windows.")
+    calibration_seq_len: int = Field(description="Tokens per calibration window.")
+
+
+class GptqLoss(_Closed):
+    """gptqmodel's GPTQ loss of one module."""
+
+    layer: int = Field(description="Decoder layer index.")
+    module: str = Field(description="Module within the layer, e.g. self_attn.q_proj.")
+    loss: float = Field(description="GPTQ loss, as gptqmodel's quant_log.csv reports it.")
+
+
+class LossSources(_Closed):
+    """Where the loss comes from: re-quantization, the NF4 round trip of the base, the merge."""
+
+    gptq_error: list[GptqLoss] = Field(
+        description="Per module, in quantization order; empty when gptqmodel wrote no quant_log.csv."
+    )
+    nf4_roundtrip_error: dict[str, float] = Field(
+        description="Per base weight, ||W_nf4 - W|| / ||W|| of the NF4 round trip; empty when the merge went into "
+        "the original weights or the base is a 4-bit checkpoint."
+    )
+    merge_relative_change: dict[str, float] = Field(
+        description="Per merged weight, ||W_merged - W|| / ||W||, largest first."
+    )
+
+
+class Generations(_Closed):
+    """Greedy continuations of the configured prompts, side by side."""
+
+    prompts: list[str] = Field(description="The configured prompts.")
+    max_new_tokens: int = Field(description="New tokens generated per prompt.")
+    outputs: dict[str, list[str]] = Field(description="Per model (not base_nf4), one continuation per prompt.")
+
+
+class StageRecord(BaseModel):
+    """One completed stage: when it finished, its time and memory, then the keys of the stage's own summary."""
+
+    model_config = ConfigDict(extra="allow")
+
+    finished: float = Field(description="When the stage finished, seconds since the Unix epoch.")
+    rss_start_mb: float | SkipJsonSchema[None] = _omitted("Resident memory when the stage began, MB (Linux only).")
+    seconds: float = Field(description="Wall time, seconds.")
+    peak_rss_mb: float = Field(description="Peak resident memory during the stage, MB.")
+    peak_gpu_mb: float | SkipJsonSchema[None] = _omitted("Peak CUDA memory allocated, MB (CUDA only).")
+
+
+class Report(_Closed):
+    """report.json: the quality of the merged and GPTQ models against the model as trained, and how the run went."""
+
+    schema_version: Literal[2] = Field(description="Version of this schema; raised when a change breaks readers.")
+    created: str = Field(
+        description="When the report was built, ISO 8601 in UTC.", json_schema_extra={"format": "date-time"}
+    )
+    device: str = Field(description="Device the run computed on, e.g. cpu or cuda.")
+    protocol: Protocol
+    models: dict[str, ModelScores] = Field(
+        description="Per model, in the order scored: base_nf4 (NF4 base alone), baseline (the model as trained), "
+        "merged, gptq, and merged_<base> and gptq_<base> when both merge bases are compared."
+    )
+    adapter_ppl_change_pct: float = Field(
+        description="PPL change the adapter makes: baseline against base_nf4, percent."
+    )
+    gate: Gate
+    merge_base: Literal["nf4", "original"] = Field(
+        description="What the adapter was merged into: the dequantized NF4 weights or the original 16-bit ones."
+    )
+    requantize: Requantize
+    loss_sources: LossSources
+    generations: Generations
+    artifacts: dict[str, str] = Field(
+        description="Checkpoint folders the run wrote, by name (merged, gptq, ..., dequantized)."
+    )
+    stages: dict[str, StageRecord] = Field(description="Per completed stage, in run order.")
+    output_sha256: dict[str, dict[str, str]] = Field(
+        description="Per stage, the SHA-256 of each output file, by path relative to the run directory."
+    )
+    versions: dict[str, str] = Field(description="Versions of qlora-requant and the libraries it ran with.")
+    config: dict[str, Any] = Field(description="The resolved run config (see pipeline/config.py, RunConfig).")
+
+    @model_validator(mode="after")
+    def _rows_compared_with_the_baseline(self) -> Report:
+        if BASELINE not in self.models:
+            raise ValueError(f"models: no {BASELINE} row")
+        for name, row in self.models.items():
+            if name != BASELINE and None in (row.delta_pct_ci95, row.kl, row.top1_agreement):
+                raise ValueError(
+                    f"models.{name}: delta_pct_ci95, kl and top1_agreement are required on every row but the baseline's"
+                )
+        return self
+
+    def to_json(self) -> str:
+        """The text of report.json."""
+        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+
+
+if __name__ == "__main__":
+    print(json.dumps(Report.model_json_schema(), indent=2))

@@ -1,0 +1,75 @@
+"""The plan: which stages a config asks for, what each depends on, computed without touching anything."""
+
+from __future__ import annotations
+
+from qlora_requant.pipeline.config import load_config
+from qlora_requant.pipeline.plan import STAGE_KINDS, plan
+
+from support import base_section, write_config
+
+
+def stage_table(config) -> list[tuple]:
+    """What identifies each planned stage (everything but the work function)."""
+    return [(s.name, s.kind, s.output, s.settings, s.inputs) for s in plan(config)]
+
+
+def test_the_default_plan_merges_requantizes_and_evaluates(tmp_path, tiny_base, tiny_adapter, text_files):
+    config = load_config(write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, tmp_path / "run"))
+    stages = plan(config)
+    run = tmp_path / "run"
+    assert [(s.name, s.kind, s.output) for s in stages] == [
+        ("merge", "merge", run / "merged"),
+        ("requantize", "requantize", run / "gptq"),
+        ("evaluate", "evaluate", run / "evaluation"),
+    ]
+    merge, requantize, evaluate = stages
+    assert merge.inputs == (tiny_base, tiny_adapter)
+    assert requantize.inputs == (run / "merged", text_files["calibration"])
+    assert evaluate.inputs == (tiny_base, tiny_adapter, run / "merged", run / "gptq", text_files["eval"])
+    assert evaluate.settings["models"] == ["merged", "gptq"]
+    assert set(merge.settings) == {"base", "adapter", "dtype", "merge_base", "max_shard_size"}
+    assert merge.settings["merge_base"] == "nf4" and merge.settings["dtype"] == "float16"
+    assert requantize.settings["requantize"]["bits"] == 4
+    assert {stage.kind for stage in stages} <= set(STAGE_KINDS)
+
+
+def test_plan_is_pure(tmp_path, tiny_base, tiny_adapter, text_files):
+    config = load_config(write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, tmp_path / "run"))
+    assert stage_table(config) == stage_table(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_keys_no_output_depends_on_are_not_settings(tmp_path, tiny_base, tiny_adapter, text_files):
+    path = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, tmp_path / "run")
+    plain = stage_table(load_config(path))
+    changed = stage_table(
+        load_config(
+            path,
+            [
+                "base.model_id=org/name",
+                "evaluation.seed=7",
+                "evaluation.bootstrap_samples=500",
+                "evaluation.overlap=warn",
+            ],
+        )
+    )
+    assert changed == plain
+    rescored = stage_table(load_config(path, ["evaluation.max_windows=3"]))
+    assert [a == b for a, b in zip(rescored, plain)] == [True, True, False]
+
+
+def test_saving_the_dequantized_base_and_both_merge_bases(tmp_path, tiny_base, tiny_adapter, text_files):
+    path = write_config(
+        tmp_path / "run.yaml",
+        tiny_base,
+        tiny_adapter,
+        text_files,
+        tmp_path / "run",
+        base=base_section(tiny_base, save_dequantized=True),
+        merge={"merge_base": "original", "compare_merge_bases": True},
+    )
+    stages = plan(load_config(path))
+    assert [s.name for s in stages] == ["dequantize", "merge", "requantize", "merge_nf4", "requantize_nf4", "evaluate"]
+    assert [s.settings.get("merge_base") for s in stages[1:4:2]] == ["original", "nf4"]
+    assert stages[4].inputs[0] == tmp_path / "run" / "merged_nf4"
+    assert stages[-1].settings["models"] == ["merged", "gptq", "merged_nf4", "gptq_nf4"]
