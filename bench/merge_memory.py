@@ -98,12 +98,13 @@ import sys
 from pathlib import Path
 from qlora_requant.pipeline.config import AdapterSection, BaseSection
 from qlora_requant.pipeline.stages.dequantize import DequantizedBase
-from qlora_requant.pipeline.stages.merge import merge_checkpoint
+from qlora_requant.pipeline.stages.merge import load_adapter, merge_checkpoint
 work, out, shard = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 (out / "merged").mkdir(parents=True)
 from qlora_requant.pipeline.manifest import file_records
 base = DequantizedBase(BaseSection(path=work / "base", dtype="bfloat16"))
-merge_checkpoint(base, base.model_config, AdapterSection(path=work / "adapter"), base.dtype, out / "merged", shard)
+adapter = load_adapter(AdapterSection(path=work / "adapter"), base, base.model_config)
+merge_checkpoint(base, base.model_config, adapter, base.dtype, out / "merged", shard)
 for folder in (work / "base", work / "adapter", out / "merged"):
     file_records(folder)
 """

@@ -36,13 +36,22 @@ class ConfigError(InputError):
 
 def _resolve(path: Path, info: ValidationInfo) -> Path:
     base = (info.context or {}).get("config_dir", Path.cwd())
-    return (base / path.expanduser()).resolve()
+    try:
+        return (base / path.expanduser()).resolve()
+    except (RuntimeError, OSError) as exc:  # a symlink loop: RuntimeError before Python 3.13, OSError after
+        raise ValueError(
+            f"{base / path} cannot be resolved ({exc}); fix the symbolic link or give another path"
+        ) from None
 
 
 def _existing(path: Path, info: ValidationInfo) -> Path:
     path = _resolve(path, info)
-    if not path.exists():
-        raise ValueError(f"path does not exist: {path}")
+    try:
+        path.stat()
+    except FileNotFoundError:
+        raise ValueError(f"path does not exist: {path}") from None
+    except OSError as exc:
+        raise ValueError(f"{path} cannot be read ({exc.strerror}); fix the path or its permissions") from None
     return path
 
 
@@ -170,7 +179,7 @@ class TextSource(Section):
 class CalibrationSection(TextSource):
     n_samples: int = Field(128, gt=0)
     seq_len: int = Field(512, gt=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class RequantizeSection(Section):
@@ -209,7 +218,7 @@ class EvaluationSection(Section):
     # slow there) and the checkpoint's dtype on GPU. The baseline computes as in training.
     dtype: DTypeName | Literal["auto"] = "auto"
     bootstrap_samples: int = Field(1000, ge=100)  # paired bootstrap over windows for the PPL-change interval
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # of the bootstrap
     prompts: list[str] = Field(default_factory=list)  # greedy continuations shown side by side
     max_new_tokens: int = Field(32, gt=0)
 
@@ -315,7 +324,11 @@ def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the config as UTF-8"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(tree, dict):

@@ -9,6 +9,7 @@ from qlora_requant.pipeline.layout import RunLayout
 
 if TYPE_CHECKING:
     from qlora_requant.pipeline.stages.dequantize import DequantizedBase
+    from qlora_requant.quant.merge import LoraAdapter
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class Inputs:
     """What the preflight checks read and the stages reuse: nothing is read twice."""
 
     base: DequantizedBase  # the base as the adapter saw it in training, served tensor by tensor
+    adapter: LoraAdapter  # the adapter(s) as PEFT loads them onto the base, checked against its headers
     calibration_texts: list[str] = field(repr=False)
     eval_texts: list[str] = field(repr=False)
 

@@ -79,14 +79,12 @@ def dequantize_stage(config: RunConfig, layout: RunLayout) -> Stage:
 def merge_stage(config: RunConfig, layout: RunLayout, merge_base: str, *, name: str, model: str) -> Stage:
     from qlora_requant.pipeline.stages import merge
 
-    arguments = dict(
-        adapter=config.adapter, dtype=config.merge.dtype, merge_base=merge_base, max_shard_size=config.max_shard_size
-    )
+    arguments = dict(dtype=config.merge.dtype, merge_base=merge_base, max_shard_size=config.max_shard_size)
     return Stage(
         name=name,
         kind="merge",
         output=layout.model_dir(model),
-        settings=_json(base=config.base, **arguments),
+        settings=_json(base=config.base, adapter=config.adapter, **arguments),
         inputs=(config.base.path, *(path for _, path in config.adapter.keyed_paths())),
         work=partial(merge.run, **arguments),
         needed_bytes=partial(_base_bytes, dtype=config.merge.dtype),

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from pathlib import Path
 
 import torch
 
 from qlora_requant.pipeline.checkpoint import is_bnb_4bit, read_model_config
 from qlora_requant.pipeline.config import RunConfig
 from qlora_requant.pipeline.context import Inputs
+from qlora_requant.pipeline.layout import RunLayout
 from qlora_requant.pipeline.stages.dequantize import DequantizedBase, check_base
+from qlora_requant.pipeline.stages.merge import load_adapter
 from qlora_requant.quant.calibration import check_held_out, require_tokens
 from qlora_requant.quant.errors import InputError
 
@@ -32,9 +36,13 @@ def resolve_device(config: RunConfig) -> str:
 def preflight(config: RunConfig, device: str) -> Inputs:
     """Check every input of `config`; return what was read. Raises InputError naming the file or key."""
     _refuse_output_inside_inputs(config)
+    check_output_dir(config.output_dir)
     base_config = read_model_config(config.base.path)
     check_base(config.base, base_config)
     base = DequantizedBase(config.base, device, config.allow_pickle)  # reads the file headers
+    if device == "cpu":
+        _refuse_cpu_4bit_shapes(base)
+    adapter = load_adapter(config.adapter, base, base.model_config, config.allow_pickle)
     _refuse_tokenizer_code(config)
     if "original" in config.merge.merge_bases() and is_bnb_4bit(base_config):
         raise InputError(
@@ -56,7 +64,42 @@ def preflight(config: RunConfig, device: str) -> Inputs:
             shared,
         )
     _check_text_lengths(config, calibration_texts, eval_texts)
-    return Inputs(base=base, calibration_texts=calibration_texts, eval_texts=eval_texts)
+    return Inputs(base=base, adapter=adapter, calibration_texts=calibration_texts, eval_texts=eval_texts)
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """Refuse an output_dir this tool may not write into: a file, an unwritable place, or an existing
+    folder that is not a run of this tool (which it would otherwise fill and clean up in)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"output_dir {run_dir} is a file; give a folder (a new one, or the output_dir of a run)")
+    layout = RunLayout(run_dir)
+    if run_dir.is_dir() and not layout.run_record.is_file():
+        foreign = sorted(path.name for path in run_dir.iterdir() if path not in (layout.lock, layout.log))
+        if foreign:
+            raise InputError(
+                f"output_dir {run_dir} is not empty and not a qlora-requant run (no run.json; it holds "
+                f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); qlora-requant writes only into "
+                "a new or empty folder or a run's own: choose another output_dir"
+            )
+    existing = next(folder for folder in (run_dir, *run_dir.parents) if folder.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(
+            f"output_dir {run_dir}: {existing} cannot be written (a read-only file system, or no permission); "
+            "choose a writable output_dir"
+        )
+
+
+def _refuse_cpu_4bit_shapes(base: DequantizedBase) -> None:
+    """bitsandbytes' CPU kernel runs a 4-bit Linear only when its in_features is a multiple of its blocksize;
+    the baseline (the base in 4-bit, as trained) could not be scored, after merge and GPTQ had run."""
+    blocksize = base.settings.blocksize
+    odd = [key for key in base.quantized_weights() if base.in_features(key) % blocksize]
+    if odd:
+        raise InputError(
+            f"{base.model_dir}: bitsandbytes' CPU kernel cannot run 4-bit Linear layers whose in_features is not "
+            f"a multiple of {blocksize} ({len(odd)} here, e.g. {odd[0]} with {base.in_features(odd[0])}), so the "
+            "baseline cannot be scored on CPU; run with device: cuda (GPU kernels have no such limit)"
+        )
 
 
 def _refuse_output_inside_inputs(config: RunConfig) -> None:

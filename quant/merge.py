@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -58,6 +58,7 @@ class LoraAdapter:
     modules: dict[str, LoraModule]
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)
     rank: int = 8  # the config's r
+    config: dict = field(default_factory=dict, repr=False)  # its adapter_config.json
     use_rslora: bool = False
 
 
@@ -116,6 +117,67 @@ def _refuse_unsupported(config: dict, tensor_names: list[str], where: Path) -> N
             raise AdapterError(f"{where}: {feature} is not supported by the merge; retrain without it")
 
 
+def _check_config_values(config: dict, where: Path) -> None:
+    """Refuse an adapter_config.json whose LoRA numbers are missing or of a wrong type (as hand edits leave them)."""
+    missing = [key for key in ("r", "lora_alpha") if key not in config]
+    if missing:
+        raise AdapterError(f"{where}: has no {missing[0]!r}; is this a PEFT LoRA adapter_config.json?")
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    checks = [
+        (
+            "r",
+            config["r"],
+            isinstance(config["r"], int) and not isinstance(config["r"], bool) and config["r"] > 0,
+            "a positive integer",
+        ),
+        ("lora_alpha", config["lora_alpha"], number(config["lora_alpha"]), "a number"),
+    ]
+    for pattern, kind in (("rank_pattern", "integers"), ("alpha_pattern", "numbers")):
+        values = config.get(pattern) or {}
+        checks.append(
+            (
+                pattern,
+                values,
+                isinstance(values, dict) and all(map(number, values.values())),
+                f"a mapping of module patterns to {kind}",
+            )
+        )
+    for key, value, valid, expected in checks:
+        if not valid:
+            raise AdapterError(
+                f"{where}: {key} is {value!r}, but must be {expected}; fix adapter_config.json "
+                "(PEFT writes numbers, not strings)"
+            )
+
+
+def peft_target_modules(adapter_config: dict, model_config: dict) -> set[str]:
+    """The modules of the base that PEFT puts LoRA layers on for this adapter config: its own matching of
+    target_modules (names, regex, all-linear), exclude_modules, layers_to_transform and layers_pattern,
+    applied to a weightless copy of the model. PEFT loads no adapter tensor for any other module."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    targeting = {
+        key: adapter_config.get(key)
+        for key in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
+    }
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**model_config))
+        inject_adapter_in_model(LoraConfig(r=1, **targeting), model)
+    return {name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+
+
+def restrict_to_targets(adapter: LoraAdapter, targets: set[str]) -> tuple[LoraAdapter, list[str]]:
+    """The adapter without LoRA modules that PEFT would not load (outside `targets`), and their names."""
+    ignored = sorted(name for name in adapter.modules if name not in targets)
+    kept = {name: module for name, module in adapter.modules.items() if name in targets}
+    return replace(adapter, modules=kept), ignored
+
+
 def _base_name(saved_name: str) -> str:
     """The base checkpoint's tensor name for a whole tensor saved in an adapter file."""
     return saved_name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
@@ -147,9 +209,7 @@ def read_lora_adapter(adapter_dir: Path, allow_pickle: bool = False) -> LoraAdap
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
-    missing = [key for key in ("r", "lora_alpha") if key not in config]
-    if missing:
-        raise AdapterError(f"{config_path}: has no {missing[0]!r}; is this a PEFT LoRA adapter_config.json?")
+    _check_config_values(config, config_path)
     try:
         tensors = (
             torch.load(weights_path, map_location="cpu", weights_only=True)
@@ -198,7 +258,9 @@ def read_lora_adapter(adapter_dir: Path, allow_pickle: bool = False) -> LoraAdap
     replacements = {_base_name(n): t for n, t in tensors.items() if n not in consumed}
     if not modules and not replacements:
         raise AdapterError(f"{weights_path}: holds no LoRA matrices")
-    return LoraAdapter(modules=modules, replacements=replacements, rank=config["r"], use_rslora=use_rslora)
+    return LoraAdapter(
+        modules=modules, replacements=replacements, rank=config["r"], use_rslora=use_rslora, config=config
+    )
 
 
 def combine_adapters(adapters: list[LoraAdapter], weights: list[float], combination: str) -> LoraAdapter:

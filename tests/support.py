@@ -97,11 +97,11 @@ def write_config(
 
 
 def stage_context(section: BaseSection, run_dir: Path, device: str = "cpu") -> StageContext:
-    """What the stages are called with, for a run directory `run_dir` of the base in `section`."""
+    """What the stages are called with, for a run directory `run_dir` of the base in `section` (no adapter)."""
     return StageContext(
         device=device,
         layout=RunLayout(run_dir),
-        inputs=Inputs(base=DequantizedBase(section, device), calibration_texts=[], eval_texts=[]),
+        inputs=Inputs(base=DequantizedBase(section, device), adapter=None, calibration_texts=[], eval_texts=[]),
     )
 
 

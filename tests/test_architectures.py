@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from qlora_requant.pipeline.config import AdapterSection, BaseSection
 from qlora_requant.pipeline.stages.dequantize import DequantizedBase
-from qlora_requant.pipeline.stages.merge import merge_checkpoint
+from qlora_requant.pipeline.stages.merge import load_adapter, merge_checkpoint
 
 from support import FP32_ROUNDING, dequantize_to, library_dequantized, peft_merged, random_adapter, save_model
 
@@ -54,9 +54,8 @@ def test_dequantize_and_merge_match_the_libraries(tmp_path, tokenizer, architect
     merged = tmp_path / "merged"
     merged.mkdir()
     streamed = DequantizedBase(section)  # the merge stage dequantizes on the fly, never reading `dequantized`
-    summary = merge_checkpoint(
-        streamed, streamed.model_config, AdapterSection(path=adapter), torch.float32, merged, max_shard_bytes=100_000
-    )
+    lora = load_adapter(AdapterSection(path=adapter), streamed, streamed.model_config)
+    summary = merge_checkpoint(streamed, streamed.model_config, lora, torch.float32, merged, max_shard_bytes=100_000)
     assert summary["modules_merged"] == len(reference)
     peft = peft_merged(dequantized, adapter)
     merged_tensors = read_all(merged)

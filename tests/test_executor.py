@@ -55,7 +55,9 @@ def stub_plan(root: Path, calls: list[str], text: str = "hello", kind_a: str = "
 def execute(root: Path, stages: list[Stage], force=frozenset(), versions=VERSIONS) -> StageExecutor:
     root.mkdir(exist_ok=True)
     layout = RunLayout(root)
-    context = StageContext(device="cpu", layout=layout, inputs=Inputs(base=None, calibration_texts=[], eval_texts=[]))
+    context = StageContext(
+        device="cpu", layout=layout, inputs=Inputs(base=None, adapter=None, calibration_texts=[], eval_texts=[])
+    )
     executor = StageExecutor(layout, versions, set(force))
     executor.run(stages, context)
     return executor

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from qlora_requant.pipeline.checkpoint import CheckpointReader, checkpoint_dtype, dtype_of, read_model_config
 from qlora_requant.pipeline.config import AdapterSection, BaseSection
-from qlora_requant.pipeline.stages.merge import merge_checkpoint
+from qlora_requant.pipeline.stages.merge import load_adapter, merge_checkpoint
 from qlora_requant.quant.merge import AdapterError, read_lora_adapter
 
 from support import FP32_ROUNDING, dequantize_to, peft_merged, random_adapter, save_model, tiny_llama
@@ -33,7 +33,8 @@ def merge_dir(model_dir, section: AdapterSection, dtype: str | None, out, **kwar
     """merge_checkpoint streaming from the checkpoint in `model_dir`; dtype None keeps the checkpoint's."""
     model_config = read_model_config(model_dir)
     dtype = dtype_of(dtype) if dtype else checkpoint_dtype(model_config, model_dir / "config.json")
-    return merge_checkpoint(CheckpointReader(model_dir), model_config, section, dtype, out, **kwargs)
+    reader = CheckpointReader(model_dir)
+    return merge_checkpoint(reader, model_config, load_adapter(section, reader, model_config), dtype, out, **kwargs)
 
 
 def as_if_trained(adapter_dir, seed: int = 1) -> None:
@@ -214,10 +215,35 @@ def test_adapter_for_another_base_is_refused(tmp_path, dequantized, tokenizer):
         merge_dir(dequantized, AdapterSection(path=adapter), None, tmp_path / "x")
 
 
-def test_adapter_targeting_absent_modules_is_refused(tmp_path, dequantized, tiny_adapter):
+def test_lora_weights_of_modules_peft_does_not_target_are_ignored_with_a_warning(
+    tmp_path, dequantized, tiny_adapter, caplog
+):
     adapter = _edit_adapter(tmp_path, tiny_adapter, rename=lambda k: k.replace("q_proj", "query"))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert merge_dir(dequantized, AdapterSection(path=adapter), None, out)["modules_merged"] == 12
+    assert (
+        f"{adapter}: ignoring LoRA weights of 2 module(s) outside its target_modules, as PEFT does: "
+        "model.layers.0.self_attn.query, model.layers.1.self_attn.query"
+    ) in caplog.text
+
+
+def test_merge_follows_target_modules_as_peft_does(tmp_path, dequantized, tiny_adapter):
+    """An adapter file with weights for every Linear but target_modules [q_proj, k_proj]: PEFT loads four."""
+    adapter = _edit_adapter(tmp_path, tiny_adapter, config_changes={"target_modules": ["q_proj", "k_proj"]})
+    ours, summary = our_merged(tmp_path, dequantized, AdapterSection(path=adapter))
+    assert summary["modules_merged"] == 4
+    peft = peft_merged(dequantized, adapter)
+    for key, tensor in ours.items():
+        assert (tensor - peft[key]).abs().max().item() <= FP32_ROUNDING, key
+
+
+def test_an_adapter_whose_targets_match_no_module_is_refused(tmp_path, dequantized, tiny_adapter):
+    adapter = _edit_adapter(tmp_path, tiny_adapter, config_changes={"target_modules": ["qq_proj"]})
     with pytest.raises(
-        AdapterError, match="needs 2 tensor.* the base does not have, e.g. 'model.layers.0.self_attn.query"
+        AdapterError,
+        match=r"Target modules \{'qq_proj'\} not found in the base model.* \(target_modules in adapter_config.json\); "
+        "was the adapter trained on another base model",
     ):
         merge_dir(dequantized, AdapterSection(path=adapter), None, tmp_path)
 

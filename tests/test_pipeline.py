@@ -263,30 +263,25 @@ def test_ppl_gate_is_judged_on_the_upper_bound_of_the_interval():
     }
 
 
-def test_adapter_for_another_base_exits_2_and_keeps_completed_stages(
-    tmp_path, tokenizer, tiny_base, text_files, capsys
+def test_adapter_for_another_base_exits_2_before_the_run_directory_is_touched(
+    run_dir, tmp_path, tokenizer, tiny_base, text_files, capsys
 ):
     wider = save_model(tiny_llama(tokenizer, intermediate_size=384), tokenizer, tmp_path / "wider")
     adapter = random_adapter(wider, tmp_path / "wrong-adapter")
-    config = write_config(
-        tmp_path / "run.yaml",
-        tiny_base,
-        adapter,
-        text_files,
-        tmp_path / "run",
-        base=base_section(tiny_base, save_dequantized=True),
-    )
-    assert main(["run", str(config)]) == EXIT_BAD_INPUT
-    assert "was the adapter trained on another base model?" in capsys.readouterr().err
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        ".lock",
-        "dequantized",
-        "run.json",
-        "run.log",
-        "stages",
-    ]
-    assert [p.name for p in (tmp_path / "run" / "stages").iterdir()] == ["dequantize.json"]
-    assert (tmp_path / "run" / "dequantized" / "model.safetensors").is_file()
+    fresh = write_config(tmp_path / "fresh.yaml", tiny_base, adapter, text_files, tmp_path / "run")
+    assert main(["run", str(fresh)]) == EXIT_BAD_INPUT
+    assert (
+        f"{adapter}: delta for model.layers.0.mlp.down_proj.weight has shape (128, 384) but the base's is (128, 256); "
+        "was the adapter trained on another base model?"
+    ) in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+    finished = tmp_path / "finished"  # a complete run, re-run with the wrong adapter: nothing in it changes
+    shutil.copytree(run_dir, finished)
+    before = {p: p.read_bytes() for p in sorted(finished.rglob("*")) if p.is_file()}
+    again = write_config(tmp_path / "again.yaml", tiny_base, adapter, text_files, finished)
+    assert main(["run", str(again)]) == EXIT_BAD_INPUT
+    assert {p: p.read_bytes() for p in sorted(finished.rglob("*")) if p.is_file()} == before
 
 
 def test_weighted_adapters_run_end_to_end(tmp_path, tiny_base, text_files):

@@ -155,6 +155,15 @@ class DequantizedBase:
         self.roundtrip_errors[key] = relative_error(dequantized, original)
         return dequantized.cpu()
 
+    def quantized_weights(self) -> list[str]:
+        """The weights bitsandbytes holds in 4-bit at training load."""
+        return sorted(self._packed | self._quantized)
+
+    def in_features(self, key: str) -> int:
+        """The input width of a Linear weight (Conv1D weights are stored transposed)."""
+        shape = self.shape(key)
+        return shape[0] if key.removesuffix(".weight") in self._conv1d else shape[-1]
+
     def describe(self) -> dict:
         """Where the weights come from and how they were quantized, for the stage summary."""
         return {

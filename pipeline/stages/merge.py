@@ -27,6 +27,7 @@ from qlora_requant.pipeline.config import AdapterSection
 from qlora_requant.pipeline.context import StageContext
 from qlora_requant.quant.errors import InputError
 from qlora_requant.quant.merge import (
+    ADAPTER_CONFIG,
     AdapterError,
     LoraAdapter,
     LoraModule,
@@ -35,26 +36,60 @@ from qlora_requant.quant.merge import (
     lora_delta_shape,
     merge_bias,
     merge_weight,
+    peft_target_modules,
     read_lora_adapter,
+    restrict_to_targets,
 )
 from qlora_requant.quant.norms import relative_error
 
 log = logging.getLogger(__name__)
 
 
-def load_adapter(section: AdapterSection, allow_pickle: bool = False) -> LoraAdapter:
-    """The adapter to merge: the one adapter, or the weighted combination of several."""
-    adapters = [(read_lora_adapter(path, allow_pickle), weight) for path, weight in section.weighted()]
+def load_adapter(
+    section: AdapterSection, base: TensorSource, model_config: dict, allow_pickle: bool = False
+) -> LoraAdapter:
+    """The adapter(s) of `section` as PEFT loads them onto `base` (the weighted combination of several),
+    checked against the base's tensor headers before anything is computed.
+
+    LoRA tensors for modules that PEFT does not target (outside target_modules) are ignored, as PEFT
+    ignores them, with a warning; an adapter whose LoRA modules PEFT targets on none of the base's
+    modules is refused.
+    """
+    adapters = []
+    for path, weight in section.weighted():
+        adapter = read_lora_adapter(path, allow_pickle)
+        try:
+            targets = peft_target_modules(adapter.config, model_config)
+        except ValueError as exc:  # PEFT's NoMatchingPeftModuleError and bad target patterns
+            raise AdapterError(
+                f"{path}: {exc} (target_modules in {ADAPTER_CONFIG}); was the adapter trained on another base model?"
+            ) from None
+        adapter, ignored = restrict_to_targets(adapter, targets)
+        if ignored:
+            log.warning(
+                "%s: ignoring LoRA weights of %d module(s) outside its target_modules, as PEFT does: %s",
+                path,
+                len(ignored),
+                ", ".join(ignored[:4]) + (", ..." if len(ignored) > 4 else ""),
+            )
+        if not adapter.modules and not adapter.replacements:
+            raise AdapterError(
+                f"{path}: none of its LoRA weights is for a module its target_modules select on this "
+                "base; was the adapter trained on another base model?"
+            )
+        adapters.append((adapter, weight))
     if len(adapters) == 1:
-        return adapters[0][0]
-    return combine_adapters([a for a, _ in adapters], [w for _, w in adapters], section.combination)
+        combined = adapters[0][0]
+    else:
+        combined = combine_adapters([a for a, _ in adapters], [w for _, w in adapters], section.combination)
+    _check_against_base(combined, base, section.describe())
+    return combined
 
 
 def run(
     context: StageContext,
     out: Path,
     *,
-    adapter: AdapterSection,
     dtype: str | None,
     merge_base: str,
     max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
@@ -66,12 +101,11 @@ def run(
     summary = merge_checkpoint(
         source,
         base.model_config,
-        adapter,
+        context.inputs.adapter,
         dtype_of(dtype) if dtype else base.dtype,
         out,
         max_shard_size,
         context.device,
-        context.allow_pickle,
     )
     if merge_base == "nf4":
         summary["base"] = {**base.describe(), "roundtrip_error": base.roundtrip_errors}
@@ -81,27 +115,15 @@ def run(
 def merge_checkpoint(
     source: TensorSource,
     model_config: dict,
-    section: AdapterSection,
+    adapter: LoraAdapter,
     dtype: torch.dtype,
     out_dir: Path,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     device: str = "cpu",
-    allow_pickle: bool = False,
 ) -> dict:
-    """Merge the adapter(s) of `section` into the tensors of `source`, writing a `dtype` checkpoint
+    """Merge `adapter` (see load_adapter) into the tensors of `source`, writing a `dtype` checkpoint
     with `model_config` into `out_dir`, doing the math on `device`; return a summary."""
-    adapter = load_adapter(section, allow_pickle)
     modules_on_device = {name: _to_device(module, device) for name, module in adapter.modules.items()}
-    where = section.describe()
-    wanted = [f"{name}.weight" for name in adapter.modules] + list(adapter.replacements)
-    wanted += [f"{name}.bias" for name, m in adapter.modules.items() if m.bias is not None]
-    absent = sorted(key for key in wanted if key not in source)
-    if absent:
-        raise AdapterError(
-            f"{where}: needs {len(absent)} tensor(s) the base does not have, e.g. {absent[0]!r}; "
-            "was the adapter trained on another base model?"
-        )
-    _check_shapes(adapter, source, where)
     changes: dict[str, float] = {}
 
     def transform(key: str, reader: TensorSource) -> dict[str, torch.Tensor]:
@@ -141,8 +163,16 @@ def merge_checkpoint(
     }
 
 
-def _check_shapes(adapter: LoraAdapter, reader: TensorSource, where: str) -> None:
-    """Refuse, before anything is written, deltas and saved tensors whose shapes differ from the base's."""
+def _check_against_base(adapter: LoraAdapter, reader: TensorSource, where: str) -> None:
+    """Refuse deltas and saved tensors for tensors the base lacks, or whose shapes differ from the base's."""
+    wanted = [f"{name}.weight" for name in adapter.modules] + list(adapter.replacements)
+    wanted += [f"{name}.bias" for name, m in adapter.modules.items() if m.bias is not None]
+    absent = sorted(key for key in wanted if key not in reader)
+    if absent:
+        raise AdapterError(
+            f"{where}: needs {len(absent)} tensor(s) the base does not have, e.g. {absent[0]!r}; "
+            "was the adapter trained on another base model?"
+        )
     expected = {f"{name}.weight": (lora_delta_shape(m), "delta") for name, m in adapter.modules.items()}
     expected.update({key: (tensor.shape, "saved tensor") for key, tensor in adapter.replacements.items()})
     for key, (shape, what) in sorted(expected.items()):
