@@ -114,12 +114,15 @@ def _report(run_dir: Path) -> int:
     from qlora_requant.pipeline.layout import RunLayout
     from qlora_requant.pipeline.lock import RunLock
     from qlora_requant.pipeline.stages.report import write_reports
+    from qlora_requant.quant.errors import InputError
 
-    if not run_dir.is_dir():
-        from qlora_requant.quant.errors import InputError
-
-        raise InputError(f"{run_dir}: not a folder; give the output_dir of a run")
     layout = RunLayout(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir}: not a folder; give the output_dir of a run")
+    if not layout.run_record.is_file():  # checked before taking the lock, which would leave a .lock behind
+        raise InputError(
+            f"{layout.run_record}: missing, so {run_dir} is not a qlora-requant run; give the output_dir of a run"
+        )
     lock = RunLock(layout.lock)
     lock.acquire()
     try:

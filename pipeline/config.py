@@ -271,6 +271,10 @@ class RunConfig(Section):
     # such a base is refused. Model code is never run: only built-in architectures are supported.
     trust_remote_code: bool = False
     max_shard_size: ByteSize = DEFAULT_MAX_SHARD_BYTES  # of the dequantized and merged checkpoints
+    # How far a re-run trusts recorded file hashes. fast: a file whose size and modification time are as
+    # recorded keeps its hash, but every file of the run a stage is about to read is hashed again; full:
+    # every file is hashed again on every run.
+    verify: Literal["fast", "full"] = "fast"
     base: BaseSection
     adapter: AdapterSection
     merge: MergeSection = Field(default_factory=MergeSection)

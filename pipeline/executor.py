@@ -9,31 +9,53 @@ folder and renamed into place only when complete. The caller holds the run direc
 
 from __future__ import annotations
 
-import json
+import errno
 import logging
 import shutil
 import time
+from pathlib import Path
 
 from qlora_requant.pipeline.console import console
 from qlora_requant.pipeline.context import StageContext
-from qlora_requant.pipeline.files import publish_dir, require_free_space, write_atomically
-from qlora_requant.pipeline.layout import RunLayout
-from qlora_requant.pipeline.manifest import file_records, hashes
+from qlora_requant.pipeline.files import publish_dir, require_free_space
+from qlora_requant.pipeline.layout import MODEL_CARD, RunLayout
+from qlora_requant.pipeline.manifest import file_records, hashes, sha256
 from qlora_requant.pipeline.metrics import measure
 from qlora_requant.pipeline.plan import Stage
+from qlora_requant.pipeline.records import RecordError, read_record, write_record
+from qlora_requant.quant.errors import InputError
 
 log = logging.getLogger(__name__)
 
+# A stage's outputs are every file it wrote; only the model card, which the report writes into the GPTQ
+# folder afterwards, is not one. (Later stages' inputs also leave out gptqmodel's log: see layout.py.)
+OUTPUT_NOT_CONTENT = (MODEL_CARD,)
+
 
 class StageExecutor:
-    """Runs stages in order in one run directory, skipping each that is complete and unchanged."""
+    """Runs stages in order in one run directory, skipping each that is complete and unchanged.
 
-    def __init__(self, layout: RunLayout, versions: dict[str, str], force: set[str] | frozenset[str] = frozenset()):
+    `verify` says how far recorded hashes are trusted. fast: a file whose size and modification time
+    are as recorded keeps its recorded SHA-256, but every file of the run directory that a stage is
+    about to read is hashed again first, so a stage never computes from bytes that changed behind a
+    kept modification time. full: every file is hashed again on every run.
+    """
+
+    def __init__(
+        self,
+        layout: RunLayout,
+        versions: dict[str, str],
+        force: set[str] | frozenset[str] = frozenset(),
+        verify: str = "fast",
+    ):
         self.layout = layout
         self.versions = versions  # library versions: a change re-runs every stage
         self.force = force  # stage kinds to re-run anyway
+        self.verify = verify
         self.files: dict[str, dict] = {}  # every file hashed in this run, by recorded name: each is read once
         self.skipped: list[str] = []
+        self._producers: dict[str, str] = {}  # run-directory file -> the stage that wrote it
+        self._rehashed: set[str] = set()  # run-directory files hashed again in this run (verify: fast)
 
     def run(self, stages: list[Stage], context: StageContext) -> None:
         """Run `stages` in order; forget records of stages the plan no longer has."""
@@ -47,24 +69,26 @@ class StageExecutor:
 
     def run_stage(self, stage: Stage, context: StageContext) -> None:
         previous = self._previous_record(stage)
-        known = {**self.files, **(previous["input_files"] if previous else {})}
-        input_files: dict[str, dict] = {}
-        for path in stage.inputs:
-            input_files.update(file_records(path, known, relative_to=self.layout.root))
-        self.files.update(input_files)
+        input_files = self._records(stage.inputs, previous["input_files"] if previous else {})
         manifest = {
             "settings": {**stage.settings, "device": context.device},
             "versions": self.versions,
             "inputs": hashes(input_files),
         }
-        reason = self.rerun_reason(stage, previous, manifest)
+        reason, outputs = self.rerun_reason(stage, previous, manifest)
         if reason is None:
             console.info("stage %s: skipped, complete and unchanged (%s)", stage.name, stage.output)
             self.skipped.append(stage.name)
+            self._remember(stage, outputs)
+            if input_files != previous["input_files"] or outputs != previous["outputs"]:
+                write_record(
+                    self.layout.stage_record(stage.name), {**previous, "input_files": input_files, "outputs": outputs}
+                )  # refreshed file times
             return
         console.info("stage %s: start (%s)", stage.name, reason)
+        if self.verify == "fast":
+            self._rehash_run_files(input_files)
         require_free_space(self.layout.root, stage.needed_bytes(context), f"the {stage.name} stage")
-        self.layout.stage_record(stage.name).unlink(missing_ok=True)
         tmp = self.layout.partial(stage.output)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -72,10 +96,17 @@ class StageExecutor:
             with measure() as measured:
                 summary = stage.work(context, tmp)
             publish_dir(tmp, stage.output)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise InputError(
+                f"{self.layout.root}: the disk filled up during the {stage.name} stage ({exc}); free "
+                "some space or choose an output_dir on a larger disk, then run again"
+            ) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        outputs = file_records(stage.output, relative_to=self.layout.root)
-        self.files.update(outputs)
+        outputs = file_records(stage.output, relative_to=self.layout.root, skip=OUTPUT_NOT_CONTENT)
+        self._remember(stage, outputs)
         record = {
             "stage": stage.name,
             "kind": stage.kind,
@@ -86,33 +117,70 @@ class StageExecutor:
             "input_files": input_files,
             "outputs": outputs,
         }
-        write_atomically(self.layout.stage_record(stage.name), json.dumps(record, indent=1) + "\n")
+        write_record(self.layout.stage_record(stage.name), record)
         console.info(
             "stage %s: done in %.1f s, peak RSS %.0f MB", stage.name, measured["seconds"], measured["peak_rss_mb"]
         )
 
-    def rerun_reason(self, stage: Stage, previous: dict | None, manifest: dict) -> str | None:
-        """Why the stage must run, or None when its recorded result still stands."""
+    def rerun_reason(self, stage: Stage, previous: dict | None, manifest: dict) -> tuple[str | None, dict]:
+        """Why the stage must run (None when its recorded result still stands), and its outputs' records."""
         if stage.kind in self.force:
-            return f"--force {stage.kind}"
+            return f"--force {stage.kind}", {}
         if previous is None:
-            return "not run before"
+            return "not run before", {}
         for part, what in (
             ("settings", "settings changed"),
             ("versions", "library versions changed"),
             ("inputs", "inputs changed"),
         ):
             if previous["manifest"][part] != manifest[part]:
-                return what
+                return what, {}
         recorded = previous["outputs"]
-        current = file_records(stage.output, recorded, self.layout.root) if stage.output.is_dir() else {}
+        known = recorded if self.verify == "fast" else {}
+        current = (
+            file_records(stage.output, known, self.layout.root, skip=OUTPUT_NOT_CONTENT)
+            if stage.output.is_dir()
+            else {}
+        )
         if hashes(current) != hashes(recorded):
-            return "outputs missing or modified"
-        return None
+            return "outputs missing or modified", {}
+        return None, current
+
+    def _records(self, paths: tuple[Path, ...], previous: dict[str, dict]) -> dict[str, dict]:
+        """File records of `paths`, hashing only what this run has not (with verify: fast, what changed)."""
+        known = {**previous, **self.files} if self.verify == "fast" else self.files
+        records: dict[str, dict] = {}
+        for path in paths:
+            records.update(file_records(path, known, relative_to=self.layout.root))
+        self.files.update(records)
+        return records
+
+    def _rehash_run_files(self, input_files: dict[str, dict]) -> None:
+        """Hash again the run directory's files a stage is about to read; refuse any whose bytes changed
+        although its size and modification time did not."""
+        for name, record in input_files.items():
+            if name not in self._producers or name in self._rehashed:
+                continue
+            if sha256(self.layout.root / name) != record["sha256"]:
+                producer = self._producers[name]
+                raise InputError(
+                    f"{self.layout.root / name}: its bytes changed after the {producer} stage wrote it, although "
+                    "its size and modification time did not (a failing disk, or an edit that kept the time); "
+                    f"re-run that stage: qlora-requant run CONFIG --force {producer.split('_')[0]}"
+                )
+            self._rehashed.add(name)
+
+    def _remember(self, stage: Stage, outputs: dict[str, dict]) -> None:
+        """The stage's outputs, as later stages will find them among their inputs."""
+        self.files.update(outputs)
+        self._producers.update(dict.fromkeys(outputs, stage.name))
 
     def _previous_record(self, stage: Stage) -> dict | None:
         path = self.layout.stage_record(stage.name)
-        previous = json.loads(path.read_text()) if path.is_file() else None
-        if previous is not None and "summary" not in previous:
-            return None  # written by an older version of this tool: not a record to trust
-        return previous
+        if not path.is_file():
+            return None
+        try:
+            return read_record(path)
+        except RecordError as exc:
+            console.warning("%s: the %s stage runs again", exc, stage.name)
+            return None

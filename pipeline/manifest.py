@@ -27,7 +27,10 @@ def sha256(path: Path) -> str:
 
 
 def file_records(
-    folder_or_file: Path, known: dict[str, dict] | None = None, relative_to: Path | None = None
+    folder_or_file: Path,
+    known: dict[str, dict] | None = None,
+    relative_to: Path | None = None,
+    skip: tuple[str, ...] = NOT_CONTENT,
 ) -> dict[str, dict]:
     """{path: {size, mtime_ns, sha256}} for a file or every file under a folder (see the module note).
 
@@ -42,7 +45,7 @@ def file_records(
         paths = sorted(
             p
             for p in folder_or_file.rglob("*")
-            if p.is_file() and p.name not in NOT_CONTENT and not p.relative_to(folder_or_file).parts[0].startswith(".")
+            if p.is_file() and p.name not in skip and not p.relative_to(folder_or_file).parts[0].startswith(".")
         )
     records = {}
     for path in paths:

@@ -26,6 +26,7 @@ from qlora_requant.pipeline.lock import RunLock
 from qlora_requant.pipeline.plan import Stage, plan
 from qlora_requant.pipeline.preflight import preflight, resolve_device
 from qlora_requant.pipeline.stages.report import write_reports
+from qlora_requant.quant.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class Run:
         self.config = config
         self.layout = RunLayout(config.output_dir)
         self.stages: list[Stage] = []
-        self.executor = StageExecutor(self.layout, library_versions(), force or set())
+        self.executor = StageExecutor(self.layout, library_versions(), force or set(), config.verify)
         self.context: StageContext | None = None
         self._held = ExitStack()  # what close() gives back: the lock, the log, the standard streams
 
@@ -67,7 +68,10 @@ class Run:
             allow_pickle=config.allow_pickle,
             trust_remote_code=config.trust_remote_code,
         )
-        layout.root.mkdir(parents=True, exist_ok=True)
+        try:
+            layout.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"output_dir {layout.root}: cannot be created ({exc.strerror}); choose another") from None
         lock = RunLock(layout.lock)
         lock.acquire()
         self._held.callback(lock.release)
@@ -76,17 +80,23 @@ class Run:
         self._held.callback(console_output.stop_logging, console_output.log_to(layout.log))
         library_output.into(layout.log)
         console.info("run %s on %s: %s", layout.root, device, ", ".join(stage.name for stage in self.stages))
-        run = {
-            "config": config.model_dump(mode="json"),
-            "device": device,
-            "versions": self.executor.versions,
-            "stages": [stage.name for stage in self.stages],
-        }
-        write_atomically(layout.run_record, json.dumps(run, indent=2) + "\n")
+        if not layout.run_record.is_file():  # marks the folder as a run; a finished run's record stays until
+            self._write_run_record()  # this run finishes, so that a failed re-run leaves it reportable
 
     def execute(self) -> None:
         """Run the planned stages in order, skipping those already complete and unchanged."""
         self.executor.run(self.stages, self.context)
+        self._write_run_record()
+
+    def _write_run_record(self) -> None:
+        """run.json: the resolved config, device, library versions and stages of this run."""
+        run = {
+            "config": self.config.model_dump(mode="json"),
+            "device": self.context.device,
+            "versions": self.executor.versions,
+            "stages": [stage.name for stage in self.stages],
+        }
+        write_atomically(self.layout.run_record, json.dumps(run, indent=2) + "\n")
 
     def save(self) -> Report:
         """Write report.json, report.md, report.html and the GPTQ model card; return the report."""

@@ -111,18 +111,18 @@ def failing(context: StageContext, out: Path) -> dict:
     raise RuntimeError("stage failed")
 
 
-def test_a_failing_stage_publishes_nothing_and_keeps_earlier_results(tmp_path):
+def test_a_failing_stage_publishes_nothing_and_keeps_the_previous_result(tmp_path):
     calls: list[str] = []
     execute(tmp_path, stub_plan(tmp_path, calls))
-    broken = [
-        stub_plan(tmp_path, calls)[0],
-        Stage(name="b", kind="requantize", output=tmp_path / "b", settings={"v": 2}, inputs=(), work=failing),
-    ]
+    record = (tmp_path / "stages" / "b.json").read_bytes()
+    failing_b = Stage(name="b", kind="requantize", output=tmp_path / "b", settings={"v": 2}, inputs=(), work=failing)
     with pytest.raises(RuntimeError, match="stage failed"):
-        execute(tmp_path, broken)
-    assert (tmp_path / "stages" / "a.json").is_file() and not (tmp_path / "stages" / "b.json").exists()
+        execute(tmp_path, [stub_plan(tmp_path, calls)[0], failing_b])
     assert not (tmp_path / ".b.partial").exists()
-    assert (tmp_path / "b" / "data.txt").read_text() == "HELLO"  # the previous output, never replaced
+    # The previous output and its record stand together, so the previous plan finds the stage complete.
+    assert (tmp_path / "b" / "data.txt").read_text() == "HELLO"
+    assert (tmp_path / "stages" / "b.json").read_bytes() == record
+    assert execute(tmp_path, stub_plan(tmp_path, calls)).skipped == ["a", "b"]
 
 
 def test_records_of_stages_no_longer_planned_are_dropped(tmp_path):

@@ -2,14 +2,19 @@
 
 Reads run.json (resolved config, device, library versions), stages/<name>.json (each stage's summary,
 time and memory), evaluation/results.json (per-window scores and generations) and gptqmodel's
-quant_log.csv in the GPTQ folder. Writes report.json, report.md, report.html and the GPTQ folder's
-README.md (model card). report.json is the dump of a validated `Report` (eval/schema.py), which every
-other file is rendered from. `qlora-requant report RUN_DIR` runs this alone, without loading a model.
+quant_log.csv in the GPTQ folder. Nothing is used unverified: every stage record carries a checksum,
+results.json and quant_log.csv must have the SHA-256 their stage recorded, and every file of the run a
+stage read must be the one its producing stage recorded (no stage re-ran since). Writes report.json,
+report.md, report.html and the GPTQ folder's README.md (model card). report.json is the dump of a
+validated `Report` (eval/schema.py), which every other file is rendered from. `qlora-requant report
+RUN_DIR` runs this alone, without loading a model.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +27,7 @@ from qlora_requant.eval.report import render_reports
 from qlora_requant.eval.schema import SCHEMA_VERSION, GptqLoss, Report
 from qlora_requant.pipeline.files import write_atomically
 from qlora_requant.pipeline.layout import GPTQ_LOSS_LOG, MODEL_CARD, REPORT_FILES, RunLayout
+from qlora_requant.pipeline.records import RecordError, read_record
 from qlora_requant.quant.errors import InputError
 
 
@@ -36,29 +42,64 @@ def read_json(path: Path, what: str) -> dict:
         raise InputError(f"{path}: not valid JSON ({exc}); re-run the stage that writes it") from None
 
 
+def _rerun_hint(stage: str) -> str:
+    return f"re-run that stage: qlora-requant run CONFIG --force {stage.split('_')[0]}"
+
+
 def stage_records(layout: RunLayout, planned: list[str]) -> dict[str, dict]:
-    """Each completed stage's record, in the order the run planned them (merge before merge_original)."""
-    records = {path.stem: read_json(path, "the stage's record") for path in layout.stage_records.glob("*.json")}
-    return {name: records[name] for name in planned if "summary" in records.get(name, {})}
+    """Each completed stage's record, in the order the run planned them (merge before merge_original),
+    each checked against its checksum and against the records of the stages whose outputs it read."""
+    records = {}
+    for name in planned:
+        path = layout.stage_record(name)
+        if path.is_file():
+            try:
+                records[name] = read_record(path)
+            except RecordError as exc:
+                raise InputError(f"{exc}; {_rerun_hint(name)}") from None
+    written = {
+        file: (name, entry["sha256"]) for name, record in records.items() for file, entry in record["outputs"].items()
+    }
+    for name, record in records.items():
+        for file, entry in record["input_files"].items():
+            producer, sha = written.get(file, (None, entry["sha256"]))
+            if sha != entry["sha256"]:
+                raise InputError(
+                    f"{layout.root}: the {name} stage read {file} as it was before the {producer} stage "
+                    "re-ran; run `qlora-requant run` with the run's config to bring it up to date"
+                )
+    return records
 
 
-def gptq_losses(gptq_dir: Path) -> list[GptqLoss]:
+def verified_bytes(layout: RunLayout, record: dict, path: Path) -> bytes:
+    """A file a stage wrote, if it still has the SHA-256 the stage recorded."""
+    name = layout.relative(path)
+    recorded = record["outputs"].get(name, {}).get("sha256")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror}); {_rerun_hint(record['stage'])}") from None
+    if hashlib.sha256(data).hexdigest() != recorded:
+        raise InputError(
+            f"{path}: not the file the {record['stage']} stage wrote (its SHA-256 differs from the one in "
+            f"{layout.stage_record(record['stage']).name}); {_rerun_hint(record['stage'])}"
+        )
+    return data
+
+
+def gptq_losses(layout: RunLayout, requantize: dict) -> list[GptqLoss]:
     """gptqmodel's per-module GPTQ loss (quant_log.csv), or nothing if it wrote none."""
-    path = gptq_dir / GPTQ_LOSS_LOG
-    if not path.is_file():
+    path = layout.model_dir(RELEASE_MODEL) / GPTQ_LOSS_LOG
+    if layout.relative(path) not in requantize["outputs"]:
         return []
-    with path.open(newline="") as file:
-        return [
-            GptqLoss(layer=int(row["layer"]), module=row["module"], loss=float(row["loss"]))
-            for row in csv.DictReader(file)
-        ]
+    rows = csv.DictReader(io.StringIO(verified_bytes(layout, requantize, path).decode()))
+    return [GptqLoss(layer=int(row["layer"]), module=row["module"], loss=float(row["loss"])) for row in rows]
 
 
 def build_report(layout: RunLayout) -> tuple[Report, dict]:
     """The report of a run directory, validated, and the evaluation results it was computed from."""
     run_dir = layout.root
     run = read_json(layout.run_record, "the run's record")
-    results = read_json(layout.results, "the evaluation's results")
     stages = stage_records(layout, run.get("stages", []))
     unfinished = [name for name in ("merge", "requantize", "evaluate") if name not in stages]
     if unfinished:
@@ -66,6 +107,10 @@ def build_report(layout: RunLayout) -> tuple[Report, dict]:
             f"{run_dir}: the {unfinished[0]} stage has no completed record (the run was "
             "interrupted or failed); run `qlora-requant run` with the run's config to finish it"
         )
+    try:
+        results = json.loads(verified_bytes(layout, stages["evaluate"], layout.results))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{layout.results}: not valid JSON ({exc}); {_rerun_hint('evaluate')}") from None
     try:
         return _assemble(layout, run, results, stages), results
     except (KeyError, TypeError, ValidationError) as exc:
@@ -100,7 +145,7 @@ def _assemble(layout: RunLayout, run: dict, results: dict, stages: dict[str, dic
             "merge_base": config["merge"]["merge_base"],
             "requantize": stages["requantize"]["summary"],
             "loss_sources": {
-                "gptq_error": gptq_losses(layout.model_dir(RELEASE_MODEL)),
+                "gptq_error": gptq_losses(layout, stages["requantize"]),
                 "nf4_roundtrip_error": merge.get("base", {}).get("roundtrip_error", {}),
                 "merge_relative_change": merge["relative_change"],
             },
