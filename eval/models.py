@@ -41,7 +41,34 @@ def load_separate_adapter(
 
 
 def load_plain(model_dir: Path, device: str, dtype: torch.dtype | str = "auto"):
-    """A merged 16-bit or a GPTQ checkpoint, loaded by plain transformers."""
-    from transformers import AutoModelForCausalLM
+    """A merged 16-bit or a GPTQ checkpoint, loaded by plain transformers.
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device_map(device)).eval()
+    A GPTQ checkpoint whose weights do not all load, or that fails a first forward pass, with the kernel
+    transformers picks is loaded with the next gptqmodel CPU kernel that runs it (the requantize stage
+    checked that one does, in the same order).
+    """
+    import json
+
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    from qlora_requant.quant.gptq import CPU_BACKENDS
+
+    quantization = json.loads((model_dir / "config.json").read_text()).get("quantization_config")
+    if not quantization:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device_map(device)).eval()
+    for backend in ("", *CPU_BACKENDS) if device == "cpu" else ("",):
+        options = {}
+        if backend:
+            keys = ("bits", "group_size", "desc_act", "sym")
+            options["quantization_config"] = GPTQConfig(**{k: quantization[k] for k in keys}, backend=backend)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, device_map=device_map(device), output_loading_info=True, **options
+        )
+        try:
+            if not info["missing_keys"]:
+                with torch.no_grad():
+                    model(torch.zeros(1, 8, dtype=torch.long, device=model.device))
+                return model.eval()
+        except (RuntimeError, IndexError, ValueError):
+            pass
+    raise RuntimeError(f"{model_dir}: no gptqmodel kernel runs this checkpoint")

@@ -101,6 +101,21 @@ class Requantize(_Closed):
     damp_percent: float = Field(description="Hessian dampening, as a fraction of its mean diagonal.")
     calibration_windows: int = Field(description="Calibration windows.")
     calibration_seq_len: int = Field(description="Tokens per calibration window.")
+    fused_layers: int = Field(
+        description="GPTQ tensors that gptqmodel saved split (e.g. Phi-3's gate_up_proj as gate_proj and up_proj) "
+        "and qlora-requant joined back into the fused layers transformers and the runtimes expect."
+    )
+    kernel: str = Field(
+        description="The gptqmodel kernel plain transformers ran the checkpoint with, e.g. TorchAtenLinear."
+    )
+    backend: str = Field(
+        description="auto when the kernel transformers picks ran the checkpoint; else the gptqmodel backend that did "
+        "(the evaluation loads the checkpoint with it)."
+    )
+    check_relative_error: float = Field(
+        description="||logits - merged logits|| / ||merged logits - mean|| on one calibration window, in a fresh "
+        "process: the check that the checkpoint loads and runs like the merged model."
+    )
 
 
 class GptqLoss(_Closed):

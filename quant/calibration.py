@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def load_texts(
             raise InputError(f"{path}: unsupported text file type; use one of {sorted(LOCAL_BUILDERS)}")
         if _blank(path):
             raise InputError(f"{path}: holds no text")
+        if builder in ("text", "json"):
+            _check_text_file(path, jsonl=path.suffix.lower() == ".jsonl")
         options = {"sample_by": "paragraph"} if builder == "text" else {}
         try:
             table = load_dataset(builder, data_files=str(path), split="train", **options)
@@ -55,6 +58,28 @@ def load_texts(
     if not texts:
         raise InputError(f"{where}: holds no text")
     return texts
+
+
+def _check_text_file(path: Path, jsonl: bool) -> None:
+    """Refuse, naming the line, a text file that is not UTF-8 or a JSON Lines file with a line that is not JSON
+    (datasets' own errors name neither)."""
+    with path.open("rb") as file:
+        for number, line in enumerate(file, 1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(
+                    f"{path}: line {number} is not UTF-8 text (byte {exc.start + 1} of the line: "
+                    f"{exc.reason}); re-save the file as UTF-8"
+                ) from None
+            if jsonl and text.strip():
+                try:
+                    json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise InputError(
+                        f"{path}: line {number} is not valid JSON ({exc.msg} at column {exc.colno}); "
+                        "a .jsonl file holds one JSON object per line"
+                    ) from None
 
 
 def _blank(path: Path, probe_bytes: int = 1 << 16) -> bool:

@@ -1,12 +1,24 @@
-"""GPTQ re-quantization through gptqmodel, the maintained successor of auto-gptq."""
+"""GPTQ re-quantization through gptqmodel, the maintained successor of auto-gptq, and the checks that its
+output is a checkpoint plain transformers loads and runs."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+# Fused Linear layers that gptqmodel 7.6 saves split into parts (its model definitions quantize the parts;
+# e.g. Phi-3's gate_up_proj), while transformers' modules, and so every runtime, expect the fused name.
+SPLIT_ON_SAVE = {"gate_up_proj": ("gate_proj", "up_proj")}
+GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+# CPU kernels of gptqmodel 7.6 that transformers can be asked for (quantization_config backend), tried in
+# this order when the one transformers picks does not run the checkpoint.
+CPU_BACKENDS = ("gptq_torch_fused", "gptq_torch_int8", "gptq_torch")
 
 
 @dataclass(frozen=True)
@@ -29,10 +41,13 @@ def gptq_quantize(
     out_dir: Path,
     log_dir: Path,
     trust_remote_code: bool = False,
+    offload_to_disk: bool = True,
 ) -> None:
     """Quantize the 16-bit checkpoint in `model_dir` on `calibration` windows and save it to `out_dir`.
 
-    gptqmodel's per-module logs (GPTQ loss per layer) go to `log_dir` instead of ./logs.
+    gptqmodel's per-module logs (GPTQ loss per layer) go to `log_dir` instead of ./logs. With
+    `offload_to_disk` (gptqmodel's default), layers wait on disk rather than in memory; its loader finds
+    them only under the model's own tensor names, not under legacy names a checkpoint may use.
     """
     # gptqmodel sizes its CPU worker pool at import; with 2 cores or fewer it refuses to start without this.
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
@@ -49,7 +64,96 @@ def gptq_quantize(
         desc_act=settings.desc_act,
         sym=settings.sym,
         damp_percent=settings.damp_percent,
+        offload_to_disk=offload_to_disk,
+        # gptqmodel turns act_group_aware on by default, which needs groups; per-channel (-1) has none.
+        **({"act_group_aware": False} if settings.group_size == -1 else {}),
     )
     model = GPTQModel.load(str(model_dir), config, device=device, trust_remote_code=trust_remote_code)
     model.quantize(calibration, batch_size=settings.batch_size)
     model.save(str(out_dir))
+
+
+def uses_model_names(model_config: dict, tensor_names: list[str]) -> bool:
+    """Whether a checkpoint names its tensors as transformers' model does (GPT-NeoX checkpoints, for one,
+    keep the legacy embed_out for the model's lm_head)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**model_config))
+    return set(tensor_names) <= set(model.state_dict())
+
+
+def fuse_split_layers(reader, fused_modules: set[str]) -> dict[str, list[str]]:
+    """Which saved GPTQ tensors to join back into fused layers: {fused tensor: [part tensors in order]}.
+
+    `reader` holds the GPTQ checkpoint's tensors; `fused_modules` are the merged model's Linear modules.
+    A fused module saved as parts gets its parts' tensors concatenated along the output dimension (the
+    last one of qweight, qzeros and scales; bias), and the parts' shared g_idx once.
+    """
+    joins = {}
+    for module in sorted(fused_modules):
+        prefix, _, name = module.rpartition(".")
+        parts = SPLIT_ON_SAVE.get(name)
+        if not parts or f"{module}.qweight" in reader or f"{prefix}.{parts[0]}.qweight" not in reader:
+            continue
+        for tensor in GPTQ_TENSORS:
+            names = [f"{prefix}.{part}.{tensor}" for part in parts]
+            if all(n in reader for n in names):
+                joins[f"{module}.{tensor}"] = names[:1] if tensor == "g_idx" else names
+    return joins
+
+
+def join_tensors(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """One fused GPTQ tensor from its parts (see fuse_split_layers)."""
+    if name.endswith(".g_idx"):
+        return parts[0]
+    return torch.cat(parts, dim=0 if name.endswith(".bias") else -1).contiguous()
+
+
+_PROBE = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM, GPTQConfig
+gptq_dir, merged_dir, ids, device, backend = sys.argv[1:6]
+ids = torch.tensor(json.loads(ids)).unsqueeze(0)
+place = {"": 0 if device == "cuda" else "cpu"}
+dtype = torch.float32 if device == "cpu" else "auto"
+options = {}
+if backend:
+    quantization = json.load(open(gptq_dir + "/config.json"))["quantization_config"]
+    options["quantization_config"] = GPTQConfig(bits=quantization["bits"], group_size=quantization["group_size"],
+        desc_act=quantization["desc_act"], sym=quantization["sym"], backend=backend)
+model, info = AutoModelForCausalLM.from_pretrained(gptq_dir, dtype=dtype, device_map=place, output_loading_info=True,
+                                                   **options)
+missing = sorted(info["missing_keys"])
+if missing:
+    print(json.dumps({"missing": missing}))
+    sys.exit(0)
+kernel = next(type(m).__name__ for m in model.modules() if hasattr(m, "qweight"))
+with torch.no_grad():
+    logits = model(ids.to(model.device)).logits.float().cpu()
+    del model
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, device_map=place)
+    reference = merged(ids.to(merged.device)).logits.float().cpu()
+error = ((logits - reference).norm() / (reference - reference.mean()).norm()).item()
+print(json.dumps({"kernel": kernel, "finite": bool(torch.isfinite(logits).all()), "relative_error": error}))
+"""
+
+
+def probe(gptq_dir: Path, merged_dir: Path, input_ids: list[int], device: str, backend: str = "") -> dict:
+    """Load the GPTQ checkpoint in a fresh process as the evaluation loads it (plain transformers; with
+    `backend`, that gptqmodel kernel) and compare its logits on `input_ids` with the merged model's.
+
+    Returns {kernel, finite, relative_error} (||logits - merged|| / ||merged - mean(merged)||), {missing}
+    when weights did not load, or {failed: the end of the process's output} when loading or running
+    crashed. A fresh process, because a failing kernel may abort the interpreter.
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(gptq_dir), str(merged_dir), json.dumps(input_ids), device, backend],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        return {"failed": (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit {done.returncode}"]}
+    return json.loads(lines[-1])

@@ -26,8 +26,9 @@ TINY_LLAMA = dict(
 FP32_ROUNDING = 1e-6
 
 
-def save_model(model, tokenizer, out_dir: Path, dtype: torch.dtype = torch.bfloat16, **save_kwargs) -> Path:
-    model.to(dtype).save_pretrained(out_dir, **save_kwargs)
+def save_model(model, tokenizer, out_dir: Path, dtype: torch.dtype | None = torch.bfloat16, **save_kwargs) -> Path:
+    """Save `model` (cast to `dtype`; None keeps it, as a 4-bit model must) and `tokenizer` into `out_dir`."""
+    (model if dtype is None else model.to(dtype)).save_pretrained(out_dir, **save_kwargs)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

@@ -1,26 +1,59 @@
-"""Dequantize and merge across architectures, sharded checkpoints and tied embeddings."""
+"""Every architecture the README lists: dequantize and merge against the libraries, and whole runs (merge,
+GPTQ, evaluation) from a 16-bit base and from a base saved in bitsandbytes 4-bit form."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from qlora_requant.pipeline.cli import EXIT_OK, main
 from qlora_requant.pipeline.config import AdapterSection, BaseSection
 from qlora_requant.pipeline.stages.dequantize import DequantizedBase
 from qlora_requant.pipeline.stages.merge import load_adapter, merge_checkpoint
 
-from support import FP32_ROUNDING, dequantize_to, library_dequantized, peft_merged, random_adapter, save_model
+from support import (
+    FP32_ROUNDING,
+    base_section,
+    dequantize_to,
+    library_dequantized,
+    peft_merged,
+    random_adapter,
+    save_model,
+    write_config,
+)
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 # Config class, model class, extra config, and the Linear layers per block that bitsandbytes quantizes (the
 # output head stays 16-bit).
 ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2), 7),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2), 7),  # q k v o gate up down
     "qwen2-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True), 7),
     "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}, 4),  # query_key_value dense dense_h_to_4h dense_4h_to_h
     "phi": ("PhiConfig", "PhiForCausalLM", {}, 6),  # q k v dense fc1 fc2
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=2), 4),  # qkv_proj o gate_up_proj down
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(num_key_value_heads=2, head_dim=16), 7),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=16), 7),
 }
+
+
+def tiny_model(tokenizer, architecture: str, seed: int = 0):
+    import transformers
+
+    config_class, model_class, extra, _ = ARCHITECTURES[architecture]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **SMALL,
+        **extra,
+    )
+    return getattr(transformers, model_class)(config)
 
 
 def read_all(model_dir) -> dict[str, torch.Tensor]:
@@ -32,12 +65,9 @@ def read_all(model_dir) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_dequantize_and_merge_match_the_libraries(tmp_path, tokenizer, architecture):
-    import transformers
 
-    config_class, model_class, extra, linears_per_block = ARCHITECTURES[architecture]
-    torch.manual_seed(0)
-    config = getattr(transformers, config_class)(vocab_size=len(tokenizer), **SMALL, **extra)
-    base = save_model(getattr(transformers, model_class)(config), tokenizer, tmp_path / "base", max_shard_size="60KB")
+    linears_per_block = ARCHITECTURES[architecture][3]
+    base = save_model(tiny_model(tokenizer, architecture), tokenizer, tmp_path / "base", max_shard_size="60KB")
     assert len(list(base.glob("*.safetensors"))) > 1
 
     section = BaseSection(path=base, dtype="bfloat16")
@@ -65,3 +95,44 @@ def test_dequantize_and_merge_match_the_libraries(tmp_path, tokenizer, architect
             assert (tensor - peft[key]).abs().max().item() <= FP32_ROUNDING, key
         else:  # saved under a legacy name (GPT-NeoX's embed_out is lm_head in the model): never merged
             assert key not in reference and torch.equal(tensor, ours[key].float()), key
+
+
+@pytest.mark.parametrize("form", ["16-bit", "bnb-4bit"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_a_whole_run_from_each_architecture(tmp_path, tokenizer, text_files, architecture, form):
+    """Merge, GPTQ and the evaluation run to the end; the merged model is the separate adapter's, and the
+    GPTQ checkpoint loads in plain transformers (the requantize stage checks it in a fresh process)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    base = save_model(tiny_model(tokenizer, architecture), tokenizer, tmp_path / "base", dtype=torch.float32)
+    adapter = random_adapter(base, tmp_path / "adapter", r=4, lora_alpha=4)
+    if form == "bnb-4bit":
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+        four_bit = AutoModelForCausalLM.from_pretrained(
+            base, quantization_config=quantization, dtype=torch.float32, device_map="cpu"
+        )
+        base = save_model(four_bit, tokenizer, tmp_path / "base-4bit", dtype=None)
+    config = write_config(
+        tmp_path / "run.yaml",
+        base,
+        adapter,
+        text_files,
+        tmp_path / "run",
+        # a 4-bit save carries its own bitsandbytes settings
+        base=base_section(base) if form == "16-bit" else {"path": str(base)},
+        requantize={
+            "bits": 4,
+            "group_size": 64,
+            "batch_size": 4,
+            "calibration": {"path": str(text_files["calibration"]), "n_samples": 8, "seq_len": 32},
+        },
+        evaluation={"text": {"path": str(text_files["eval"])}, "seq_len": 32, "max_windows": 6},
+    )
+    assert main(["run", str(config)]) == EXIT_OK
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    merged, gptq = report["models"]["merged"], report["models"]["gptq"]
+    assert abs(merged["delta_pct"]) < 0.5 and merged["kl"] < 1e-3, merged
+    assert gptq["kl"] > merged["kl"] and report["requantize"]["check_relative_error"] < 0.5
+    assert report["stages"]["merge"]["modules_merged"] == 2 * ARCHITECTURES[architecture][3]
+    fused = 2 * 4 if architecture == "phi3" else 0  # qweight, qzeros, scales, g_idx of each gate_up_proj
+    assert report["requantize"]["fused_layers"] == fused
