@@ -77,7 +77,7 @@ def _check_text_file(path: Path, jsonl: bool) -> None:
                     json.loads(text)
                 except json.JSONDecodeError as exc:
                     raise InputError(
-                        f"{path}: line {number} is not valid JSON ({exc.msg} at column {exc.colno}); "
+                        f"{path}: line {number} is not valid JSON ({exc.msg.removesuffix(' at')}, column {exc.colno}); "
                         "a .jsonl file holds one JSON object per line"
                     ) from None
 

@@ -1,0 +1,305 @@
+"""A user's files are never lost, a report never comes from bytes that changed, and bad input is exit 2
+before any compute, leaving a finished run as it was."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
+
+from support import save_model, tiny_llama, write_config
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def started(run_dir: Path, before: str) -> list[str]:
+    """Stages the last run started, from run.log."""
+    new = (run_dir / "run.log").read_text()[len(before) :]
+    return [line.split("stage ")[1].split(":")[0] for line in new.splitlines() if ": start (" in line]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_base, tiny_adapter, text_files) -> tuple[Path, Path]:
+    """A complete run: (config, run directory)."""
+    folder = tmp_path_factory.mktemp("finished")
+    config = write_config(folder / "run.yaml", tiny_base, tiny_adapter, text_files, folder / "run")
+    assert main(["run", str(config)]) == EXIT_OK
+    return config, folder / "run"
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path) -> tuple[Path, Path]:
+    """A copy of the finished run to damage: (its config, its run directory)."""
+    config, run_dir = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    tree = yaml.safe_load(config.read_text())
+    tree["output_dir"] = str(copy)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(tree))
+    return tmp_path / "run.yaml", copy
+
+
+def test_a_folder_that_is_not_a_run_is_refused_untouched(tmp_path, tiny_base, tiny_adapter, text_files, capsys):
+    users = tmp_path / "mine"
+    (users / "merged").mkdir(parents=True)
+    (users / "merged" / "notes.txt").write_text("keep me")
+    (users / ".x.old").write_text("keep me too")
+    (users / "report.md").write_text("my report")
+    before = snapshot(users)
+    config = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, users)
+    assert main(["run", str(config)]) == EXIT_BAD_INPUT
+    assert (
+        f"output_dir {users} is not empty and not a qlora-requant run (no run.json; it holds .x.old, merged, "
+        "report.md); qlora-requant writes only into a new or empty folder or a run's own" in capsys.readouterr().err
+    )
+    assert snapshot(users) == before and sorted(p.name for p in users.iterdir()) == [".x.old", "merged", "report.md"]
+
+
+def test_an_edited_result_is_refused_by_report_and_recomputed_by_run(run_copy, capsys):
+    config, run_dir = run_copy
+    results = json.loads((run_dir / "evaluation" / "results.json").read_text())
+    results["models"]["gptq"]["window_nll"] = [n * 0.9 for n in results["models"]["gptq"]["window_nll"]]
+    (run_dir / "evaluation" / "results.json").write_text(json.dumps(results))
+    assert main(["report", str(run_dir)]) == EXIT_BAD_INPUT
+    assert (
+        f"{run_dir / 'evaluation' / 'results.json'}: not the file the evaluate stage wrote (its SHA-256 differs from "
+        "the one in evaluate.json); re-run that stage: qlora-requant run CONFIG --force evaluate"
+    ) in capsys.readouterr().err
+    log = (run_dir / "run.log").read_text()
+    assert main(["run", str(config)]) == EXIT_OK
+    assert started(run_dir, log) == ["evaluate"]
+    assert main(["report", str(run_dir)]) == EXIT_OK
+
+
+def test_a_damaged_stage_record_is_rerun_by_run_and_refused_by_report(run_copy, capsys):
+    config, run_dir = run_copy
+    record = run_dir / "stages" / "requantize.json"
+    record.write_text(record.read_text().replace('"bits": 4', '"bits": 3'))
+    assert main(["report", str(run_dir)]) == EXIT_BAD_INPUT
+    assert (
+        f"{record}: changed since the stage wrote it (its checksum does not match); re-run that stage: "
+        "qlora-requant run CONFIG --force requantize"
+    ) in capsys.readouterr().err
+    record.write_text("{ not json")
+    log = (run_dir / "run.log").read_text()
+    assert main(["run", str(config)]) == EXIT_OK
+    assert started(run_dir, log) == ["requantize"]  # the same GPTQ bytes: the evaluation stands
+    assert "the requantize stage runs again" in capsys.readouterr().err
+
+
+def flip_a_byte_keeping_the_time(path: Path) -> None:
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_bit_rot_under_a_kept_time_never_feeds_a_stage(run_copy, capsys):
+    config, run_dir = run_copy
+    assert main(["run", str(config), "--force", "merge"]) == EXIT_OK
+    merged = run_dir / "merged" / "model.safetensors"
+    flip_a_byte_keeping_the_time(merged)
+    capsys.readouterr()
+    assert main(["run", str(config), "--set", "requantize.damp_percent=0.02"]) == EXIT_BAD_INPUT
+    assert (
+        f"{merged}: its bytes changed after the merge stage wrote it, although its size and modification time did "
+        "not (a failing disk, or an edit that kept the time); re-run that stage: qlora-requant run CONFIG --force "
+        "merge"
+    ) in capsys.readouterr().err
+    log = (run_dir / "run.log").read_text()
+    assert main(["run", str(config), "--set", "verify=full"]) == EXIT_OK  # full: every file hashed, merge redone
+    assert started(run_dir, log) == ["merge"]  # the same merged bytes again: GPTQ and evaluation stand
+
+
+def test_after_a_forced_merge_later_runs_hash_nothing_again(run_copy, monkeypatch):
+    import qlora_requant.pipeline.manifest as manifest
+
+    config, run_dir = run_copy
+    assert main(["run", str(config), "--force", "merge"]) == EXIT_OK
+    hashed = []
+    real = manifest.sha256
+    monkeypatch.setattr(manifest, "sha256", lambda path: hashed.append(path) or real(path))
+    assert main(["run", str(config)]) == EXIT_OK
+    assert main(["run", str(config)]) == EXIT_OK
+    assert hashed == []
+
+
+def test_a_moved_run_resumes_without_rerunning(finished, tmp_path):
+    config, run_dir = finished
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    tree = yaml.safe_load(config.read_text())
+    tree["output_dir"] = str(moved)
+    (tmp_path / "moved.yaml").write_text(yaml.safe_dump(tree))
+    log = (moved / "run.log").read_text()
+    assert main(["run", str(tmp_path / "moved.yaml")]) == EXIT_OK
+    assert started(moved, log) == []
+
+
+def test_adapter_weights_outside_target_modules_are_ignored_end_to_end(
+    tmp_path, tiny_base, tiny_adapter, text_files, capsys
+):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, adapter)
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    adapter_config["target_modules"] = ["q_proj", "k_proj"]
+    (adapter / "adapter_config.json").write_text(json.dumps(adapter_config))
+    config = write_config(tmp_path / "run.yaml", tiny_base, adapter, text_files, tmp_path / "run")
+    assert main(["run", str(config)]) == EXIT_OK
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["stages"]["merge"]["modules_merged"] == 4
+    assert abs(report["models"]["merged"]["delta_pct"]) < 0.05 and report["models"]["merged"]["kl"] < 1e-5
+    assert "ignoring LoRA weights of 10 module(s) outside its target_modules, as PEFT does" in capsys.readouterr().err
+
+
+def bad_config(tmp_path, tiny_base, tiny_adapter, text_files, **changes) -> Path:
+    config = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, tmp_path / "run")
+    tree = yaml.safe_load(config.read_text())
+    for key, value in changes.items():
+        section, _, leaf = key.rpartition("__")
+        (tree[section] if section else tree)[leaf] = value
+    config.write_text(yaml.safe_dump(tree))
+    return config
+
+
+def test_output_dir_a_file_or_a_symlink_loop_and_base_a_symlink_loop(
+    tmp_path, tiny_base, tiny_adapter, text_files, capsys
+):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    cases = [
+        (dict(output_dir=str(a_file)), f"output_dir {a_file} is a file; give a folder"),
+        (dict(output_dir=str(loop / "run")), f"output_dir: {loop / 'run'} cannot be resolved"),
+        (dict(base__path=str(loop)), f"base.path: {loop} cannot be resolved"),
+    ]
+    for changes, expected in cases:
+        config = bad_config(tmp_path, tiny_base, tiny_adapter, text_files, **changes)
+        assert main(["run", str(config)]) == EXIT_BAD_INPUT, changes
+        assert expected in capsys.readouterr().err
+    assert a_file.read_text() == "mine"
+
+
+def test_an_output_dir_on_a_read_only_file_system(tmp_path, tiny_base, tiny_adapter, text_files, capsys):
+    mount_point = tmp_path / "read-only"
+    mount_point.mkdir()
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount_point)], capture_output=True
+        ).returncode
+        != 0
+    ):
+        pytest.skip("mounting a read-only tmpfs needs root")
+    try:
+        config = bad_config(tmp_path, tiny_base, tiny_adapter, text_files, output_dir=str(mount_point / "run"))
+        assert main(["run", str(config)]) == EXIT_BAD_INPUT
+        assert (
+            f"output_dir {mount_point / 'run'}: {mount_point} cannot be written (a read-only file system, or no "
+            "permission); choose a writable output_dir"
+        ) in capsys.readouterr().err
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_wrong_types_and_encodings_in_inputs(tmp_path, tiny_base, tiny_adapter, text_files, capsys):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, adapter)
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**adapter_config, "lora_alpha": "16"}))
+    not_utf8 = tmp_path / "calibration.txt"
+    not_utf8.write_bytes(text_files["calibration"].read_bytes()[:2000] + b"\n\ncaf\xe9 au lait\n")
+    bad_jsonl = tmp_path / "eval.jsonl"
+    bad_jsonl.write_text('{"text": "fine"}\n{"text": "missing quote}\n')
+    cases = [
+        (
+            dict(adapter__path=str(adapter)),
+            f"{adapter / 'adapter_config.json'}: lora_alpha is '16', but must be a number; fix adapter_config.json",
+        ),
+        (dict(evaluation__seed=-1), "evaluation.seed: Input should be greater than or equal to 0"),
+        (
+            dict(requantize__calibration={"path": str(not_utf8)}),
+            f"{not_utf8}: line {len(not_utf8.read_bytes().splitlines())} is not UTF-8 text (byte 4 of the line",
+        ),
+        (
+            dict(evaluation__text={"path": str(bad_jsonl)}),
+            f"{bad_jsonl}: line 2 is not valid JSON (Invalid control character, column 25); a .jsonl file",
+        ),
+    ]
+    for changes, expected in cases:
+        config = bad_config(tmp_path, tiny_base, tiny_adapter, text_files, **changes)
+        assert main(["validate", str(config)]) == EXIT_BAD_INPUT, changes
+        assert expected in capsys.readouterr().err, changes
+    raw = tmp_path / "latin1.yaml"
+    raw.write_bytes(b"output_dir: caf\xe9\n")
+    assert main(["validate", str(raw)]) == EXIT_BAD_INPUT
+    assert f"{raw}: not UTF-8 text (byte 15: invalid continuation byte); save the config as UTF-8" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_base_the_cpu_4bit_kernel_cannot_run_is_refused_up_front(tmp_path, tokenizer, text_files, capsys):
+    from support import random_adapter
+
+    base = save_model(tiny_llama(tokenizer, intermediate_size=200), tokenizer, tmp_path / "base")
+    adapter = random_adapter(base, tmp_path / "adapter")
+    config = write_config(tmp_path / "run.yaml", base, adapter, text_files, tmp_path / "run")
+    assert main(["run", str(config)]) == EXIT_BAD_INPUT
+    assert (
+        f"{base}: bitsandbytes' CPU kernel cannot run 4-bit Linear layers whose in_features is not a multiple of "
+        "64 (2 here, e.g. model.layers.0.mlp.down_proj.weight with 200), so the baseline cannot be scored on CPU; "
+        "run with device: cuda (GPU kernels have no such limit)"
+    ) in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_inside_a_stage_is_exit_2_and_keeps_earlier_stages(run_copy, monkeypatch, capsys):
+    import qlora_requant.pipeline.stages.requantize as requantize
+
+    config, run_dir = run_copy
+    before = snapshot(run_dir / "gptq")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(requantize, "gptq_quantize", disk_full)
+    assert main(["run", str(config), "--force", "requantize"]) == EXIT_BAD_INPUT
+    assert (
+        f"{run_dir}: the disk filled up during the requantize stage ([Errno 28] No space left on device); free some "
+        "space or choose an output_dir on a larger disk, then run again"
+    ) in capsys.readouterr().err
+    assert snapshot(run_dir / "gptq") == before and not (run_dir / ".gptq.partial").exists()
+    assert main(["report", str(run_dir)]) == EXIT_OK  # the finished run is still whole
+
+
+def test_report_on_a_folder_that_is_not_a_run_leaves_nothing(tmp_path, capsys):
+    (tmp_path / "data.txt").write_text("mine")
+    assert main(["report", str(tmp_path)]) == EXIT_BAD_INPUT
+    assert f"{tmp_path / 'run.json'}: missing, so {tmp_path} is not a qlora-requant run" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt"]
+
+
+def test_gptqmodel_logs_are_rotated(tmp_path):
+    from qlora_requant.pipeline.stages.requantize import KEPT_GPTQ_LOGS, _keep_newest_logs
+
+    for i in range(8):
+        path = tmp_path / f"gptq_log_{i}.log"
+        path.write_text(str(i))
+        os.utime(path, ns=(i * 10**9, i * 10**9))
+    (tmp_path / "mine.log").write_text("not gptqmodel's")
+    _keep_newest_logs(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["mine.log", *(f"gptq_log_{i}.log" for i in range(8 - KEPT_GPTQ_LOGS, 8))]
+    )
