@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from qlora_requant.quant.errors import InputError
 
 from support import save_model, tiny_llama, write_config
 
@@ -302,4 +303,32 @@ def test_gptqmodel_logs_are_rotated(tmp_path):
     _keep_newest_logs(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["mine.log", *(f"gptq_log_{i}.log" for i in range(8 - KEPT_GPTQ_LOGS, 8))]
+    )
+
+
+def test_a_gptq_checkpoint_the_default_kernel_cannot_run_gets_another_or_exit_2(tmp_path, monkeypatch, caplog):
+    import qlora_requant.pipeline.stages.requantize as requantize
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Phi3ForCausalLM"]}))
+    outcomes = {
+        "": {"failed": ["IndexError: index 529575936 is out of bounds for dimension 0 with size 128"]},
+        "gptq_torch_fused": {"missing": ["model.layers.0.mlp.gate_up_proj.qweight"]},
+        "gptq_torch_int8": {"kernel": "TorchInt8Linear", "finite": True, "relative_error": 0.12},
+    }
+    monkeypatch.setattr(requantize, "probe", lambda out, merged, ids, device, backend="": outcomes[backend])
+    check = requantize._check_runs(tmp_path, tmp_path, [1, 2, 3], "cpu", bits=4)
+    assert check == {"kernel": "TorchInt8Linear", "backend": "gptq_torch_int8", "check_relative_error": 0.12}
+    assert "the default GPTQ kernel did not run this checkpoint" in caplog.text
+
+    outcomes["gptq_torch_int8"] = {"kernel": "TorchInt8Linear", "finite": False, "relative_error": float("nan")}
+    outcomes["gptq_torch"] = {"kernel": "TorchLinear", "finite": True, "relative_error": 1.41}
+    with pytest.raises(InputError) as refused:
+        requantize._check_runs(tmp_path, tmp_path, [1, 2, 3], "cpu", bits=4)
+    assert str(refused.value) == (
+        f"{tmp_path}: the GPTQ checkpoint of this Phi3ForCausalLM model does not run in plain transformers on cpu "
+        "with any gptqmodel kernel (default: failed: IndexError: index 529575936 is out of bounds for dimension 0 "
+        "with size 128; gptq_torch_fused: 1 weights not loaded, e.g. model.layers.0.mlp.gate_up_proj.qweight; "
+        "gptq_torch_int8: TorchInt8Linear gives NaN or Inf logits; gptq_torch: TorchLinear logits off by 1.41 "
+        "(limit 0.5)); this architecture cannot be released as GPTQ with these versions: try other requantize "
+        "settings or report it"
     )
