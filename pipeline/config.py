@@ -108,6 +108,14 @@ class AdapterSection(Section):
     path: InputPath | None = None
     combination: Literal["linear", "cat"] | None = None
     adapters: list[WeightedAdapter] = Field(default_factory=list)
+    # The fine-tune's tokenizer: auto (the adapter folder's when it holds one, else the base's), base, or
+    # a folder. Used for calibration, evaluation and prompts, and written into merged/ and gptq/.
+    tokenizer: str = "auto"
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_folder(cls, value: str, info: ValidationInfo) -> str:
+        return value if value in ("auto", "base") else str(_existing(Path(value), info))
 
     @model_validator(mode="after")
     def _one_form(self) -> AdapterSection:

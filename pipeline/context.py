@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_requant.pipeline.layout import RunLayout
@@ -18,6 +19,7 @@ class Inputs:
 
     base: DequantizedBase  # the base as the adapter saw it in training, served tensor by tensor
     adapter: LoraAdapter  # the adapter(s) as PEFT loads them onto the base, checked against its headers
+    tokenizer_dir: Path  # the folder holding the fine-tune's tokenizer (adapter.tokenizer)
     calibration_texts: list[str] = field(repr=False)
     eval_texts: list[str] = field(repr=False)
 

@@ -85,7 +85,7 @@ def merge_stage(config: RunConfig, layout: RunLayout, merge_base: str, *, name: 
         kind="merge",
         output=layout.model_dir(model),
         settings=_json(base=config.base, adapter=config.adapter, **arguments),
-        inputs=(config.base.path, *(path for _, path in config.adapter.keyed_paths())),
+        inputs=(config.base.path, *_adapter_folders(config)),
         work=partial(merge.run, **arguments),
         needed_bytes=partial(_base_bytes, dtype=config.merge.dtype),
     )
@@ -118,12 +118,20 @@ def evaluate_stage(config: RunConfig, layout: RunLayout, *, models: list[str]) -
         settings=_json(base=config.base, **arguments),
         inputs=(
             config.base.path,
-            *(path for _, path in config.adapter.keyed_paths()),
+            *_adapter_folders(config),
             *(layout.model_dir(model) for model in models),
             *([eval_text] if eval_text else []),
         ),
         work=partial(evaluate.run, **arguments),
     )
+
+
+def _adapter_folders(config: RunConfig) -> list[Path]:
+    """The adapter folders, and the tokenizer's folder when it is another."""
+    folders = [path for _, path in config.adapter.keyed_paths()]
+    if config.adapter.tokenizer not in ("auto", "base"):
+        folders.append(Path(config.adapter.tokenizer))
+    return folders
 
 
 def _base_bytes(context: StageContext, dtype: str | None) -> int:

@@ -20,6 +20,7 @@ from qlora_requant.pipeline.context import Inputs
 from qlora_requant.pipeline.layout import RunLayout
 from qlora_requant.pipeline.stages.dequantize import DequantizedBase, check_base
 from qlora_requant.pipeline.stages.merge import load_adapter
+from qlora_requant.pipeline.tokenizer import load_tokenizer, tokenizer_folder
 from qlora_requant.quant.calibration import check_held_out, require_tokens
 from qlora_requant.quant.errors import InputError
 
@@ -43,7 +44,10 @@ def preflight(config: RunConfig, device: str) -> Inputs:
     if device == "cpu":
         _refuse_cpu_4bit_shapes(base)
     adapter = load_adapter(config.adapter, base, base.model_config, config.allow_pickle)
-    _refuse_tokenizer_code(config)
+    adapter_dirs = [path for _, path in config.adapter.keyed_paths()]
+    for folder in dict.fromkeys([config.base.path, *adapter_dirs]):
+        _refuse_tokenizer_code(folder, config.trust_remote_code)
+    tokenizer_dir = tokenizer_folder(config.adapter.tokenizer, config.base.path, adapter_dirs, config.trust_remote_code)
     if "original" in config.merge.merge_bases() and is_bnb_4bit(base_config):
         raise InputError(
             f"merge.merge_base: original needs the original 16-bit weights, but {config.base.path} "
@@ -63,8 +67,14 @@ def preflight(config: RunConfig, device: str) -> Inputs:
             "its scores favour the GPTQ model",
             shared,
         )
-    _check_text_lengths(config, calibration_texts, eval_texts)
-    return Inputs(base=base, adapter=adapter, calibration_texts=calibration_texts, eval_texts=eval_texts)
+    _check_text_lengths(config, load_tokenizer(tokenizer_dir, config.trust_remote_code), calibration_texts, eval_texts)
+    return Inputs(
+        base=base,
+        adapter=adapter,
+        tokenizer_dir=tokenizer_dir,
+        calibration_texts=calibration_texts,
+        eval_texts=eval_texts,
+    )
 
 
 def check_output_dir(run_dir: Path) -> None:
@@ -109,10 +119,10 @@ def _refuse_output_inside_inputs(config: RunConfig) -> None:
             raise InputError(f"output_dir {run_dir} is inside {key} {path}; choose another output_dir")
 
 
-def _refuse_tokenizer_code(config: RunConfig) -> None:
+def _refuse_tokenizer_code(folder: Path, trust_remote_code: bool) -> None:
     """A tokenizer that ships Python code (auto_map) runs only with trust_remote_code: true."""
-    path = config.base.path / "tokenizer_config.json"
-    if config.trust_remote_code or not path.is_file():
+    path = folder / "tokenizer_config.json"
+    if trust_remote_code or not path.is_file():
         return
     try:
         custom = "auto_map" in json.loads(path.read_text())
@@ -125,17 +135,8 @@ def _refuse_tokenizer_code(config: RunConfig) -> None:
         )
 
 
-def _check_text_lengths(config: RunConfig, calibration_texts: list[str], eval_texts: list[str]) -> None:
+def _check_text_lengths(config: RunConfig, tokenizer, calibration_texts: list[str], eval_texts: list[str]) -> None:
     """Refuse calibration or eval text too short for one window, before any stage runs."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(config.base.path, trust_remote_code=config.trust_remote_code)
-    except (OSError, ValueError):
-        raise InputError(
-            f"{config.base.path}: has no tokenizer files; save the tokenizer used in "
-            "training beside the base (tokenizer.json / tokenizer_config.json)"
-        ) from None
     calibration, evaluation = config.requantize.calibration, config.evaluation
     require_tokens(
         tokenizer,
@@ -151,6 +152,6 @@ def _check_text_lengths(config: RunConfig, calibration_texts: list[str], eval_te
     )
     if evaluation.bos and tokenizer.bos_token_id is None:
         raise InputError(
-            f"evaluation.bos is true but the tokenizer of {config.base.path} has no BOS token; "
+            f"evaluation.bos is true but the tokenizer ({tokenizer.name_or_path}) has no BOS token; "
             "set evaluation.bos: false"
         )

@@ -102,7 +102,13 @@ def stage_context(section: BaseSection, run_dir: Path, device: str = "cpu") -> S
     return StageContext(
         device=device,
         layout=RunLayout(run_dir),
-        inputs=Inputs(base=DequantizedBase(section, device), adapter=None, calibration_texts=[], eval_texts=[]),
+        inputs=Inputs(
+            base=DequantizedBase(section, device),
+            adapter=None,
+            tokenizer_dir=section.path,
+            calibration_texts=[],
+            eval_texts=[],
+        ),
     )
 
 
@@ -157,3 +163,130 @@ def validate_report(report_json_path: Path) -> None:
 
     schema = json.loads(REPORT_SCHEMA.read_text())
     jsonschema.validate(json.loads(Path(report_json_path).read_text()), schema, cls=jsonschema.Draft202012Validator)
+
+
+# Chat fine-tunes: special tokens added, embeddings resized, the tokenizer saved next to the adapter.
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHAT_LAYOUTS = ("modules_to_save", "modules_to_save_plain", "trainable_tokens", "embedding_lora")
+
+
+def chat_tokenizer(base_dir: Path):
+    """The base's tokenizer with the ChatML special tokens, chat template and `<|im_end|>` as eos."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def resized_base(base_dir: Path, n_tokens: int, pad_to_multiple_of: int | None = None):
+    """The fp32 base with its embeddings resized to `n_tokens` the way training does it; the new rows are drawn
+    (normal, std initializer_range) under a fixed seed, so every call gives the same rows."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    model.resize_token_embeddings(n_tokens, pad_to_multiple_of=pad_to_multiple_of, mean_resizing=False)
+    return model
+
+
+def chat_lora_config(layout: str, tied: bool, new_tokens: list[int]):
+    from peft import LoraConfig
+
+    heads = ["embed_tokens"] if tied else ["embed_tokens", "lm_head"]
+    settings = {
+        "modules_to_save": dict(target_modules="all-linear", modules_to_save=heads),
+        "modules_to_save_plain": dict(target_modules="all-linear", modules_to_save=heads),
+        "trainable_tokens": dict(target_modules=["q_proj", "v_proj"], trainable_token_indices=new_tokens),
+        "embedding_lora": dict(target_modules=["q_proj", "v_proj", *heads]),
+    }[layout]
+    return LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **settings)
+
+
+def perturb_trainables(peft_model, seed: int) -> None:
+    """Move every trainable tensor off its init: noise on full / per-token embedding rows; the random
+    (init_lora_weights=False) embedding LoRA factors scaled down so that B @ A stays near the embeddings' scale."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "modules_to_save" in name or "trainable_tokens_delta" in name:
+                param.add_(0.02 * torch.randn(param.shape, generator=generator))
+            elif "lora_embedding_" in name:
+                param.mul_(0.05)
+
+
+def chat_finetune(base_dir: Path, layout: str, tied: bool, seed: int = 0, pad_to_multiple_of: int | None = None):
+    """(PEFT model in eval mode, tokenizer) of a chat fine-tune of the base in `base_dir`, see chat_adapter."""
+    from peft import get_peft_model
+
+    tokenizer = chat_tokenizer(base_dir)
+    model = resized_base(base_dir, len(tokenizer), pad_to_multiple_of)
+    if model.config.tie_word_embeddings != tied:
+        raise ValueError(f"{base_dir} has tie_word_embeddings={model.config.tie_word_embeddings}, asked tied={tied}")
+    torch.manual_seed(seed)
+    new_tokens = tokenizer.convert_tokens_to_ids(CHAT_TOKENS)
+    peft_model = get_peft_model(model, chat_lora_config(layout, tied, new_tokens))
+    perturb_trainables(peft_model, seed)
+    return peft_model.eval(), tokenizer
+
+
+def to_plain_layout(adapter_dir: Path) -> None:
+    """Rewrite a modules_to_save adapter as older PEFT saved it: only the plain `...embed_tokens.weight` /
+    `...lm_head.weight` keys, without PEFT >= 0.14's `.original_module.` / `.modules_to_save.` copies."""
+    from safetensors.torch import load_file, save_file
+
+    path = adapter_dir / "adapter_model.safetensors"
+    copies = (".original_module.", ".modules_to_save.")
+    tensors = {k: v for k, v in load_file(path).items() if not any(copy in k for copy in copies)}
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def chat_adapter(
+    base_dir: Path, out_dir: Path, layout: str, tied: bool, seed: int = 0, pad_to_multiple_of: int | None = None
+) -> Path:
+    """A chat fine-tune's adapter folder as the trainers save it: tokenizer with `<|im_start|>`/`<|im_end|>` and a
+    ChatML template (tokenizer.json, tokenizer_config.json, chat_template.jinja) next to adapter_config.json and
+    adapter_model.safetensors, on the base resized to the new vocabulary. `layout`:
+    - "modules_to_save": axolotl / unsloth (lora_modules_to_save) training embed_tokens (+ lm_head when untied) fully;
+      PEFT 0.21 writes `X.weight`, `X.modules_to_save.weight` and `X.original_module.weight` for each;
+    - "modules_to_save_plain": the same as older PEFT wrote it, only `X.weight`;
+    - "trainable_tokens": TRL (clone_chat_template + trainable_token_indices), only the new rows trained;
+    - "embedding_lora": LoRA on embed_tokens (+ lm_head when untied), unsloth's "embed_tokens" target.
+    Every trainable tensor is moved off its init, so a merge that drops one is visibly wrong."""
+    peft_model, tokenizer = chat_finetune(base_dir, layout, tied, seed, pad_to_multiple_of)
+    peft_model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if layout == "modules_to_save_plain":
+        to_plain_layout(out_dir)
+    return out_dir
+
+
+def peft_chat_model(base_dir: Path, adapter_dir: Path, pad_to_multiple_of: int | None = None):
+    """PEFT's own load of a chat adapter: the fp32 base resized as in training, then PeftModel.from_pretrained."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    n_tokens = len(AutoTokenizer.from_pretrained(adapter_dir))
+    return PeftModel.from_pretrained(resized_base(base_dir, n_tokens, pad_to_multiple_of), adapter_dir).eval()
+
+
+def peft_reference_logits(
+    base_dir: Path, adapter_dir: Path, input_ids: torch.Tensor, pad_to_multiple_of: int | None = None
+) -> torch.Tensor:
+    """Logits of the unmerged PEFT model for `input_ids` (the reference a merge must reproduce)."""
+    with torch.no_grad():
+        return peft_chat_model(base_dir, adapter_dir, pad_to_multiple_of)(input_ids=input_ids).logits
+
+
+def peft_merged_resized(
+    base_dir: Path, adapter_dir: Path, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
+    """PEFT's merge_and_unload of the same model. Beware: with tie_word_embeddings and LoRA on embed_tokens, PEFT
+    merges the embedding delta into the shared matrix, so lm_head changes too and this no longer matches the logits."""
+    return peft_chat_model(base_dir, adapter_dir, pad_to_multiple_of).merge_and_unload().state_dict()

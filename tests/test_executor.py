@@ -56,7 +56,9 @@ def execute(root: Path, stages: list[Stage], force=frozenset(), versions=VERSION
     root.mkdir(exist_ok=True)
     layout = RunLayout(root)
     context = StageContext(
-        device="cpu", layout=layout, inputs=Inputs(base=None, adapter=None, calibration_texts=[], eval_texts=[])
+        device="cpu",
+        layout=layout,
+        inputs=Inputs(base=None, adapter=None, tokenizer_dir=layout.root, calibration_texts=[], eval_texts=[]),
     )
     executor = StageExecutor(layout, versions, set(force))
     executor.run(stages, context)

@@ -25,6 +25,7 @@ from qlora_requant.pipeline.checkpoint import (
 )
 from qlora_requant.pipeline.config import AdapterSection
 from qlora_requant.pipeline.context import StageContext
+from qlora_requant.pipeline.tokenizer import carry_tokenizer
 from qlora_requant.quant.errors import InputError
 from qlora_requant.quant.merge import (
     ADAPTER_CONFIG,
@@ -107,6 +108,7 @@ def run(
         max_shard_size,
         context.device,
     )
+    carry_tokenizer(out, context.inputs.tokenizer_dir, context.trust_remote_code)
     if merge_base == "nf4":
         summary["base"] = {**base.describe(), "roundtrip_error": base.roundtrip_errors}
     return summary

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from qlora_requant.pipeline.checkpoint import (
@@ -23,6 +24,7 @@ from qlora_requant.pipeline.checkpoint import (
 )
 from qlora_requant.pipeline.config import RequantizeSection
 from qlora_requant.pipeline.context import StageContext
+from qlora_requant.pipeline.tokenizer import GENERATION_CONFIG, copy_tokenizer
 from qlora_requant.quant.calibration import calibration_windows, token_stream
 from qlora_requant.quant.errors import InputError
 from qlora_requant.quant.gptq import (
@@ -72,6 +74,8 @@ def run(context: StageContext, out: Path, *, requantize: RequantizeSection, merg
     )
     for name in ("config.json", "quantize_config.json"):
         _drop_run_specific_keys(out / name)
+    copy_tokenizer(merged_dir, out)  # byte for byte: gptqmodel re-saves the tokenizer in its own way
+    shutil.copy2(merged_dir / GENERATION_CONFIG, out / GENERATION_CONFIG)
     fused = _fuse_split_layers(out, merged_dir)
     check = _check_runs(out, merged_dir, windows[0]["input_ids"][0].tolist(), context.device, section.bits)
     _keep_newest_logs(context.layout.gptq_logs)
