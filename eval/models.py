@@ -12,6 +12,7 @@ def device_map(device: str) -> dict[str, str | int]:
 
 
 def load_separate_adapter(
+    vocabulary: int,
     base_dir: Path,
     adapters: list[tuple[Path, float]],
     combination: str | None,
@@ -19,7 +20,8 @@ def load_separate_adapter(
     dtype: torch.dtype,
     device: str,
 ):
-    """The model as trained: the base loaded in 4-bit by transformers + bitsandbytes, adapter unmerged (PEFT).
+    """The model as trained: the base loaded in 4-bit by transformers + bitsandbytes, its embeddings resized to
+    the fine-tune's `vocabulary` (as training did; the adapter carries the rows), adapter unmerged (PEFT).
 
     Several `adapters` (path, weight) are combined with PEFT's add_weighted_adapter(combination).
     `quantization` is a BitsAndBytesConfig, or None when the base checkpoint is already 4-bit: then it
@@ -30,6 +32,8 @@ def load_separate_adapter(
 
     quantized = {"quantization_config": quantization} if quantization is not None else {}
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, device_map=device_map(device), **quantized)
+    if vocabulary != base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(vocabulary, mean_resizing=False)
     model = PeftModel.from_pretrained(base, adapters[0][0], adapter_name="adapter0", is_trainable=False)
     if len(adapters) > 1:
         names = [f"adapter{i}" for i in range(len(adapters))]

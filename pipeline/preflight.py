@@ -19,10 +19,11 @@ from qlora_requant.pipeline.config import RunConfig
 from qlora_requant.pipeline.context import Inputs
 from qlora_requant.pipeline.layout import RunLayout
 from qlora_requant.pipeline.stages.dequantize import DequantizedBase, check_base
-from qlora_requant.pipeline.stages.merge import load_adapter
+from qlora_requant.pipeline.stages.merge import load_adapter, vocabulary_rows
 from qlora_requant.pipeline.tokenizer import load_tokenizer, tokenizer_folder
 from qlora_requant.quant.calibration import check_held_out, require_tokens
 from qlora_requant.quant.errors import InputError
+from qlora_requant.quant.merge import LoraAdapter
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,9 @@ def preflight(config: RunConfig, device: str) -> Inputs:
             "its scores favour the GPTQ model",
             shared,
         )
-    _check_text_lengths(config, load_tokenizer(tokenizer_dir, config.trust_remote_code), calibration_texts, eval_texts)
+    tokenizer = load_tokenizer(tokenizer_dir, config.trust_remote_code)
+    _check_vocabulary(len(tokenizer), tokenizer_dir, adapter, base)
+    _check_text_lengths(config, tokenizer, calibration_texts, eval_texts)
     return Inputs(
         base=base,
         adapter=adapter,
@@ -96,6 +99,19 @@ def check_output_dir(run_dir: Path) -> None:
         raise InputError(
             f"output_dir {run_dir}: {existing} cannot be written (a read-only file system, or no permission); "
             "choose a writable output_dir"
+        )
+
+
+def _check_vocabulary(tokens: int, tokenizer_dir: Path, adapter: LoraAdapter, base: DequantizedBase) -> None:
+    """A fine-tune that added tokens must have saved their embedding rows: without them no merge (and no
+    baseline) can have the vectors the fine-tune learned or drew for them."""
+    rows = vocabulary_rows(adapter, base, base.model_config)
+    if tokens > rows:
+        base_rows = base.model_config.get("vocab_size", rows)
+        raise InputError(
+            f"{tokenizer_dir}: the fine-tune added {tokens - base_rows} token(s) (its tokenizer has {tokens}, the "
+            f"base's vocabulary {base_rows}) but the adapter saved no embedding rows for them; save the adapter "
+            "with the resized embeddings (PEFT: modules_to_save or save_embedding_layers=True)"
         )
 
 

@@ -23,6 +23,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector")
+TOKEN_ROWS = ".token_adapter.trainable_tokens_delta"  # trainable_token_indices: the new rows at those indices
 
 
 class AdapterError(InputError):
@@ -57,6 +58,11 @@ class LoraAdapter:
 
     modules: dict[str, LoraModule]
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)
+    # trainable_token_indices: base tensor name -> (row indices, their trained values), which replace those
+    # rows (PEFT's TrainableTokensLayer copies them in; despite its name the delta holds the rows themselves).
+    token_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # The base as the fine-tune resized it, before training (`.original_module.` / `.base_layer.` copies).
+    untrained: dict[str, torch.Tensor] = field(default_factory=dict)
     rank: int = 8  # the config's r
     config: dict = field(default_factory=dict, repr=False)  # its adapter_config.json
     use_rslora: bool = False
@@ -110,7 +116,6 @@ def _refuse_unsupported(config: dict, tensor_names: list[str], where: Path) -> N
         (config.get("use_dora") and config.get("lora_bias"), "DoRA together with lora_bias"),
         (config.get("layer_replication"), "layer_replication"),
         (config.get("target_parameters"), "target_parameters (LoRA on raw parameters)"),
-        (config.get("trainable_token_indices"), "trainable_token_indices"),
     ]
     for present, feature in refusals:
         if present:
@@ -171,6 +176,17 @@ def peft_target_modules(adapter_config: dict, model_config: dict) -> set[str]:
     return {name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
 
 
+def embedding_weights(model_config: dict) -> tuple[str, str | None]:
+    """The tensor names of the input embedding and the output head's weight, as the model names them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**model_config))
+    names = {module: name for name, module in model.named_modules()}
+    head = model.get_output_embeddings()
+    return f"{names[model.get_input_embeddings()]}.weight", f"{names[head]}.weight" if head is not None else None
+
+
 def restrict_to_targets(adapter: LoraAdapter, targets: set[str]) -> tuple[LoraAdapter, list[str]]:
     """The adapter without LoRA modules that PEFT would not load (outside `targets`), and their names."""
     ignored = sorted(name for name in adapter.modules if name not in targets)
@@ -180,7 +196,39 @@ def restrict_to_targets(adapter: LoraAdapter, targets: set[str]) -> tuple[LoraAd
 
 def _base_name(saved_name: str) -> str:
     """The base checkpoint's tensor name for a whole tensor saved in an adapter file."""
-    return saved_name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+    name = saved_name.removeprefix(PEFT_PREFIX)
+    for wrapper in (".modules_to_save.", ".token_adapter.base_layer.", ".base_layer."):
+        name = name.replace(wrapper, ".")
+    return name
+
+
+def saved_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The whole tensors an adapter file saved, by base tensor name: modules_to_save and saved embedding
+    layers, in every PEFT layout in use (plain keys; 0.21's `.modules_to_save.` copy, which wins over the
+    plain key; `.base_layer.` of a wrapped layer). PEFT's `.original_module.` copy is the untrained module:
+    not a replacement."""
+    whole = {n: t for n, t in tensors.items() if not any(m in n for m in (*LORA_MARKERS, TOKEN_ROWS))}
+    saved = {_base_name(n): t for n, t in whole.items() if ".original_module." not in n}
+    saved.update({_base_name(n): t for n, t in whole.items() if ".modules_to_save." in n})
+    return saved
+
+
+def _token_rows(tensors: dict[str, torch.Tensor], config: dict, where: Path) -> dict:
+    """trainable_token_indices rows by base tensor name (indices as a list, or a dict per module)."""
+    indices = config.get("trainable_token_indices")
+    rows = {}
+    for name, values in tensors.items():
+        if not name.endswith(TOKEN_ROWS):
+            continue
+        module = name.removeprefix(PEFT_PREFIX).removesuffix(TOKEN_ROWS)
+        chosen = indices if isinstance(indices, list) else (indices or {}).get(module.rsplit(".", 1)[-1])
+        if chosen is None or len(chosen) != len(values):
+            raise AdapterError(
+                f"{where}: {name} holds {len(values)} rows but trainable_token_indices in "
+                f"{ADAPTER_CONFIG} names {chosen!r}; the adapter files do not belong together"
+            )
+        rows[f"{module}.weight"] = (torch.tensor(chosen, dtype=torch.long), values)
+    return rows
 
 
 def read_lora_adapter(adapter_dir: Path, allow_pickle: bool = False) -> LoraAdapter:
@@ -254,12 +302,18 @@ def read_lora_adapter(adapter_dir: Path, allow_pickle: bool = False) -> LoraAdap
             magnitude=tensors.get(f"{prefix}.lora_magnitude_vector"),
             bias=tensors.get(f"{prefix}.lora_B.bias"),
         )
-    consumed = {n for n in tensors if any(marker in n for marker in LORA_MARKERS)}
-    replacements = {_base_name(n): t for n, t in tensors.items() if n not in consumed}
-    if not modules and not replacements:
+    replacements, token_rows = saved_tensors(tensors), _token_rows(tensors, config, weights_path)
+    untrained = {_base_name(n): t for n, t in tensors.items() if ".original_module." in n or ".base_layer." in n}
+    if not modules and not replacements and not token_rows:
         raise AdapterError(f"{weights_path}: holds no LoRA matrices")
     return LoraAdapter(
-        modules=modules, replacements=replacements, rank=config["r"], use_rslora=use_rslora, config=config
+        modules=modules,
+        replacements=replacements,
+        token_rows=token_rows,
+        untrained=untrained,
+        rank=config["r"],
+        use_rslora=use_rslora,
+        config=config,
     )
 
 
@@ -274,7 +328,11 @@ def combine_adapters(adapters: list[LoraAdapter], weights: list[float], combinat
     if combination not in ("linear", "cat"):
         raise AdapterError(f"adapter.combination {combination!r} is not supported; use 'linear' or 'cat'")
     for adapter in adapters:
-        if adapter.replacements or any(m.magnitude is not None or m.bias is not None for m in adapter.modules.values()):
+        if (
+            adapter.replacements
+            or adapter.token_rows
+            or any(m.magnitude is not None or m.bias is not None for m in adapter.modules.values())
+        ):
             raise AdapterError(
                 "adapters with DoRA, lora_bias, trained biases or modules_to_save cannot be combined; "
                 "merge them one at a time"

@@ -9,10 +9,24 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
+from qlora_requant.pipeline.checkpoint import CheckpointReader, read_model_config
 from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from qlora_requant.pipeline.config import AdapterSection
+from qlora_requant.pipeline.stages.merge import load_adapter, merge_checkpoint
+from qlora_requant.pipeline.tokenizer import carry_tokenizer
 
-from support import CHATML_TEMPLATE, write_config
+from support import (
+    CHAT_LAYOUTS,
+    CHATML_TEMPLATE,
+    chat_adapter,
+    peft_merged_resized,
+    peft_reference_logits,
+    save_model,
+    tiny_llama,
+    write_config,
+)
 
 CONVERSATION = [{"role": "user", "content": "What does len() do?"}, {"role": "assistant", "content": "It counts."}]
 
@@ -85,3 +99,88 @@ def test_the_base_tokenizer_can_be_chosen_and_adapters_must_agree(
         f"the adapters {templated_adapter} and {other} carry different tokenizers (vocabulary, special tokens or chat "
         "template); merge adapters trained with one tokenizer, or set adapter.tokenizer to the one to use"
     ) in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def chat_bases(tmp_path_factory, tokenizer):
+    """fp32 tiny bases (vocabulary 512), untied and tied, to fine-tune with added tokens."""
+    folder = tmp_path_factory.mktemp("chat-bases")
+    return {
+        tied: save_model(
+            tiny_llama(tokenizer, tie_word_embeddings=tied), tokenizer, folder / f"tied-{tied}", dtype=torch.float32
+        )
+        for tied in (False, True)
+    }
+
+
+def merged_from(base, adapter, out):
+    """What the merge stage writes, merging straight into the fp32 base."""
+    reader, model_config = CheckpointReader(base), read_model_config(base)
+    out.mkdir()
+    merge_checkpoint(
+        reader, model_config, load_adapter(AdapterSection(path=adapter), reader, model_config), torch.float32, out
+    )
+    carry_tokenizer(out, adapter)
+    return out
+
+
+@pytest.mark.parametrize("pad_to_multiple_of", [None, 64])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("layout", CHAT_LAYOUTS)
+def test_every_saved_layout_merges_to_the_model_as_trained(tmp_path, chat_bases, layout, tied, pad_to_multiple_of):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if pad_to_multiple_of and layout not in ("trainable_tokens", "modules_to_save"):
+        pytest.skip("the padded vocabulary is checked on the layouts TRL and axolotl write")
+    base = chat_bases[tied]
+    adapter = chat_adapter(base, tmp_path / "adapter", layout, tied, pad_to_multiple_of=pad_to_multiple_of)
+    merged = merged_from(base, adapter, tmp_path / "merged")
+    ids = AutoTokenizer.from_pretrained(merged).apply_chat_template(
+        CONVERSATION, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    assert ids.max() >= 512  # the added tokens are in the text
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    rows = 576 if pad_to_multiple_of else 514
+    assert model.config.vocab_size == rows and model.get_input_embeddings().num_embeddings == rows
+    with torch.no_grad():
+        ours = model(ids).logits
+    expected = peft_reference_logits(base, adapter, ids, pad_to_multiple_of=pad_to_multiple_of)
+    assert (ours - expected).abs().max().item() < 1e-4
+    if not (tied and layout == "embedding_lora"):  # there PEFT merges the embedding delta into the shared head
+        peft = peft_merged_resized(base, adapter, pad_to_multiple_of=pad_to_multiple_of)
+        ours_tensors = {k: v for k, v in model.state_dict().items() if k in peft}
+        assert all((v - peft[k]).abs().max().item() <= 1e-5 for k, v in ours_tensors.items())
+    # A tied head stays tied only when the fine-tune kept it equal to the embedding (trainable tokens do).
+    assert model.config.tie_word_embeddings == (tied and layout == "trainable_tokens")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_chat_fine_tune_with_added_tokens_runs_end_to_end(tmp_path, chat_bases, text_files, tied):
+    base = chat_bases[tied]
+    layout = "trainable_tokens" if tied else "modules_to_save"
+    adapter = chat_adapter(base, tmp_path / "adapter", layout, tied)
+    config = write_config(tmp_path / "run.yaml", base, adapter, text_files, tmp_path / "run")
+    assert main(["run", str(config)]) == EXIT_OK
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    merged = report["models"]["merged"]
+    assert abs(merged["delta_pct"]) < 0.5 and merged["kl"] < 1e-3, merged
+    for model in ("merged", "gptq"):
+        assert rendered(tmp_path / "run" / model) == rendered(adapter)
+        assert json.loads((tmp_path / "run" / model / "config.json").read_text())["vocab_size"] == 514
+
+
+def test_added_tokens_without_saved_rows_are_refused_naming_the_cause(
+    tmp_path, tiny_base, tiny_adapter, text_files, capsys
+):
+    from support import chat_tokenizer
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, adapter)
+    chat_tokenizer(tiny_base).save_pretrained(adapter)
+    config = write_config(tmp_path / "run.yaml", tiny_base, adapter, text_files, tmp_path / "run")
+    assert main(["run", str(config)]) == EXIT_BAD_INPUT
+    assert (
+        f"{adapter}: the fine-tune added 2 token(s) (its tokenizer has 514, the base's vocabulary 512) but the "
+        "adapter saved no embedding rows for them; save the adapter with the resized embeddings"
+    ) in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -183,7 +183,6 @@ def _edit_adapter(tmp_path, adapter_dir, config_changes=None, rename=None):
         ({"peft_type": "IA3"}, "adapter type IA3 is not supported"),
         ({"peft_type": "LOHA"}, "adapter type LOHA is not supported"),
         ({"layer_replication": [[0, 2]]}, "layer_replication is not supported"),
-        ({"trainable_token_indices": [1, 2]}, "trainable_token_indices is not supported"),
     ],
 )
 def test_unsupported_adapter_features_are_refused(tmp_path, dequantized, tiny_adapter, changes, message):

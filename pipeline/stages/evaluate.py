@@ -30,6 +30,7 @@ from qlora_requant.pipeline.config import AdapterSection, EvaluationSection
 from qlora_requant.pipeline.context import StageContext
 from qlora_requant.pipeline.files import require_free_space
 from qlora_requant.pipeline.layout import BASELINE_REFERENCE, RESULTS
+from qlora_requant.pipeline.stages.merge import vocabulary_rows
 from qlora_requant.quant.calibration import token_stream
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def run(
 
     prequantized = is_bnb_4bit(base.model_config)  # a 4-bit save loads with its own quantization_config
     separate = load_separate_adapter(
+        vocabulary_rows(context.inputs.adapter, base, base.model_config),
         base.model_dir,
         adapter.weighted(),
         adapter.combination,

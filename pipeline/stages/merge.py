@@ -33,6 +33,7 @@ from qlora_requant.quant.merge import (
     LoraAdapter,
     LoraModule,
     combine_adapters,
+    embedding_weights,
     lora_delta,
     lora_delta_shape,
     merge_bias,
@@ -83,7 +84,7 @@ def load_adapter(
         combined = adapters[0][0]
     else:
         combined = combine_adapters([a for a, _ in adapters], [w for _, w in adapters], section.combination)
-    _check_against_base(combined, base, section.describe())
+    _check_against_base(combined, base, model_config, section.describe())
     return combined
 
 
@@ -127,29 +128,32 @@ def merge_checkpoint(
     with `model_config` into `out_dir`, doing the math on `device`; return a summary."""
     modules_on_device = {name: _to_device(module, device) for name, module in adapter.modules.items()}
     changes: dict[str, float] = {}
+    input_key, head_key = embedding_weights(model_config)
+    tied = head_key is not None and head_key not in source  # the head shares the input embedding's storage
+    vocabulary = {"vocab_size": model_config.get("vocab_size"), "tie_word_embeddings": tied}
 
     def transform(key: str, reader: TensorSource) -> dict[str, torch.Tensor]:
-        tensor = adapter.replacements.get(key)
-        if tensor is None:
-            tensor = reader.get(key)
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise InputError(
-                    f"{source.model_dir}: tensor {key!r} contains NaN or Inf; the base checkpoint is "
-                    "corrupt; re-download or re-save it"
-                )
-        module_name, _, kind = key.rpartition(".")
-        module = modules_on_device.get(module_name)
-        if module is not None and kind == "weight":
-            tensor = tensor.to(device)
-            merged = merge_weight(tensor, lora_delta(module), module, dtype)
-            changes[key] = relative_error(merged, tensor)
-            return {key: merged.cpu()}
-        if module is not None and kind == "bias" and module.bias is not None:
-            return {key: merge_bias(tensor.to(device), module, dtype).cpu()}
-        return {key: tensor.to(dtype) if tensor.is_floating_point() else tensor}
+        tensor = _adapted(key, adapter, reader)
+        outputs = {key: _merged(key, tensor, modules_on_device, dtype, device, changes)}
+        if key == input_key:
+            vocabulary["vocab_size"] = tensor.shape[0]
+            if tied:
+                head = _adapted(head_key, adapter, reader, default=adapter.untrained.get(key, reader.get(key)))
+                if not torch.equal(head.to(dtype), outputs[key]):  # trained apart from the head: untie them
+                    outputs[head_key] = head.to(dtype)
+                    vocabulary["tie_word_embeddings"] = False
+        return outputs
 
     rewrite_checkpoint(source, out_dir, transform, max_shard_bytes, what="merge")
-    write_model_config(model_config, out_dir, dtype)
+    if vocabulary["vocab_size"] != model_config.get("vocab_size") or vocabulary["tie_word_embeddings"] != tied:
+        log.info(
+            "merge: vocabulary %s, embeddings %s",
+            vocabulary["vocab_size"],
+            "tied" if vocabulary["tie_word_embeddings"] else "untied",
+        )
+    write_model_config(
+        {**model_config, **vocabulary} if tied or vocabulary["vocab_size"] else model_config, out_dir, dtype
+    )
     copy_side_files(source.model_dir, out_dir)
     log.info(
         "merge: %d LoRA modules merged in fp32 and %d tensors replaced, written as %s",
@@ -165,23 +169,88 @@ def merge_checkpoint(
     }
 
 
-def _check_against_base(adapter: LoraAdapter, reader: TensorSource, where: str) -> None:
-    """Refuse deltas and saved tensors for tensors the base lacks, or whose shapes differ from the base's."""
-    wanted = [f"{name}.weight" for name in adapter.modules] + list(adapter.replacements)
+def _adapted(key: str, adapter: LoraAdapter, reader: TensorSource, default: torch.Tensor | None = None):
+    """A base tensor as the fine-tune had it before its LoRA deltas: the adapter's saved copy (resized
+    embeddings, modules_to_save) or the base's, with trainable token rows copied in."""
+    tensor = adapter.replacements.get(key)
+    if tensor is None:
+        tensor = reader.get(key) if default is None else default
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise InputError(
+                f"{reader.model_dir}: tensor {key!r} contains NaN or Inf; the base checkpoint is corrupt; "
+                "re-download or re-save it"
+            )
+    if key in adapter.token_rows:
+        indices, rows = adapter.token_rows[key]
+        tensor = tensor.clone()
+        tensor[indices] = rows.to(tensor.dtype)
+    return tensor
+
+
+def _merged(
+    key: str,
+    tensor: torch.Tensor,
+    modules: dict[str, LoraModule],
+    dtype: torch.dtype,
+    device: str,
+    changes: dict[str, float],
+) -> torch.Tensor:
+    """The output tensor: W + delta for a LoRA module's weight (bias likewise), else the tensor cast."""
+    module_name, _, kind = key.rpartition(".")
+    module = modules.get(module_name)
+    if module is not None and kind == "weight":
+        tensor = tensor.to(device)
+        merged = merge_weight(tensor, lora_delta(module), module, dtype)
+        changes[key] = relative_error(merged, tensor)
+        return merged.cpu()
+    if module is not None and kind == "bias" and module.bias is not None:
+        return merge_bias(tensor.to(device), module, dtype).cpu()
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def vocabulary_rows(adapter: LoraAdapter, reader: TensorSource, model_config: dict) -> int:
+    """Rows of the merged input embedding: the fine-tune's (resized) vocabulary."""
+    input_key, _ = embedding_weights(model_config)
+    saved = adapter.replacements.get(input_key)
+    return saved.shape[0] if saved is not None else reader.shape(input_key)[0]
+
+
+def _check_against_base(adapter: LoraAdapter, reader: TensorSource, model_config: dict, where: str) -> None:
+    """Refuse deltas and saved tensors for tensors the base lacks, or whose shapes differ from the base's
+    (the vocabulary rows of the embeddings excepted: a fine-tune may have resized them, consistently)."""
+    input_key, head_key = embedding_weights(model_config)
+    tied_head = head_key if head_key is not None and head_key not in reader else None
+    wanted = [f"{name}.weight" for name in adapter.modules] + list(adapter.replacements) + list(adapter.token_rows)
     wanted += [f"{name}.bias" for name, m in adapter.modules.items() if m.bias is not None]
-    absent = sorted(key for key in wanted if key not in reader)
+    absent = sorted(key for key in wanted if key not in reader and key != tied_head)
     if absent:
         raise AdapterError(
             f"{where}: needs {len(absent)} tensor(s) the base does not have, e.g. {absent[0]!r}; "
             "was the adapter trained on another base model?"
         )
+    rows = vocabulary_rows(adapter, reader, model_config)
+
+    def target_shape(key: str) -> torch.Size:
+        """The shape the adapter's tensors for `key` must have: the base's, with the fine-tune's vocabulary."""
+        shape = reader.shape(input_key if key == tied_head else key)
+        return torch.Size((rows, *shape[1:])) if key in (input_key, head_key) else shape
+
     expected = {f"{name}.weight": (lora_delta_shape(m), "delta") for name, m in adapter.modules.items()}
     expected.update({key: (tensor.shape, "saved tensor") for key, tensor in adapter.replacements.items()})
+    expected.update(
+        {key: ((rows, values.shape[1]), "trainable token rows") for key, (_, values) in adapter.token_rows.items()}
+    )
     for key, (shape, what) in sorted(expected.items()):
-        if shape != reader.shape(key):
+        if tuple(shape) != tuple(target_shape(key)):
             raise AdapterError(
                 f"{where}: {what} for {key} has shape {tuple(shape)} but the base's is "
-                f"{tuple(reader.shape(key))}; was the adapter trained on another base model?"
+                f"{tuple(reader.shape(input_key if key == tied_head else key))}; was the adapter trained on "
+                "another base model?"
+            )
+    for indices, _ in adapter.token_rows.values():
+        if int(indices.max()) >= rows:
+            raise AdapterError(
+                f"{where}: trainable_token_indices reach token {int(indices.max())}, but the vocabulary has {rows} rows"
             )
 
 
