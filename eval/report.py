@@ -70,7 +70,7 @@ def summary_lines(report: Report) -> list[str]:
         lines.append(
             "Release gate: none configured (set gate.max_ppl_increase_pct, gate.max_kl or gate.min_top1_agreement)."
         )
-    return lines
+    return lines + [f"Warning: {warning}" for warning in report.warnings]
 
 
 def protocol_text(protocol: Protocol) -> str:

@@ -192,6 +192,11 @@ class Report(_Closed):
         description="Per stage, the SHA-256 of each output file, by path relative to the run directory."
     )
     versions: dict[str, str] = Field(description="Versions of qlora-requant and the libraries it ran with.")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What the input checks found worth a look without refusing the run (e.g. an adapter that names "
+        "another base, evaluation text overlapping calibration).",
+    )
     config: dict[str, Any] = Field(description="The resolved run config (see pipeline/config.py, RunConfig).")
 
     @model_validator(mode="after")

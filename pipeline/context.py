@@ -22,6 +22,7 @@ class Inputs:
     tokenizer_dir: Path  # the folder holding the fine-tune's tokenizer (adapter.tokenizer)
     calibration_texts: list[str] = field(repr=False)
     eval_texts: list[str] = field(repr=False)
+    warnings: list[str] = field(default_factory=list)  # what a person should look at; also in the report
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from qlora_requant.pipeline.config import RunConfig
 from qlora_requant.pipeline.context import Inputs
 from qlora_requant.pipeline.layout import RunLayout
 from qlora_requant.pipeline.stages.dequantize import DequantizedBase, check_base
-from qlora_requant.pipeline.stages.merge import load_adapter, vocabulary_rows
+from qlora_requant.pipeline.stages.merge import load_adapter, trained_on_another_base, vocabulary_rows
 from qlora_requant.pipeline.tokenizer import load_tokenizer, tokenizer_folder
 from qlora_requant.quant.calibration import check_held_out, require_tokens
 from qlora_requant.quant.errors import InputError
@@ -45,6 +45,7 @@ def preflight(config: RunConfig, device: str) -> Inputs:
     if device == "cpu":
         _refuse_cpu_4bit_shapes(base)
     adapter = load_adapter(config.adapter, base, base.model_config, config.allow_pickle)
+    warnings = trained_on_another_base(config.adapter, config.base.path, config.base.model_id)
     adapter_dirs = [path for _, path in config.adapter.keyed_paths()]
     for folder in dict.fromkeys([config.base.path, *adapter_dirs]):
         _refuse_tokenizer_code(folder, config.trust_remote_code)
@@ -63,11 +64,12 @@ def preflight(config: RunConfig, device: str) -> Inputs:
         refuse=config.evaluation.overlap == "refuse",
     )
     if shared:
-        log.warning(
-            "evaluation text shares %d passage(s) with the calibration text (evaluation.overlap: warn); "
-            "its scores favour the GPTQ model",
-            shared,
+        warnings.append(
+            f"evaluation text shares {shared} passage(s) with the calibration text (evaluation.overlap: warn); "
+            "its scores favour the GPTQ model"
         )
+    for warning in warnings:
+        log.warning("%s", warning)
     tokenizer = load_tokenizer(tokenizer_dir, config.trust_remote_code)
     _check_vocabulary(len(tokenizer), tokenizer_dir, adapter, base)
     _check_text_lengths(config, tokenizer, calibration_texts, eval_texts)
@@ -77,6 +79,7 @@ def preflight(config: RunConfig, device: str) -> Inputs:
         tokenizer_dir=tokenizer_dir,
         calibration_texts=calibration_texts,
         eval_texts=eval_texts,
+        warnings=warnings,
     )
 
 

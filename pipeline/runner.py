@@ -95,6 +95,7 @@ class Run:
             "device": self.context.device,
             "versions": self.executor.versions,
             "stages": [stage.name for stage in self.stages],
+            "warnings": self.context.inputs.warnings,
         }
         write_atomically(self.layout.run_record, json.dumps(run, indent=2) + "\n")
 

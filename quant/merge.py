@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -269,6 +270,21 @@ def read_lora_adapter(adapter_dir: Path, allow_pickle: bool = False) -> LoraAdap
             f"{weights_path}: cannot be read ({type(exc).__name__}: {exc}); re-save the adapter as safetensors"
         ) from None
     _refuse_unsupported(config, list(tensors), weights_path)
+    named = sorted(
+        n
+        for n in tensors
+        if re.search(
+            r"\.lora_(A|B|embedding_A|embedding_B)\.[^.]+\.weight$|"
+            r"\.lora_embedding_[AB]\.[^.]+$",
+            n,
+        )
+    )
+    if named:
+        raise AdapterError(
+            f"{weights_path}: its keys carry an adapter name (e.g. {named[0]!r}): it is a raw state_dict() of the "
+            "PEFT model, not what save_pretrained writes; save the adapter with save_pretrained, or drop the "
+            "adapter name ('.default') from its keys"
+        )
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise AdapterError(

@@ -184,3 +184,28 @@ def test_added_tokens_without_saved_rows_are_refused_naming_the_cause(
         "adapter saved no embedding rows for them; save the adapter with the resized embeddings"
     ) in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_adapter_naming_another_base_is_a_warning_and_raw_state_dicts_are_refused(
+    tmp_path, tiny_base, tiny_adapter, text_files, capsys
+):
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, adapter)
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": "org/other"}))
+    config = write_config(tmp_path / "run.yaml", tiny_base, adapter, text_files, tmp_path / "run")
+    assert main(["validate", str(config)]) == EXIT_OK
+    assert (
+        f"{adapter}: the adapter was trained on 'org/other' and is merged into {tiny_base}; check that they are the "
+        "same model"
+    ) in capsys.readouterr().err
+
+    weights = adapter / "adapter_model.safetensors"
+    save_file({k.replace(".weight", ".default.weight"): v for k, v in load_file(weights).items()}, weights)
+    assert main(["validate", str(config)]) == EXIT_BAD_INPUT
+    assert (
+        f"{weights}: its keys carry an adapter name (e.g. 'base_model.model.model.layers.0.mlp.down_proj.lora_A."
+        "default.weight'): it is a raw state_dict() of the PEFT model, not what save_pretrained writes"
+    ) in capsys.readouterr().err

@@ -9,6 +9,7 @@ add_weighted_adapter semantics). Output: a plain checkpoint in the merge dtype t
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -206,6 +207,22 @@ def _merged(
     if module is not None and kind == "bias" and module.bias is not None:
         return merge_bias(tensor.to(device), module, dtype).cpu()
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def trained_on_another_base(section: AdapterSection, base_dir: Path, model_id: str | None) -> list[str]:
+    """Warnings for adapters whose adapter_config.json names another base (base_model_name_or_path) than
+    the base folder or base.model_id: worth a look, not a refusal (a local copy of a hub model has another
+    name; the shapes decide, see _check_against_base)."""
+    warnings = []
+    for path, _ in section.weighted():
+        named = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        known = (base_dir.name, (model_id or "").rsplit("/", 1)[-1])
+        if named and named.rstrip("/").rsplit("/", 1)[-1] not in known:
+            warnings.append(
+                f"{path}: the adapter was trained on {named!r} and is merged into {base_dir}; check that they are "
+                "the same model"
+            )
+    return warnings
 
 
 def vocabulary_rows(adapter: LoraAdapter, reader: TensorSource, model_config: dict) -> int:

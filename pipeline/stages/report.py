@@ -160,6 +160,7 @@ def _assemble(layout: RunLayout, run: dict, results: dict, stages: dict[str, dic
                 for name, record in stages.items()
             },
             "versions": run["versions"],
+            "warnings": run.get("warnings", []),
             "config": config,
         }
     )
