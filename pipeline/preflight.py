@@ -71,7 +71,8 @@ def preflight(config: RunConfig, device: str) -> Inputs:
     for warning in warnings:
         log.warning("%s", warning)
     tokenizer = load_tokenizer(tokenizer_dir, config.trust_remote_code)
-    _check_vocabulary(len(tokenizer), tokenizer_dir, adapter, base)
+    if tokenizer_dir != config.base.path:  # the base's own tokenizer is the base's business
+        _check_vocabulary(len(tokenizer), tokenizer_dir, adapter, base)
     _check_text_lengths(config, tokenizer, calibration_texts, eval_texts)
     return Inputs(
         base=base,

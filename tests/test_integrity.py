@@ -136,15 +136,10 @@ def test_after_a_forced_merge_later_runs_hash_nothing_again(run_copy, monkeypatc
     assert hashed == []
 
 
-def test_a_moved_run_resumes_without_rerunning(finished, tmp_path):
-    config, run_dir = finished
-    moved = tmp_path / "moved"
-    shutil.copytree(run_dir, moved)
-    tree = yaml.safe_load(config.read_text())
-    tree["output_dir"] = str(moved)
-    (tmp_path / "moved.yaml").write_text(yaml.safe_dump(tree))
+def test_a_moved_run_resumes_without_rerunning(run_copy):
+    config, moved = run_copy  # the finished run, copied to another folder
     log = (moved / "run.log").read_text()
-    assert main(["run", str(tmp_path / "moved.yaml")]) == EXIT_OK
+    assert main(["run", str(config)]) == EXIT_OK
     assert started(moved, log) == []
 
 
