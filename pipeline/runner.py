@@ -46,7 +46,7 @@ class Run:
         self.stages: list[Stage] = []
         self.executor = StageExecutor(self.layout, library_versions(), force or set(), config.verify)
         self.context: StageContext | None = None
-        self._held = ExitStack()  # what close() gives back: the lock, the log, the standard streams
+        self._held = ExitStack()  # given back on exit: the standard streams, the lock, the log
 
     def __enter__(self) -> Run:
         return self
