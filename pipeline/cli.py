@@ -154,10 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return _report(args.run_dir)
         if args.command == "demo":
+            from qlora_requant.pipeline.console import LibraryOutput
             from qlora_requant.pipeline.demo import build_fixture
 
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            build_fixture(DEMO_FIXTURE)
+            with LibraryOutput():  # the fixture's own progress lines only
+                build_fixture(DEMO_FIXTURE)
             return _run(DEMO_CONFIG, args.overrides, [])
         return _run(args.config, args.overrides, args.force)
     except InputError as exc:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import logging
 import random
 import shutil
 import sys
@@ -26,9 +25,8 @@ from pathlib import Path
 
 import torch
 
+from qlora_requant.pipeline.console import console
 from qlora_requant.quant.calibration import passage_fingerprints, token_stream
-
-log = logging.getLogger(__name__)
 
 RECIPE = "recipe.json"
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
@@ -124,8 +122,8 @@ def _train(model, stream: torch.Tensor, steps: int, batch_size: int, lr: float, 
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if step % 20 == 0 or step == steps - 1:
-            log.info("demo fixture: %s step %d/%d loss %.3f", what, step + 1, steps, loss.item())
+        if step % 100 == 0 or step == steps - 1:
+            console.info("demo fixture: %s step %d/%d loss %.3f", what, step + 1, steps, loss.item())
     model.eval()
 
 
@@ -202,7 +200,11 @@ def build_fixture(fixture_dir: Path) -> Path:
     lines, docstrings = stdlib_corpus()
     random.Random(SEED).shuffle(lines)
     parts = split_docstrings(docstrings)
-    log.info("demo fixture: %d source lines, docstrings %s", len(lines), {k: len(v) for k, v in parts.items()})
+    console.info(
+        "demo fixture: building it once (a few minutes on 2 cores) from %d source lines and docstrings %s",
+        len(lines),
+        {k: len(v) for k, v in parts.items()},
+    )
     tokenizer = train_tokenizer(lines + parts["adapter"])
     train_base(tokenizer, lines, tmp / "base")
     train_adapter(tmp / "base", tokenizer, parts["adapter"], tmp / "adapter")
@@ -211,5 +213,5 @@ def build_fixture(fixture_dir: Path) -> Path:
     (tmp / RECIPE).write_text(json.dumps(fixture_recipe(), indent=2) + "\n")
     shutil.rmtree(fixture_dir, ignore_errors=True)
     tmp.rename(fixture_dir)
-    log.info("demo fixture: built in %.0f s at %s", time.perf_counter() - started, fixture_dir)
+    console.info("demo fixture: built in %.0f s at %s", time.perf_counter() - started, fixture_dir)
     return fixture_dir
