@@ -4,7 +4,9 @@ Two domains come from the standard library: source lines (the base model's pre-t
 and docstrings (the fine-tuning domain). The fixture is
   tokenizer/      a byte-level BPE trained with `tokenizers`
   base/           a small LLaMA trained briefly on source lines, saved as 16-bit safetensors
-  adapter/        a LoRA adapter trained with PEFT on the NF4-loaded base, on docstrings
+  adapter/        a chat fine-tune: a LoRA adapter trained with PEFT on the NF4-loaded base, on conversations
+                  built from docstrings (the user asks what a function does, the assistant answers with its
+                  docstring), with the tokenizer it adds two ChatML special tokens and a chat template to
   calibration.txt docstrings for GPTQ calibration
   eval.txt        held-out docstrings, in neither the adapter's training text nor calibration
   recipe.json     the settings it was built with (a different recipe rebuilds it)
@@ -51,16 +53,23 @@ ADAPTER_TRAINING = dict(steps=120, batch_size=8, lr=2e-3, r=16, alpha=32)
 TRAINING_DTYPE = torch.float32
 BNB_SETTINGS = dict(quant_type="nf4", double_quant=True, compute_dtype=TRAINING_DTYPE)
 SEED = 1234
+# The fine-tune is a chat model: ChatML's turn markers, added as special tokens, and its template.
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def _bucket(text: str, buckets: int) -> int:
     return int(hashlib.sha1(text.encode()).hexdigest(), 16) % buckets
 
 
-def stdlib_corpus() -> tuple[list[str], list[str]]:
-    """(source lines, docstrings) of the standard library's top-level modules, in a stable order."""
+def stdlib_corpus() -> tuple[list[str], dict[str, str]]:
+    """(source lines, {docstring: the name of the module, class or function it documents}) of the standard
+    library's top-level modules, in a stable order."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    lines, docstrings = [], []
+    lines, docstrings = [], {}
     for path in sorted(stdlib.glob("*.py")):
         source = path.read_text(encoding="utf-8", errors="ignore")
         lines += [line.rstrip() for line in source.splitlines() if len(line.strip()) > 40]
@@ -72,8 +81,8 @@ def stdlib_corpus() -> tuple[list[str], list[str]]:
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node)
                 if doc and len(doc) > 200:
-                    docstrings.append(doc)
-    return lines, list(dict.fromkeys(docstrings))
+                    docstrings.setdefault(doc, path.stem if isinstance(node, ast.Module) else node.name)
+    return lines, docstrings
 
 
 def split_docstrings(docstrings: list[str]) -> dict[str, list[str]]:
@@ -145,8 +154,34 @@ def train_base(tokenizer, lines: list[str], out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def train_adapter(base_dir: Path, tokenizer, docstrings: list[str], out_dir: Path) -> None:
-    """QLoRA: load the base in NF4 with bitsandbytes, train a LoRA adapter with PEFT, save it."""
+def chat_tokenizer(base_dir: Path):
+    """The fine-tune's tokenizer: the base's with ChatML's two special tokens, its chat template, and the end
+    of a turn as eos."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def conversations(tokenizer, named_docstrings: dict[str, str]) -> list[str]:
+    """Chats rendered with the template: the user asks what a function does, the assistant answers with its
+    docstring."""
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"What does {name} do?"}, {"role": "assistant", "content": doc}],
+            tokenize=False,
+        )
+        for doc, name in named_docstrings.items()
+    ]
+
+
+def train_adapter(base_dir: Path, named_docstrings: dict[str, str], out_dir: Path) -> None:
+    """QLoRA of a chat fine-tune, as TRL's clone_chat_template sets it up: load the base in NF4 with
+    bitsandbytes, add the chat tokens (resizing the embeddings), train a LoRA adapter on every Linear and the
+    new tokens' rows (trainable_token_indices) with PEFT on conversations, save it with the tokenizer."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -160,17 +195,21 @@ def train_adapter(base_dir: Path, tokenizer, docstrings: list[str], out_dir: Pat
     model = AutoModelForCausalLM.from_pretrained(
         base_dir, quantization_config=quantization, dtype=TRAINING_DTYPE, device_map="cpu"
     )
+    tokenizer = chat_tokenizer(base_dir)
+    model.resize_token_embeddings(len(tokenizer))
     settings = dict(ADAPTER_TRAINING)
     lora = LoraConfig(
         r=settings.pop("r"),
         lora_alpha=settings.pop("alpha"),
         target_modules="all-linear",
+        trainable_token_indices=tokenizer.convert_tokens_to_ids(CHAT_TOKENS),
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    _train(model, token_stream(tokenizer, docstrings), what="adapter", **settings)
+    _train(model, token_stream(tokenizer, conversations(tokenizer, named_docstrings)), what="adapter", **settings)
     model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
 
 
 def fixture_recipe() -> dict:
@@ -184,6 +223,7 @@ def fixture_recipe() -> dict:
         "bnb": {k: str(v) for k, v in BNB_SETTINGS.items()},
         "training_dtype": str(TRAINING_DTYPE),
         "seed": SEED,
+        "chat": {"tokens": CHAT_TOKENS, "template": CHAT_TEMPLATE, "new_rows": "trainable_token_indices"},
         "python": sys.version.split()[0],
     }
 
@@ -207,7 +247,7 @@ def build_fixture(fixture_dir: Path) -> Path:
     )
     tokenizer = train_tokenizer(lines + parts["adapter"])
     train_base(tokenizer, lines, tmp / "base")
-    train_adapter(tmp / "base", tokenizer, parts["adapter"], tmp / "adapter")
+    train_adapter(tmp / "base", {doc: docstrings[doc] for doc in parts["adapter"]}, tmp / "adapter")
     (tmp / "calibration.txt").write_text("\n\n".join(parts["calibration"]) + "\n")
     (tmp / "eval.txt").write_text("\n\n".join(parts["eval"]) + "\n")
     (tmp / RECIPE).write_text(json.dumps(fixture_recipe(), indent=2) + "\n")
