@@ -211,3 +211,23 @@ def test_an_adapter_naming_another_base_is_a_warning_and_raw_state_dicts_are_ref
         f"{weights}: its keys carry an adapter name (e.g. 'base_model.model.model.layers.0.mlp.down_proj.lora_A."
         "default.weight'): it is a raw state_dict() of the PEFT model, not what save_pretrained writes"
     ) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_chat_fine_tune_of_a_base_saved_in_4bit_runs_end_to_end(tmp_path, chat_bases, tokenizer, text_files, tied):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    base = chat_bases[tied]
+    adapter = chat_adapter(base, tmp_path / "adapter", "trainable_tokens" if tied else "modules_to_save", tied)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    four_bit = AutoModelForCausalLM.from_pretrained(
+        base, quantization_config=quantization, dtype=torch.float32, device_map="cpu"
+    )
+    base_4bit = save_model(four_bit, tokenizer, tmp_path / "base-4bit", dtype=None)
+    config = write_config(
+        tmp_path / "run.yaml", base_4bit, adapter, text_files, tmp_path / "run", base={"path": str(base_4bit)}
+    )
+    assert main(["run", str(config)]) == EXIT_OK
+    merged = json.loads((tmp_path / "run" / "report.json").read_text())["models"]["merged"]
+    assert abs(merged["delta_pct"]) < 0.05 and merged["kl"] < 1e-5, merged
+    assert rendered(tmp_path / "run" / "gptq") == rendered(adapter)
