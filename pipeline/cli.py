@@ -43,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
         )
         if name == "run":
             command.add_argument(
+                "--stages",
+                type=_stage_kinds,
+                default=None,
+                metavar="KIND[,KIND...]",
+                help=f"run only these kinds of stage ({', '.join(STAGE_KINDS)}); the stages whose outputs they read "
+                "must be complete and unchanged. The report is written when the evaluation is complete",
+            )
+            command.add_argument(
                 "--force",
                 action="append",
                 default=[],
@@ -57,6 +65,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stage_kinds(value: str) -> frozenset[str]:
+    kinds = [kind.strip() for kind in value.split(",") if kind.strip()]
+    unknown = [kind for kind in kinds if kind not in STAGE_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"{unknown[0] if unknown else value!r} is not a stage; give one or more of {', '.join(STAGE_KINDS)}, "
+            "separated by commas"
+        )
+    return frozenset(kinds)
+
+
 def _load(config_path: Path, overrides: list[str]):
     """The validated config, with the network policy it calls for in place."""
     from qlora_requant.pipeline.config import load_config
@@ -66,14 +85,17 @@ def _load(config_path: Path, overrides: list[str]):
     return config
 
 
-def _run(config_path: Path, overrides: list[str], force: list[str]) -> int:
+def _run(config_path: Path, overrides: list[str], force: list[str], kinds: frozenset[str] | None = None) -> int:
     from qlora_requant.pipeline.runner import Run
 
     config = _load(config_path, overrides)
-    with Run(config, set(force)) as run:
+    with Run(config, set(force), kinds) as run:
         run.setup()
         run.execute()
         report = run.save()
+    if report is None:
+        print(f"\nStages done: {', '.join(run.executed)}; the report is written when the evaluate stage has run.")
+        return EXIT_OK
     return _print_report(report, run.layout.root)
 
 
@@ -161,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             with LibraryOutput():  # the fixture's own progress lines only
                 build_fixture(DEMO_FIXTURE)
             return _run(DEMO_CONFIG, args.overrides, [])
-        return _run(args.config, args.overrides, args.force)
+        return _run(args.config, args.overrides, args.force, args.stages)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

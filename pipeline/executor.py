@@ -57,17 +57,31 @@ class StageExecutor:
         self._producers: dict[str, str] = {}  # run-directory file -> the stage that wrote it
         self._rehashed: set[str] = set()  # run-directory files hashed again in this run (verify: fast)
 
-    def run(self, stages: list[Stage], context: StageContext) -> None:
-        """Run `stages` in order; forget records of stages the plan no longer has."""
+    def run(self, stages: list[Stage], context: StageContext, planned: set[str] | None = None) -> None:
+        """Run `stages` in order; forget records of stages the plan (default: `stages`) no longer has."""
         self.layout.stage_records.mkdir(exist_ok=True)
-        planned = {stage.name for stage in stages}
+        planned = {stage.name for stage in stages} if planned is None else planned
         for record in self.layout.stage_records.glob("*.json"):
             if record.stem not in planned:
                 record.unlink()
         for stage in stages:
             self.run_stage(stage, context)
 
-    def run_stage(self, stage: Stage, context: StageContext) -> None:
+    def require_complete(self, stages: list[Stage], context: StageContext) -> None:
+        """Refuse, before anything runs, stages that are not run now but whose outputs a chosen stage reads
+        (see `qlora-requant run --stages`), unless each is complete and unchanged."""
+        for stage in stages:
+            previous, input_files, manifest = self._state(stage, context)
+            reason, outputs = self.rerun_reason(stage, previous, manifest, forced=False)
+            if reason is not None:
+                raise InputError(
+                    f"--stages: the {stage.name} stage is not complete and unchanged ({reason}), and a chosen stage "
+                    f"reads its output {stage.output}; run it first: qlora-requant run CONFIG --stages {stage.kind}"
+                )
+            self._remember(stage, outputs)
+
+    def _state(self, stage: Stage, context: StageContext) -> tuple[dict | None, dict[str, dict], dict]:
+        """The stage's previous record, the records of its input files, and its manifest now."""
         previous = self._previous_record(stage)
         input_files = self._records(stage.inputs, previous["input_files"] if previous else {})
         manifest = {
@@ -75,6 +89,10 @@ class StageExecutor:
             "versions": self.versions,
             "inputs": hashes(input_files),
         }
+        return previous, input_files, manifest
+
+    def run_stage(self, stage: Stage, context: StageContext) -> None:
+        previous, input_files, manifest = self._state(stage, context)
         reason, outputs = self.rerun_reason(stage, previous, manifest)
         if reason is None:
             console.info("stage %s: skipped, complete and unchanged (%s)", stage.name, stage.output)
@@ -122,9 +140,12 @@ class StageExecutor:
             "stage %s: done in %.1f s, peak RSS %.0f MB", stage.name, measured["seconds"], measured["peak_rss_mb"]
         )
 
-    def rerun_reason(self, stage: Stage, previous: dict | None, manifest: dict) -> tuple[str | None, dict]:
-        """Why the stage must run (None when its recorded result still stands), and its outputs' records."""
-        if stage.kind in self.force:
+    def rerun_reason(
+        self, stage: Stage, previous: dict | None, manifest: dict, forced: bool = True
+    ) -> tuple[str | None, dict]:
+        """Why the stage must run (None when its recorded result still stands), and its outputs' records.
+        `forced`: whether --force counts."""
+        if forced and stage.kind in self.force:
             return f"--force {stage.kind}", {}
         if previous is None:
             return "not run before", {}

@@ -1,9 +1,9 @@
 """One run, read top to bottom: preflight, take the run directory, run the planned stages, write the report.
 
-with Run(config, force) as run:
+with Run(config, force, kinds) as run:
     run.setup()     # every input check (preflight), then the lock, leftovers cleared, run.json, run.log
-    run.execute()   # the stages plan(config) lists, through the StageExecutor (skip, publish, record)
-    report = run.save()
+    run.execute()   # the stages plan(config) lists (those of `kinds`), through the StageExecutor
+    report = run.save()  # None until the evaluation is complete
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from qlora_requant.pipeline.executor import StageExecutor
 from qlora_requant.pipeline.files import write_atomically
 from qlora_requant.pipeline.layout import RunLayout
 from qlora_requant.pipeline.lock import RunLock
-from qlora_requant.pipeline.plan import Stage, plan
+from qlora_requant.pipeline.plan import STAGE_KINDS, Stage, plan
 from qlora_requant.pipeline.preflight import preflight, resolve_device
 from qlora_requant.pipeline.stages.report import write_reports
 from qlora_requant.quant.errors import InputError
@@ -40,10 +40,12 @@ def library_versions() -> dict[str, str]:
 class Run:
     """preflight -> stages (dequantize, merge, requantize, evaluate) -> report, for one RunConfig."""
 
-    def __init__(self, config: RunConfig, force: set[str] | None = None):
+    def __init__(self, config: RunConfig, force: set[str] | None = None, kinds: frozenset[str] | None = None):
         self.config = config
         self.layout = RunLayout(config.output_dir)
-        self.stages: list[Stage] = []
+        self.kinds = frozenset(STAGE_KINDS) if kinds is None else kinds  # the kinds of stage to run
+        self.stages: list[Stage] = []  # every stage of the plan
+        self.executed: list[str] = []  # the stages run (or skipped as complete) in this invocation
         self.executor = StageExecutor(self.layout, library_versions(), force or set(), config.verify)
         self.context: StageContext | None = None
         self._held = ExitStack()  # given back on exit: the standard streams, the lock, the log
@@ -60,7 +62,7 @@ class Run:
         library_output = self._held.enter_context(LibraryOutput())
         self.stages = plan(config)
         device = resolve_device(config)
-        inputs = preflight(config, device)
+        inputs = preflight(config, device, self.kinds)
         self.context = StageContext(
             device=device,
             layout=layout,
@@ -68,6 +70,7 @@ class Run:
             allow_pickle=config.allow_pickle,
             trust_remote_code=config.trust_remote_code,
         )
+        self.executor.require_complete(self._upstream(), self.context)
         try:
             layout.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -84,9 +87,17 @@ class Run:
             self._write_run_record()  # this run finishes, so that a failed re-run leaves it reportable
 
     def execute(self) -> None:
-        """Run the planned stages in order, skipping those already complete and unchanged."""
-        self.executor.run(self.stages, self.context)
+        """Run the chosen stages in order, skipping those already complete and unchanged."""
+        chosen = [stage for stage in self.stages if stage.kind in self.kinds]
+        self.executor.run(chosen, self.context, planned={stage.name for stage in self.stages})
+        self.executed = [stage.name for stage in chosen]
         self._write_run_record()
+
+    def _upstream(self) -> list[Stage]:
+        """The stages left out by `kinds` whose outputs a chosen stage reads, in plan order."""
+        chosen = [stage for stage in self.stages if stage.kind in self.kinds]
+        read = {path for stage in chosen for path in stage.inputs}
+        return [stage for stage in self.stages if stage.kind not in self.kinds and stage.output in read]
 
     def _write_run_record(self) -> None:
         """run.json: the resolved config, device, library versions and stages of this run."""
@@ -99,8 +110,11 @@ class Run:
         }
         write_atomically(self.layout.run_record, json.dumps(run, indent=2) + "\n")
 
-    def save(self) -> Report:
-        """Write report.json, report.md, report.html and the GPTQ model card; return the report."""
+    def save(self) -> Report | None:
+        """Write report.json, report.md, report.html and the GPTQ model card; return the report. Without
+        the evaluate stage among the chosen kinds, write nothing and return None."""
+        if "evaluate" not in self.kinds:
+            return None
         report = write_reports(self.layout)
         log.info("report written; stages skipped as complete: %s", ", ".join(self.executor.skipped) or "none")
         return report

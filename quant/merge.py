@@ -1,9 +1,10 @@
 """Reading PEFT LoRA adapters and merging them into dequantized weights, in fp32.
 
-The math is a few pure functions: `lora_delta` (scaling · B @ A), `merge_weight` (W + delta, or
-DoRA's magnitude-normalized W + delta), `merge_bias` and `combine_adapters` (PEFT's
-add_weighted_adapter "linear" and "cat"). `read_lora_adapter` turns an adapter directory into a
-`LoraAdapter` and refuses, naming the feature, what it cannot merge.
+The math is a few pure functions: `lora_delta` (scaling · B @ A), `expert_delta` (the same for one
+expert of a parameter that PEFT's target_parameters adapted), `merge_weight` (W + delta, or DoRA's
+magnitude-normalized W + delta), `merge_bias` and `combine_adapters` (PEFT's add_weighted_adapter
+"linear" and "cat"). `read_lora_adapter` turns an adapter directory into a `LoraAdapter` and
+refuses, naming the feature, what it cannot merge.
 """
 
 from __future__ import annotations
@@ -50,6 +51,32 @@ class LoraModule:
 
 
 @dataclass(frozen=True)
+class ParameterTarget:
+    """Where PEFT puts LoRA on a raw parameter (target_parameters), as its ParamWrapper records it.
+
+    `prefix` is the wrapper's module path, which prefixes its saved tensors (nested wrappers on one module
+    add `.base_layer`); `parameter` is the model's parameter name. A 3-D parameter stacks `experts`
+    matrices, each (out, in) when `out_first`, else (in, out); a 2-D one is a plain (out, in) weight.
+    """
+
+    prefix: str
+    parameter: str
+    experts: int
+    out_first: bool
+    rank: int
+    scaling: float
+
+
+@dataclass(frozen=True)
+class ParameterLora:
+    """LoRA on a raw parameter: A is (rank · experts, in), B is (out, rank · experts), as PEFT stores them."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    target: ParameterTarget
+
+
+@dataclass(frozen=True)
 class LoraAdapter:
     """An adapter as the merge needs it: LoRA modules and whole tensors that replace the base's.
 
@@ -64,6 +91,8 @@ class LoraAdapter:
     token_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # The base as the fine-tune resized it, before training (`.original_module.` / `.base_layer.` copies).
     untrained: dict[str, torch.Tensor] = field(default_factory=dict)
+    # target_parameters: LoRA on raw parameters (mixture-of-experts weights), by the model's parameter name
+    parameters: dict[str, ParameterLora] = field(default_factory=dict)
     rank: int = 8  # the config's r
     config: dict = field(default_factory=dict, repr=False)  # its adapter_config.json
     use_rslora: bool = False
@@ -88,6 +117,23 @@ def lora_delta_shape(module: LoraModule) -> torch.Size:
     """The shape `lora_delta` returns, without computing it."""
     rows, cols = module.lora_b.shape[0], module.lora_a.shape[1]
     return torch.Size((cols, rows) if _transposed(module) else (rows, cols))
+
+
+def expert_delta(lora: ParameterLora, expert: int) -> torch.Tensor:
+    """The fp32 delta of one expert's matrix (the whole weight of a 2-D parameter), in the parameter's layout:
+    scaling · B_e @ A_e, where PEFT interleaves the experts as A (experts, rank, in) and B (out, rank, experts)."""
+    target = lora.target
+    lora_a = lora.lora_a.float().reshape(target.experts, -1, lora.lora_a.shape[-1])[expert]
+    lora_b = lora.lora_b.float().reshape(lora.lora_b.shape[0], -1, target.experts)[:, :, expert]
+    delta = target.scaling * (lora_b @ lora_a)
+    return delta if target.out_first or target.experts == 1 else delta.T
+
+
+def expert_delta_shape(lora: ParameterLora) -> torch.Size:
+    """The shape `expert_delta` returns, without computing it."""
+    rows, cols = lora.lora_b.shape[0], lora.lora_a.shape[1]
+    out_first = lora.target.out_first or lora.target.experts == 1
+    return torch.Size((rows, cols) if out_first else (cols, rows))
 
 
 def merge_weight(weight: torch.Tensor, delta: torch.Tensor, module: LoraModule, out_dtype: torch.dtype) -> torch.Tensor:
@@ -116,7 +162,6 @@ def _refuse_unsupported(config: dict, tensor_names: list[str], where: Path) -> N
         (dora_embedding, "DoRA on embedding layers"),
         (config.get("use_dora") and config.get("lora_bias"), "DoRA together with lora_bias"),
         (config.get("layer_replication"), "layer_replication"),
-        (config.get("target_parameters"), "target_parameters (LoRA on raw parameters)"),
     ]
     for present, feature in refusals:
         if present:
@@ -159,22 +204,38 @@ def _check_config_values(config: dict, where: Path) -> None:
             )
 
 
-def peft_target_modules(adapter_config: dict, model_config: dict) -> set[str]:
-    """The modules of the base that PEFT puts LoRA layers on for this adapter config: its own matching of
-    target_modules (names, regex, all-linear), exclude_modules, layers_to_transform and layers_pattern,
-    applied to a weightless copy of the model. PEFT loads no adapter tensor for any other module."""
+def peft_targets(adapter_config: dict, model_config: dict) -> tuple[set[str], dict[str, ParameterTarget]]:
+    """Where PEFT puts LoRA layers for this adapter config: its own matching of target_modules (names, regex,
+    all-linear), exclude_modules, layers_to_transform, layers_pattern and target_parameters, applied to a
+    weightless copy of the model. Returns the LoRA modules and the raw-parameter targets by saved prefix;
+    PEFT loads no adapter tensor for anything else."""
     from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import ParamWrapper
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    targeting = {
-        key: adapter_config.get(key)
-        for key in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
-    }
+    keys = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "target_parameters")
+    settings = {key: adapter_config.get(key) for key in keys}
+    for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora"):
+        if adapter_config.get(key) is not None:
+            settings[key] = adapter_config[key]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**model_config))
-        inject_adapter_in_model(LoraConfig(r=1, **targeting), model)
-    return {name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+        inject_adapter_in_model(LoraConfig(**settings), model)
+    modules, parameters = set(), {}
+    for name, module in model.named_modules():
+        if isinstance(module, ParamWrapper):
+            parameters[name] = ParameterTarget(
+                prefix=name,
+                parameter=f"{name.replace('.base_layer', '')}.{module.parameter_name}",
+                experts=module.num_experts,
+                out_first=bool(getattr(module, "_did_swap_in_out_features", False)),
+                rank=module.r["default"],
+                scaling=module.scaling["default"],
+            )
+        elif isinstance(module, BaseTunerLayer):
+            modules.add(name)
+    return modules, parameters
 
 
 def embedding_weights(model_config: dict) -> tuple[str, str | None]:
@@ -232,11 +293,29 @@ def _token_rows(tensors: dict[str, torch.Tensor], config: dict, where: Path) -> 
     return rows
 
 
-def read_lora_adapter(adapter_dir: Path, allow_pickle: bool = False) -> LoraAdapter:
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """An adapter's adapter_config.json, checked for the LoRA numbers the merge reads."""
+    config_path = adapter_dir / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise AdapterError(
+            f"{config_path}: not found; a PEFT adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
+    _check_config_values(config, config_path)
+    return config
+
+
+def read_lora_adapter(
+    adapter_dir: Path, allow_pickle: bool = False, parameter_targets: dict[str, ParameterTarget] | None = None
+) -> LoraAdapter:
     """Read a PEFT LoRA adapter directory into a LoraAdapter keyed by base module names.
 
     With `allow_pickle`, an adapter saved only as adapter_model.bin is read with torch's
-    weights-only unpickler.
+    weights-only unpickler. An adapter with target_parameters needs `parameter_targets` (see
+    peft_targets): which saved prefixes are LoRA on raw parameters, with their rank and scaling.
     """
     from peft.utils.other import get_pattern_key
 
@@ -254,11 +333,10 @@ def read_lora_adapter(adapter_dir: Path, allow_pickle: bool = False) -> LoraAdap
             raise AdapterError(
                 f"{path}: not found{hint}; a PEFT adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
             )
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
-    _check_config_values(config, config_path)
+    config = read_adapter_config(adapter_dir)
+    if config.get("target_parameters") and parameter_targets is None:
+        raise AdapterError(f"{config_path}: has target_parameters; read it with the base's parameter targets")
+    parameter_targets = parameter_targets or {}
     try:
         tensors = (
             torch.load(weights_path, map_location="cpu", weights_only=True)
@@ -295,6 +373,7 @@ def read_lora_adapter(adapter_dir: Path, allow_pickle: bool = False) -> LoraAdap
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora"))
     modules: dict[str, LoraModule] = {}
+    parameters: dict[str, ParameterLora] = {}
     for name_a in sorted(n for n in tensors if ".lora_A." in n or n.endswith(".lora_embedding_A")):
         embedding = name_a.endswith(".lora_embedding_A")
         prefix = name_a.removesuffix(".lora_embedding_A") if embedding else name_a.split(".lora_A.")[0]
@@ -303,6 +382,10 @@ def read_lora_adapter(adapter_dir: Path, allow_pickle: bool = False) -> LoraAdap
         if name_b not in tensors:
             raise AdapterError(f"{weights_path}: {name_a} has no matching {name_b}")
         lora_a, lora_b = tensors[name_a], tensors[name_b]
+        target = parameter_targets.get(module_name)
+        if target is not None:
+            parameters[target.parameter] = _parameter_lora(lora_a, lora_b, target, weights_path)
+            continue
         rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module_name), config["r"])
         alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module_name), config["lora_alpha"])
         if lora_a.shape[0] != rank or lora_b.shape[1] != rank:
@@ -320,17 +403,29 @@ def read_lora_adapter(adapter_dir: Path, allow_pickle: bool = False) -> LoraAdap
         )
     replacements, token_rows = saved_tensors(tensors), _token_rows(tensors, config, weights_path)
     untrained = {_base_name(n): t for n, t in tensors.items() if ".original_module." in n or ".base_layer." in n}
-    if not modules and not replacements and not token_rows:
+    if not modules and not parameters and not replacements and not token_rows:
         raise AdapterError(f"{weights_path}: holds no LoRA matrices")
     return LoraAdapter(
         modules=modules,
         replacements=replacements,
         token_rows=token_rows,
         untrained=untrained,
+        parameters=parameters,
         rank=config["r"],
         use_rslora=use_rslora,
         config=config,
     )
+
+
+def _parameter_lora(lora_a: torch.Tensor, lora_b: torch.Tensor, target: ParameterTarget, where: Path) -> ParameterLora:
+    """LoRA on a raw parameter, its matrices checked against the rank and expert count PEFT gives it."""
+    width = target.rank * target.experts
+    if lora_a.shape[0] != width or lora_b.shape[1] != width:
+        raise AdapterError(
+            f"{where}: LoRA on {target.parameter} has {lora_a.shape[0]} rows in lora_A, but PEFT gives it rank "
+            f"{target.rank} x {target.experts} expert(s) = {width} from {ADAPTER_CONFIG}"
+        )
+    return ParameterLora(lora_a=lora_a, lora_b=lora_b, target=target)
 
 
 def combine_adapters(adapters: list[LoraAdapter], weights: list[float], combination: str) -> LoraAdapter:
@@ -347,11 +442,12 @@ def combine_adapters(adapters: list[LoraAdapter], weights: list[float], combinat
         if (
             adapter.replacements
             or adapter.token_rows
+            or adapter.parameters
             or any(m.magnitude is not None or m.bias is not None for m in adapter.modules.values())
         ):
             raise AdapterError(
-                "adapters with DoRA, lora_bias, trained biases or modules_to_save cannot be combined; "
-                "merge them one at a time"
+                "adapters with DoRA, lora_bias, trained biases, modules_to_save or target_parameters cannot be "
+                "combined; merge them one at a time"
             )
     if combination == "linear" and len({a.rank for a in adapters}) > 1:
         raise AdapterError(

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora_requant.pipeline.cli import EXIT_OK, main
+from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from qlora_requant.pipeline.config import AdapterSection, BaseSection
+from qlora_requant.pipeline.records import read_record
 from qlora_requant.pipeline.stages.dequantize import DequantizedBase
 from qlora_requant.pipeline.stages.merge import load_adapter, merge_checkpoint
 
@@ -37,7 +38,20 @@ ARCHITECTURES = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=2), 4),  # qkv_proj o gate_up_proj down
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(num_key_value_heads=2, head_dim=16), 7),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=16), 7),
+    # q k v o; the experts are 3-D parameters and the router is no Linear: neither is quantized
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_key_value_heads=2, num_local_experts=4), 4),
+    "qwen3-moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+        4,
+    ),
 }
+
+
+# LoRA on raw parameters per mixture-of-experts block, as PEFT's all-linear gives it: the experts' fused
+# gate_up_proj and down_proj, and the router's weight
+EXPERT_PARAMETERS = {"mixtral": 3, "qwen3-moe": 3}
 
 
 def tiny_model(tokenizer, architecture: str, seed: int = 0):
@@ -65,6 +79,7 @@ def read_all(model_dir) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_dequantize_and_merge_match_the_libraries(tmp_path, tokenizer, architecture):
+    from transformers import AutoModelForCausalLM
 
     linears_per_block = ARCHITECTURES[architecture][3]
     base = save_model(tiny_model(tokenizer, architecture), tokenizer, tmp_path / "base", max_shard_size="60KB")
@@ -87,21 +102,18 @@ def test_dequantize_and_merge_match_the_libraries(tmp_path, tokenizer, architect
     lora = load_adapter(AdapterSection(path=adapter), streamed, streamed.model_config)
     summary = merge_checkpoint(streamed, streamed.model_config, lora, torch.float32, merged, max_shard_bytes=100_000)
     assert summary["modules_merged"] == len(reference)
+    assert summary["parameters_merged"] == 2 * EXPERT_PARAMETERS.get(architecture, 0)
+    assert read_all(merged).keys() == ours.keys()  # every tensor of the base under its name, and no other
+    # as transformers loads it (experts stacked into 3-D parameters, legacy names renamed), equal to PEFT's merge
+    loaded = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).state_dict()
     peft = peft_merged(dequantized, adapter)
-    merged_tensors = read_all(merged)
-    assert merged_tensors.keys() == ours.keys()  # every tensor of the base, and no other
-    for key, tensor in merged_tensors.items():
-        if key in peft:
-            assert (tensor - peft[key]).abs().max().item() <= FP32_ROUNDING, key
-        else:  # saved under a legacy name (GPT-NeoX's embed_out is lm_head in the model): never merged
-            assert key not in reference and torch.equal(tensor, ours[key].float()), key
+    assert loaded.keys() == peft.keys()
+    for key, tensor in loaded.items():
+        assert (tensor - peft[key]).abs().max().item() <= FP32_ROUNDING, key
 
 
-@pytest.mark.parametrize("form", ["16-bit", "bnb-4bit"])
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_a_whole_run_from_each_architecture(tmp_path, tokenizer, text_files, architecture, form):
-    """Merge, GPTQ and the evaluation run to the end; the merged model is the separate adapter's, and the
-    GPTQ checkpoint loads in plain transformers (the requantize stage checks it in a fresh process)."""
+def whole_run_config(tmp_path, tokenizer, text_files, architecture: str, form: str):
+    """A run of a random adapter on a tiny base of `architecture`, saved in 16-bit or bitsandbytes 4-bit form."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     base = save_model(tiny_model(tokenizer, architecture), tokenizer, tmp_path / "base", dtype=torch.float32)
@@ -112,7 +124,7 @@ def test_a_whole_run_from_each_architecture(tmp_path, tokenizer, text_files, arc
             base, quantization_config=quantization, dtype=torch.float32, device_map="cpu"
         )
         base = save_model(four_bit, tokenizer, tmp_path / "base-4bit", dtype=None)
-    config = write_config(
+    return write_config(
         tmp_path / "run.yaml",
         base,
         adapter,
@@ -128,6 +140,14 @@ def test_a_whole_run_from_each_architecture(tmp_path, tokenizer, text_files, arc
         },
         evaluation={"text": {"path": str(text_files["eval"])}, "seq_len": 32, "max_windows": 6},
     )
+
+
+@pytest.mark.parametrize("form", ["16-bit", "bnb-4bit"])
+@pytest.mark.parametrize("architecture", [name for name in ARCHITECTURES if name not in EXPERT_PARAMETERS])
+def test_a_whole_run_from_each_architecture(tmp_path, tokenizer, text_files, architecture, form):
+    """Merge, GPTQ and the evaluation run to the end; the merged model is the separate adapter's, and the
+    GPTQ checkpoint loads in plain transformers (the requantize stage checks it in a fresh process)."""
+    config = whole_run_config(tmp_path, tokenizer, text_files, architecture, form)
     assert main(["run", str(config)]) == EXIT_OK
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     merged, gptq = report["models"]["merged"], report["models"]["gptq"]
@@ -136,3 +156,25 @@ def test_a_whole_run_from_each_architecture(tmp_path, tokenizer, text_files, arc
     assert report["stages"]["merge"]["modules_merged"] == 2 * ARCHITECTURES[architecture][3]
     fused = 2 * 4 if architecture == "phi3" else 0  # qweight, qzeros, scales, g_idx of each gate_up_proj
     assert report["requantize"]["fused_layers"] == fused
+
+
+@pytest.mark.parametrize("form", ["16-bit", "bnb-4bit"])
+@pytest.mark.parametrize("architecture", EXPERT_PARAMETERS)
+def test_a_mixture_of_experts_fine_tune_is_merged_alone(tmp_path, tokenizer, text_files, capsys, architecture, form):
+    """GPTQ of fused experts is refused before the run directory exists; `--stages merge` merges the experts."""
+    from transformers import AutoModelForCausalLM
+
+    config = whole_run_config(tmp_path, tokenizer, text_files, architecture, form)
+    assert main(["run", str(config)]) == EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert "fused expert parameters" in error and "--stages merge" in error
+    assert not (tmp_path / "run").exists()
+
+    assert main(["run", str(config), "--stages", "merge"]) == EXIT_OK
+    summary = read_record(tmp_path / "run" / "stages" / "merge.json")["summary"]
+    assert summary["parameters_merged"] == 2 * EXPERT_PARAMETERS[architecture]
+    assert sorted(path.name for path in (tmp_path / "run").iterdir() if path.is_dir()) == ["merged", "stages"]
+    changed = [key for key, change in summary["relative_change"].items() if ".experts." in key and change > 0]
+    assert len(changed) == 2 * 4 * 3  # layers x experts x (gate, up, down), each in its own checkpoint tensor
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged", dtype=torch.float32)
+    assert len([name for name, parameter in merged.named_parameters() if parameter.dim() == 3]) == 2 * 2

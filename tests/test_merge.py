@@ -241,8 +241,8 @@ def test_an_adapter_whose_targets_match_no_module_is_refused(tmp_path, dequantiz
     adapter = _edit_adapter(tmp_path, tiny_adapter, config_changes={"target_modules": ["qq_proj"]})
     with pytest.raises(
         AdapterError,
-        match=r"Target modules \{'qq_proj'\} not found in the base model.* \(target_modules in adapter_config.json\); "
-        "was the adapter trained on another base model",
+        match=r"Target modules \{'qq_proj'\} not found in the base model.* "
+        r"\(target_modules / target_parameters in adapter_config.json\); was the adapter trained on another base model",
     ):
         merge_dir(dequantized, AdapterSection(path=adapter), None, tmp_path)
 

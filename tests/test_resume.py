@@ -93,6 +93,32 @@ def test_a_damaged_output_is_rebuilt(reference):
     assert digests(run_dir) == before
 
 
+def test_a_job_split_into_steps_writes_the_same_bytes_as_one_run(tmp_path, reference, capsys):
+    """A scheduler's steps: each `--stages` step needs the stages it reads complete and unchanged, and the steps
+    together give what one run gives; the report comes with the evaluation."""
+    config, run_dir = reference
+    split = tmp_path / "run"
+
+    def step(kinds: str) -> int:
+        return main(["run", str(config), "--set", f"output_dir={split}", "--stages", kinds])
+
+    assert step("evaluate") == EXIT_BAD_INPUT
+    assert "the merge stage is not complete and unchanged (not run before)" in capsys.readouterr().err
+    assert not split.exists()
+    assert step("merge") == EXIT_OK
+    assert "Stages done: merge;" in capsys.readouterr().out and not (split / "report.json").exists()
+    assert step("evaluate") == EXIT_BAD_INPUT
+    assert "the requantize stage is not complete" in capsys.readouterr().err
+    assert step("requantize") == EXIT_OK
+    assert step("evaluate") == EXIT_OK
+    assert digests(split) == digests(run_dir)
+    ours, theirs = (json.loads((folder / "report.json").read_text()) for folder in (split, run_dir))
+    assert {name: model["ppl"] for name, model in ours["models"].items()} == {
+        name: model["ppl"] for name, model in theirs["models"].items()
+    }
+    assert started_and_skipped((split / "run.log").read_text())[0] == ["merge", "requantize", "evaluate"]
+
+
 def test_a_second_run_on_the_same_directory_is_refused_while_the_first_holds_it(reference, capsys):
     config, run_dir = reference
     holder = subprocess.Popen(

@@ -26,6 +26,7 @@ from qlora_requant.pipeline.checkpoint import (
 )
 from qlora_requant.pipeline.config import AdapterSection
 from qlora_requant.pipeline.context import StageContext
+from qlora_requant.pipeline.parameter_slices import ParameterSlice, parameter_slices
 from qlora_requant.pipeline.tokenizer import carry_tokenizer
 from qlora_requant.quant.errors import InputError
 from qlora_requant.quant.merge import (
@@ -33,13 +34,17 @@ from qlora_requant.quant.merge import (
     AdapterError,
     LoraAdapter,
     LoraModule,
+    ParameterLora,
     combine_adapters,
     embedding_weights,
+    expert_delta,
+    expert_delta_shape,
     lora_delta,
     lora_delta_shape,
     merge_bias,
     merge_weight,
-    peft_target_modules,
+    peft_targets,
+    read_adapter_config,
     read_lora_adapter,
     restrict_to_targets,
 )
@@ -60,13 +65,14 @@ def load_adapter(
     """
     adapters = []
     for path, weight in section.weighted():
-        adapter = read_lora_adapter(path, allow_pickle)
         try:
-            targets = peft_target_modules(adapter.config, model_config)
+            targets, parameter_targets = peft_targets(read_adapter_config(path), model_config)
         except ValueError as exc:  # PEFT's NoMatchingPeftModuleError and bad target patterns
             raise AdapterError(
-                f"{path}: {exc} (target_modules in {ADAPTER_CONFIG}); was the adapter trained on another base model?"
+                f"{path}: {exc} (target_modules / target_parameters in {ADAPTER_CONFIG}); was the adapter trained "
+                "on another base model?"
             ) from None
+        adapter = read_lora_adapter(path, allow_pickle, parameter_targets)
         adapter, ignored = restrict_to_targets(adapter, targets)
         if ignored:
             log.warning(
@@ -75,7 +81,7 @@ def load_adapter(
                 len(ignored),
                 ", ".join(ignored[:4]) + (", ..." if len(ignored) > 4 else ""),
             )
-        if not adapter.modules and not adapter.replacements:
+        if not adapter.modules and not adapter.parameters and not adapter.replacements:
             raise AdapterError(
                 f"{path}: none of its LoRA weights is for a module its target_modules select on this "
                 "base; was the adapter trained on another base model?"
@@ -128,6 +134,7 @@ def merge_checkpoint(
     """Merge `adapter` (see load_adapter) into the tensors of `source`, writing a `dtype` checkpoint
     with `model_config` into `out_dir`, doing the math on `device`; return a summary."""
     modules_on_device = {name: _to_device(module, device) for name, module in adapter.modules.items()}
+    slices = _parameter_slices(adapter, source, model_config)
     changes: dict[str, float] = {}
     input_key, head_key = embedding_weights(model_config)
     tied = head_key is not None and head_key not in source  # the head shares the input embedding's storage
@@ -135,6 +142,11 @@ def merge_checkpoint(
 
     def transform(key: str, reader: TensorSource) -> dict[str, torch.Tensor]:
         tensor = _adapted(key, adapter, reader)
+        if key in slices:
+            part = slices[key]
+            merged = _merged_slice(tensor, adapter.parameters[part.parameter], part, dtype, device)
+            changes[key] = relative_error(merged, tensor)
+            return {key: merged}
         outputs = {key: _merged(key, tensor, modules_on_device, dtype, device, changes)}
         if key == input_key:
             vocabulary["vocab_size"] = tensor.shape[0]
@@ -157,13 +169,15 @@ def merge_checkpoint(
     )
     copy_side_files(source.model_dir, out_dir)
     log.info(
-        "merge: %d LoRA modules merged in fp32 and %d tensors replaced, written as %s",
+        "merge: %d LoRA modules and %d LoRA parameters merged in fp32 and %d tensors replaced, written as %s",
         len(adapter.modules),
+        len(adapter.parameters),
         len(adapter.replacements),
         dtype,
     )
     return {
         "modules_merged": len(adapter.modules),
+        "parameters_merged": len(adapter.parameters),
         "tensors_replaced": sorted(adapter.replacements),
         "dtype": str(dtype).removeprefix("torch."),
         "relative_change": dict(sorted(changes.items(), key=lambda item: -item[1])),
@@ -186,6 +200,27 @@ def _adapted(key: str, adapter: LoraAdapter, reader: TensorSource, default: torc
         tensor = tensor.clone()
         tensor[indices] = rows.to(tensor.dtype)
     return tensor
+
+
+def _parameter_slices(adapter: LoraAdapter, reader: TensorSource, model_config: dict) -> dict[str, ParameterSlice]:
+    """The checkpoint tensors that hold the parameters the adapter puts LoRA on (see parameter_slices)."""
+    if not adapter.parameters:
+        return {}
+    return parameter_slices(model_config, reader.keys(), reader.shape, set(adapter.parameters))
+
+
+def _merged_slice(
+    tensor: torch.Tensor, lora: ParameterLora, part: ParameterSlice, dtype: torch.dtype, device: str
+) -> torch.Tensor:
+    """W + delta for the rows of a LoRA-adapted parameter that one checkpoint tensor holds (one expert's
+    projection, or the whole parameter), in fp32, cast once."""
+    if part.expert is not None:
+        delta = expert_delta(lora, part.expert)[part.start : part.stop]
+    elif lora.target.experts > 1:
+        delta = torch.stack([expert_delta(lora, expert) for expert in range(lora.target.experts)])
+    else:
+        delta = expert_delta(lora, 0)
+    return (tensor.to(device).float() + delta.to(device)).to(dtype).cpu()
 
 
 def _merged(
@@ -264,10 +299,37 @@ def _check_against_base(adapter: LoraAdapter, reader: TensorSource, model_config
                 f"{tuple(reader.shape(input_key if key == tied_head else key))}; was the adapter trained on "
                 "another base model?"
             )
+    _check_parameters(adapter, reader, model_config, where)
     for indices, _ in adapter.token_rows.values():
         if int(indices.max()) >= rows:
             raise AdapterError(
                 f"{where}: trainable_token_indices reach token {int(indices.max())}, but the vocabulary has {rows} rows"
+            )
+
+
+def _check_parameters(adapter: LoraAdapter, reader: TensorSource, model_config: dict, where: str) -> None:
+    """Refuse LoRA on raw parameters (target_parameters) that the base's checkpoint does not hold whole, or
+    whose checkpoint tensors the deltas do not fit."""
+    slices = _parameter_slices(adapter, reader, model_config)
+    found = {part.parameter for part in slices.values()}
+    absent = sorted(set(adapter.parameters) - found)
+    if absent:
+        raise AdapterError(
+            f"{where}: LoRA on {len(absent)} parameter(s) the base does not have, e.g. {absent[0]!r}; "
+            "was the adapter trained on another base model?"
+        )
+    for key, part in sorted(slices.items()):
+        lora = adapter.parameters[part.parameter]
+        matrix = expert_delta_shape(lora)
+        if part.expert is None:
+            expected = (lora.target.experts, *matrix) if lora.target.experts > 1 else matrix
+        else:
+            expected = (part.stop - part.start, matrix[1])
+        if tuple(reader.shape(key)) != tuple(expected) or (part.expert is not None and part.stop > matrix[0]):
+            raise AdapterError(
+                f"{where}: LoRA on {part.parameter} ({lora.target.experts} expert(s) of {tuple(matrix)}) does not "
+                f"fit the base's {key} of shape {tuple(reader.shape(key))}; was the adapter trained on another base "
+                "model?"
             )
 
 
