@@ -6,7 +6,7 @@ from qlora_requant.eval.perplexity import perplexity
 from qlora_requant.eval.statistics import bootstrap_ppl_change
 
 BASELINE = "baseline"
-RELEASE_MODEL = "gptq"
+MERGE_BASES = ("nf4", "original")
 MODEL_LABELS = {
     "base_nf4": "NF4 base alone (no adapter)",
     "baseline": "NF4 base + adapter (as trained)",
@@ -16,9 +16,14 @@ MODEL_LABELS = {
 
 
 def model_label(name: str) -> str:
-    """What a result row is, in words; 'merged_original' is the merge into the other merge base."""
-    kind, _, merge_base = name.partition("_") if name.startswith(("merged_", "gptq_")) else (name, "", "")
-    label = MODEL_LABELS.get(kind, name)
+    """What a result row is, in words: 'gptq_w3g128' is the GPTQ variant w3g128, 'merged_original' the merge
+    into the other merge base."""
+    if not name.startswith(("merged", "gptq")):
+        return MODEL_LABELS.get(name, name)
+    kind, _, rest = name.partition("_")
+    merge_base = next((base for base in MERGE_BASES if rest == base or rest.endswith(f"_{base}")), "")
+    variant = rest.removesuffix(merge_base).rstrip("_")
+    label = MODEL_LABELS[kind] + (f" {variant}" if variant else "")
     return f"{label}, merged into {merge_base} weights" if merge_base else label
 
 
@@ -53,13 +58,13 @@ def compare_to_baseline(models: dict[str, dict], bootstrap_samples: int, seed: i
     return compared
 
 
-def judge_gates(compared: dict[str, dict], gate: dict) -> dict:
-    """Every configured gate on the release model (GPTQ) against the baseline.
+def judge_gates(compared: dict[str, dict], gate: dict, model: str = "gptq") -> dict:
+    """Every configured gate on a GPTQ model against the baseline.
 
     The PPL gate is judged on the upper bound of the 95% interval: a change that could plausibly
     exceed the limit fails.
     """
-    row = compared[RELEASE_MODEL]
+    row, name = compared[model], model_label(model)
     checks = []
     if gate.get("max_ppl_increase_pct") is not None:
         limit, (low, high) = gate["max_ppl_increase_pct"], row["delta_pct_ci95"]
@@ -69,7 +74,7 @@ def judge_gates(compared: dict[str, dict], gate: dict) -> dict:
                 high,
                 limit,
                 high <= limit,
-                f"GPTQ PPL change {row['delta_pct']:+.2f}% (95% CI {low:+.2f}%..{high:+.2f}%): "
+                f"{name} PPL change {row['delta_pct']:+.2f}% (95% CI {low:+.2f}%..{high:+.2f}%): "
                 f"upper bound {high:+.2f}%",
                 f"{limit:.2f}%",
                 f"{high - limit:.2f} percentage points",
@@ -83,7 +88,7 @@ def judge_gates(compared: dict[str, dict], gate: dict) -> dict:
                 row["kl"],
                 limit,
                 row["kl"] <= limit,
-                f"GPTQ mean token KL {row['kl']:#.3g} nats",
+                f"{name} mean token KL {row['kl']:#.3g} nats",
                 f"{limit:.3g}",
                 f"{row['kl'] - limit:.3g} nats",
             )
@@ -96,7 +101,7 @@ def judge_gates(compared: dict[str, dict], gate: dict) -> dict:
                 row["top1_agreement"],
                 limit,
                 row["top1_agreement"] >= limit,
-                f"GPTQ top-1 agreement {row['top1_agreement']:.2%}",
+                f"{name} top-1 agreement {row['top1_agreement']:.2%}",
                 f"{limit:.2%}",
                 f"{limit - row['top1_agreement']:.2%}",
             )

@@ -1,11 +1,12 @@
-"""The GPTQ checkpoint's README.md, in the Hugging Face model card convention."""
+"""A GPTQ checkpoint's README.md, in the Hugging Face model card convention. It names inputs as published:
+the base by base.model_id, the adapter by adapter.model_id (else its folder's name), data by file name."""
 
 from __future__ import annotations
 
 import yaml
 
 from qlora_requant.eval.report import quality_section
-from qlora_requant.eval.schema import Report
+from qlora_requant.eval.schema import Report, Variant
 
 MERGE_BASES = {
     "nf4": "the dequantized NF4 weights they were trained against",
@@ -13,45 +14,66 @@ MERGE_BASES = {
 }
 
 
-def render_model_card(report: Report, base_model: str, model_dir_name: str) -> str:
-    """YAML front matter (base model, tags, quantization) followed by the quality table and how to load it."""
-    quantization = report.requantize
+def render_model_card(report: Report, variant: Variant) -> str:
+    """YAML front matter (base model, tags, quantization) followed by the quality table, where the checkpoint
+    serves and how to load it."""
+    config = report.config
+    base_model = config["base"].get("model_id") or config["base"]["path"]
+    adapter = config["adapter"]
+    adapters = (
+        [adapter["model_id"]]
+        if adapter.get("model_id")
+        else ([adapter["path"]] if adapter.get("path") else [a["path"] for a in adapter["adapters"]])
+    )
+    settings = {key: getattr(variant, key) for key in ("bits", "group_size", "desc_act", "sym", "gptaq", "mse")}
     front_matter = {
         "base_model": base_model,
         "base_model_relation": "quantized",
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
-        "tags": ["gptq", f"{quantization.bits}-bit", "qlora", "lora-merged", "qlora-requant"],
-        "quantization": {"method": "gptq", "tool": "gptqmodel", **quantization.model_dump()},
+        "tags": ["gptq", f"{variant.bits}-bit", "qlora", "lora-merged", "qlora-requant"],
+        "quantization": {"method": "gptq", "tool": "gptqmodel", **settings},
     }
-    gate = report.gate
-    adapters = report.config["adapter"]
-    adapter_paths = [adapters["path"]] if adapters.get("path") else [a["path"] for a in adapters["adapters"]]
+    gate, calibration = variant.gate, report.requantize
+    calibration_data = config["requantize"]["calibration"].get("path") or config["requantize"]["calibration"]["dataset"]
+    group = "per output channel" if variant.group_size == -1 else f"group size {variant.group_size}"
     lines = [
         "---",
         yaml.safe_dump(front_matter, sort_keys=False).strip(),
         "---",
         "",
-        f"# {model_dir_name}: {base_model} + QLoRA adapter, merged and GPTQ {quantization.bits}-bit",
+        f"# {variant.model}: {base_model} + QLoRA adapter, merged and GPTQ {variant.bits}-bit",
         "",
-        f"The LoRA adapter(s) {', '.join(f'`{p}`' for p in adapter_paths)} were trained with QLoRA against the "
+        f"The LoRA adapter(s) {', '.join(f'`{name}`' for name in adapters)} were trained with QLoRA against the "
         f"NF4-quantized `{base_model}`. They were merged in fp32 into {MERGE_BASES[report.merge_base]} "
-        "and the result re-quantized with GPTQ "
-        f"({quantization.bits}-bit, group size {quantization.group_size}, "
-        f"{quantization.calibration_windows} calibration windows of {quantization.calibration_seq_len} tokens).",
+        f"and the result re-quantized with GPTQ ({variant.bits}-bit, {group}"
+        f"{', act-order' if variant.desc_act else ''}{'' if variant.sym else ', asymmetric'}"
+        f"{', GPTAQ' if variant.gptaq else ''}, {calibration.calibration_windows} calibration "
+        f"{'conversations' if calibration.calibration_format == 'chat' else 'windows'} of up to "
+        f"{calibration.calibration_seq_len} tokens from `{calibration_data}`).",
         "",
         *quality_section(report),
-        f"Release gate: {'PASS' if gate.passed else 'FAIL'}: {gate.message}."
-        if gate.enabled
-        else "No release gate was configured.",
+        f"This checkpoint is the row `{variant.model}`. "
+        + (
+            f"Release gate: {'PASS' if gate.passed else 'FAIL'}: {gate.message}."
+            if gate.enabled
+            else "No release gate was configured."
+        ),
+        "",
+        "## Where it serves",
+        "",
+        *[f"- {runtime}: {kernel}" for runtime, kernel in variant.serves_on.items()],
+        "",
+        "(From each runtime's documented kernel constraints for these GPTQ settings; runtimes not listed cannot "
+        "load it.)",
         "",
         "## How to load",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f'model = AutoModelForCausalLM.from_pretrained("{model_dir_name}", device_map="auto")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{model_dir_name}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{variant.model}", device_map="auto")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{variant.model}")',
         "```",
         "",
         "Loading needs `gptqmodel` (or another GPTQ kernel provider supported by transformers) and `optimum`.",

@@ -1,11 +1,13 @@
 """Scoring models on fixed token windows: next-token NLL, and KL / top-1 agreement against a reference.
 
-Two window protocols, every model scored on the same windows:
+Three window protocols, every model scored on the same windows:
   non-overlapping  consecutive windows of seq_len (the GPTQ paper's protocol); each window's first
                    token is context only, unless a BOS token is prepended
   sliding          windows of seq_len starting every `stride` tokens (the Hugging Face perplexity
                    guide); after the first window only the `stride` new tokens are scored, each with
                    seq_len - stride tokens of context
+  conversations    one window per chat record, rendered with the chat template and right-padded; all
+                   its tokens are scored, or only the assistant turns' (as SFT trains them)
 """
 
 from __future__ import annotations
@@ -17,15 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qlora_requant.quant.chat import ChatSample
 from qlora_requant.quant.errors import InputError
 
 
 @dataclass(frozen=True)
 class Windows:
-    """Token windows and, per window, the first prediction position that is scored."""
+    """Token windows and which of their next-token predictions are scored."""
 
     input_ids: torch.Tensor  # [windows, seq_len]
-    first_scored: torch.Tensor  # [windows]: predictions at positions >= this are scored
+    scored: torch.Tensor  # [windows, seq_len - 1] bool: whether the prediction at each position is scored
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -36,12 +39,11 @@ class Windows:
 
     def scored_tokens(self) -> torch.Tensor:
         """Tokens scored in each window."""
-        return self.seq_len - 1 - self.first_scored
+        return self.scored.sum(dim=1)
 
     def mask(self, rows: slice) -> torch.Tensor:
         """[rows, seq_len - 1] bool: which predictions of these windows are scored."""
-        positions = torch.arange(self.seq_len - 1)
-        return positions.unsqueeze(0) >= self.first_scored[rows].unsqueeze(1)
+        return self.scored[rows]
 
 
 def eval_windows(
@@ -68,10 +70,35 @@ def eval_windows(
     rows = torch.stack([stream[start : start + content] for start in starts])
     if bos_id is not None:
         rows = torch.cat([torch.full((len(rows), 1), bos_id, dtype=rows.dtype), rows], dim=1)
-    first_scored = torch.zeros(len(rows), dtype=torch.long)
+    scored = torch.ones(len(rows), seq_len - 1, dtype=torch.bool)
     if stride is not None:
-        first_scored[1:] = seq_len - 1 - stride
-    return Windows(rows, first_scored)
+        scored[1:, : seq_len - 1 - stride] = False  # sliding: only the new tokens after the first window
+    return Windows(rows, scored)
+
+
+def conversation_windows(
+    samples: list[ChatSample], score: str, pad_id: int, max_windows: int | None = None, where: str = "evaluation data"
+) -> Windows:
+    """One window per rendered conversation, right-padded with `pad_id` to the longest (a causal model's
+    predictions do not see later positions, so padding changes no score). `score`: all its tokens, or only
+    the assistant turns' tokens. Conversations with nothing to score are left out."""
+    kept = [
+        sample for sample in samples if len(sample.input_ids) > 1 and (score == "all" or any(sample.assistant[1:]))
+    ][:max_windows]
+    if not kept:
+        raise InputError(
+            f"{where}: no conversation has a token to score (score: {score}); give conversations with assistant "
+            "turns inside evaluation.seq_len, or score: all"
+        )
+    width = max(len(sample.input_ids) for sample in kept)
+    rows = torch.full((len(kept), width), pad_id, dtype=torch.long)
+    scored = torch.zeros(len(kept), width - 1, dtype=torch.bool)
+    for row, sample in enumerate(kept):
+        length = len(sample.input_ids)
+        rows[row, :length] = torch.tensor(sample.input_ids)
+        targets = torch.tensor(sample.assistant[1:]) if score == "assistant" else torch.ones(length - 1)
+        scored[row, : length - 1] = targets.bool()
+    return Windows(rows, scored)
 
 
 class ReferenceLogProbs:

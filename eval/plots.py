@@ -7,7 +7,7 @@ import io
 import matplotlib
 import numpy as np
 
-from qlora_requant.eval.schema import GptqLoss, ModelScores
+from qlora_requant.eval.schema import GptqLoss, ModelScores, Variant
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen before pyplot loads)
@@ -62,6 +62,29 @@ def window_nll_differences(models: dict[str, dict], names: list[str]) -> bytes:
     axis.set_ylabel("windows")
     axis.set_title("Per-window NLL difference")
     axis.legend()
+    return _png(figure)
+
+
+def size_against_quality(variants: list[Variant]) -> bytes:
+    """Each GPTQ variant's size on disk against its PPL change, with the 95% interval; gate failures hollow."""
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for variant in variants:
+        low, high = variant.delta_pct_ci95
+        size = variant.size_bytes / 1e6
+        axis.errorbar(
+            size,
+            variant.delta_pct,
+            yerr=[[variant.delta_pct - low], [high - variant.delta_pct]],
+            fmt="o",
+            color="tab:red",
+            markerfacecolor="tab:red" if variant.gates_passed else "white",
+            capsize=4,
+        )
+        axis.annotate(variant.name, (size, high), xytext=(4, 4), textcoords="offset points")
+    axis.axhline(0, color="gray", linewidth=1)
+    axis.set_xlabel("size on disk (MB)")
+    axis.set_ylabel("PPL change vs baseline (%), 95% interval")
+    axis.set_title("GPTQ variants (hollow: fails a gate)")
     return _png(figure)
 
 

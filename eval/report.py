@@ -10,7 +10,7 @@ import html
 
 from qlora_requant.eval import plots
 from qlora_requant.eval.compare import BASELINE, model_label
-from qlora_requant.eval.schema import ModelScores, Protocol, Report
+from qlora_requant.eval.schema import ModelScores, Protocol, Report, Variant
 
 TOP = 5  # rows shown per "where the loss comes from" table
 
@@ -50,20 +50,30 @@ def markdown_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def release_variant(report: Report) -> Variant:
+    """The variant the headline and the gate are about: the release candidate, else the first variant."""
+    return next((v for v in report.variants if v.name == report.release_candidate), report.variants[0])
+
+
 def summary_lines(report: Report) -> list[str]:
     """The headline findings in words, shared by the console, report.md and report.html."""
-    models, gate, requantize = report.models, report.gate, report.requantize
-    gptq = models["gptq"]
+    models, gate, release = report.models, report.gate, release_variant(report)
+    gptq = models[release.model]
     low, high = gptq.delta_pct_ci95
     lines = [
-        f"Adapter gain on the eval text: PPL {models['base_nf4'].ppl:.3f} (NF4 base alone) -> "
+        f"Adapter gain on the eval data: PPL {models['base_nf4'].ppl:.3f} (NF4 base alone) -> "
         f"{models['baseline'].ppl:.3f} (with adapter), {report.adapter_ppl_change_pct:+.2f}%.",
         f"Merge: {models['merged'].delta_pct:+.3f}% PPL against the separate adapter.",
-        f"Re-quantization: GPTQ {requantize.bits}-bit g{requantize.group_size} "
+        f"Re-quantization: {model_label(release.model)} ({release.bits}-bit g{release.group_size}) "
         f"{gptq.delta_pct:+.3f}% PPL (95% CI {low:+.3f}%..{high:+.3f}%), "
         f"KL {gptq.kl:#.3g} nats/token, top-1 agreement {gptq.top1_agreement:.2%} against the separate "
         "adapter.",
     ]
+    if len(report.variants) > 1:
+        lines.append(
+            f"Variants: {len(report.variants)} scored; release candidate (smallest passing every gate): "
+            + (f"{release.name} ({release.size_bytes / 1e6:.2f} MB)." if report.release_candidate else "none.")
+        )
     if gate.enabled:
         lines.append(f"Release gate: {'PASS' if gate.passed else 'FAIL'}: {gate.message}.")
     else:
@@ -73,8 +83,41 @@ def summary_lines(report: Report) -> list[str]:
     return lines + [f"Warning: {warning}" for warning in report.warnings]
 
 
+def variant_table(variants: list[Variant]) -> list[list[str]]:
+    """Size against quality of every GPTQ variant: header first."""
+    rows = [["variant", "bits", "group", "act-order", "sym", "GPTAQ", "MB", "PPL", "vs baseline (95% CI)", "KL"]]
+    rows[0] += ["top-1 agree", "gates", "serves on"]
+    for v in variants:
+        low, high = v.delta_pct_ci95
+        rows.append(
+            [
+                v.name,
+                str(v.bits),
+                "channel" if v.group_size == -1 else str(v.group_size),
+                "yes" if v.desc_act else "no",
+                "yes" if v.sym else "no",
+                "yes" if v.gptaq else "no",
+                f"{v.size_bytes / 1e6:.2f}",
+                f"{v.ppl:.3f}",
+                f"{v.delta_pct:+.2f}% ({low:+.2f}%..{high:+.2f}%)",
+                f"{v.kl:#.3g}",
+                f"{v.top1_agreement:.2%}",
+                "pass" if v.gates_passed else "FAIL",
+                ", ".join(v.serves_on),
+            ]
+        )
+    return rows
+
+
 def protocol_text(protocol: Protocol) -> str:
     """How the models were scored, in one paragraph."""
+    if protocol.kind == "conversations":
+        scored = "the assistant turns' tokens" if protocol.score == "assistant" else "every token"
+        return (
+            f"All models scored on the same {protocol.windows} conversations from `{protocol.text}`, each rendered "
+            f"with the fine-tune's chat template (up to {protocol.seq_len} tokens), scoring {scored}: "
+            f"{protocol.tokens} scored tokens each. " + _baseline_text(protocol)
+        )
     if protocol.stride:
         windows = (
             f"{protocol.windows} sliding windows of {protocol.seq_len} tokens every "
@@ -86,7 +129,13 @@ def protocol_text(protocol: Protocol) -> str:
     bos = "a BOS token prepended to each window" if protocol.bos else "no BOS token"
     return (
         f"All models scored on the same {windows} from `{protocol.text}`, {bos}: {protocol.tokens} "
-        f"scored tokens each. The baseline is the model as trained: the base loaded in 4-bit by bitsandbytes "
+        "scored tokens each. " + _baseline_text(protocol)
+    )
+
+
+def _baseline_text(protocol: Protocol) -> str:
+    return (
+        "The baseline is the model as trained: the base loaded in 4-bit by bitsandbytes "
         "with the training settings, the adapter applied unmerged by PEFT. KL is the mean over scored tokens "
         "of KL(baseline || model); top-1 agreement is the share of tokens where both predict the same next "
         f"token; the interval is a paired bootstrap over windows ({protocol.bootstrap_samples} resamples, "
@@ -148,6 +197,10 @@ def render_markdown(report: Report) -> str:
         *[f"- {line}" for line in summary_lines(report)],
         "",
         *quality_section(report),
+        "## GPTQ checkpoints: size against quality",
+        "",
+        markdown_table(variant_table(report.variants)),
+        "",
     ]
     if report.gate.checks:
         parts += [
@@ -206,6 +259,8 @@ def report_plots(report: Report, results: dict) -> dict[str, bytes]:
         "PPL change with 95% intervals": plots.ppl_change_with_intervals(report.models, compared),
         "Per-window NLL difference against the baseline": plots.window_nll_differences(results["models"], compared),
     }
+    if len(report.variants) > 1:
+        figures["GPTQ variants: size against PPL change"] = plots.size_against_quality(report.variants)
     if report.loss_sources.gptq_error:
         figures["GPTQ error per layer"] = plots.gptq_error_by_layer(report.loss_sources.gptq_error)
     return figures
@@ -221,6 +276,8 @@ def render_html(report: Report, figures: dict[str, bytes]) -> str:
         "<h2>Quality against the model as trained</h2>",
         f"<p>{html.escape(protocol_text(report.protocol))}</p>",
         _html_table(model_table(report.models)),
+        "<h2>GPTQ checkpoints: size against quality</h2>",
+        _html_table(variant_table(report.variants)),
     ]
     for title, png in figures.items():
         data = base64.b64encode(png).decode()

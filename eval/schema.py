@@ -18,7 +18,7 @@ from pydantic.json_schema import JsonDict, SkipJsonSchema
 
 from qlora_requant.eval.compare import BASELINE
 
-SCHEMA_VERSION = 2  # Report.schema_version; raise both when a change breaks readers of report.json
+SCHEMA_VERSION = 3  # Report.schema_version; raise both when a change breaks readers of report.json
 
 GateName = Literal["max_ppl_increase_pct", "max_kl", "min_top1_agreement"]
 
@@ -39,14 +39,20 @@ class _Closed(BaseModel):
 class Protocol(_Closed):
     """How every model was scored: the same token windows of the evaluation text for all."""
 
-    kind: Literal["sliding windows", "non-overlapping windows"] = Field(description="How windows are cut.")
-    seq_len: int = Field(description="Tokens per window.")
+    kind: Literal["sliding windows", "non-overlapping windows", "conversations"] = Field(
+        description="How windows are cut: from the joined text, or one per chat record (rendered with the chat "
+        "template, right-padded)."
+    )
+    seq_len: int = Field(description="Tokens per window (at most, for conversations).")
     stride: int | None = Field(description="Tokens between sliding windows; null for non-overlapping windows.")
-    bos: bool = Field(description="Whether a BOS token is prepended to each window.")
+    bos: bool = Field(description="Whether a BOS token is prepended to each window of text.")
+    score: Literal["all", "assistant"] = Field(
+        description="Which tokens are scored: all, or (chat data) only the assistant turns'."
+    )
     windows: int = Field(description="Number of windows.")
     tokens: int = Field(description="Scored tokens per model.")
     compute_dtype: str = Field(description="dtype the merged and GPTQ models were scored in.")
-    text: str = Field(description="The evaluation text, as the config names it.")
+    text: str = Field(description="The evaluation data: the file's name or the hub dataset's id.")
     documents: int = Field(description="Documents in the evaluation text.")
     bootstrap_samples: int = Field(description="Resamples of the paired bootstrap over windows.")
     seed: int = Field(description="Seed of the bootstrap.")
@@ -92,15 +98,24 @@ class Gate(_Closed):
 
 
 class Requantize(_Closed):
-    """The GPTQ settings the release model was quantized with."""
+    """The GPTQ settings a GPTQ model was quantized with, and the check of its checkpoint."""
 
+    variant: str = Field(description="The variant's name (requantize.variants); empty without variants.")
     bits: int = Field(description="Bits per weight.")
-    group_size: int = Field(description="Weights per quantization group.")
+    group_size: int = Field(description="Weights per quantization group; -1: one group per output channel.")
     desc_act: bool = Field(description="Whether columns were quantized in order of decreasing activation.")
     sym: bool = Field(description="Whether quantization is symmetric.")
     damp_percent: float = Field(description="Hessian dampening, as a fraction of its mean diagonal.")
-    calibration_windows: int = Field(description="Calibration windows.")
-    calibration_seq_len: int = Field(description="Tokens per calibration window.")
+    gptaq: bool = Field(description="Whether GPTAQ (gptqmodel's asymmetric calibration) was used.")
+    mse: float = Field(description="Exponent of the scale grid search's error (0: no search).")
+    act_group_aware: bool | None = Field(description="Activation-group-aware ordering; null: gptqmodel's default.")
+    static_groups: bool = Field(description="Whether groups were fixed before quantization.")
+    calibration_windows: int = Field(description="Calibration samples.")
+    calibration_seq_len: int = Field(description="Tokens per calibration sample (at most, for conversations).")
+    calibration_format: Literal["text", "chat"] = Field(
+        description="text: windows of the joined text; chat: one conversation per sample, rendered with the "
+        "chat template."
+    )
     fused_layers: int = Field(
         description="GPTQ tensors that gptqmodel saved split (e.g. Phi-3's gate_up_proj as gate_proj and up_proj) "
         "and qlora-requant joined back into the fused layers transformers and the runtimes expect."
@@ -115,6 +130,31 @@ class Requantize(_Closed):
     check_relative_error: float = Field(
         description="||logits - merged logits|| / ||merged logits - mean|| on one calibration window, in a fresh "
         "process: the check that the checkpoint loads and runs like the merged model."
+    )
+
+
+class Variant(_Closed):
+    """One GPTQ variant: its settings, size, quality against the baseline, gates and where it serves."""
+
+    name: str = Field(description="The variant's name; gptq without variants.")
+    model: str = Field(description="Its row in models and its folder in the run directory.")
+    bits: int = Field(description="Bits per weight.")
+    group_size: int = Field(description="Weights per quantization group; -1: one group per output channel.")
+    desc_act: bool = Field(description="Act-order.")
+    sym: bool = Field(description="Symmetric quantization.")
+    gptaq: bool = Field(description="GPTAQ.")
+    mse: float = Field(description="Scale grid search exponent (0: none).")
+    size_bytes: int = Field(description="Bytes of its safetensors files.")
+    ppl: float = Field(description="Perplexity.")
+    delta_pct: float = Field(description="PPL change against the baseline, percent.")
+    delta_pct_ci95: tuple[float, float] = Field(description="Paired bootstrap 95% interval of delta_pct.")
+    kl: float = Field(description="Mean token KL(baseline || variant), nats.")
+    top1_agreement: float = Field(description="Top-1 agreement with the baseline.")
+    gates_passed: bool = Field(description="Whether every configured gate passes (true when none is).")
+    gate: Gate = Field(description="The gates judged on this variant.")
+    serves_on: dict[str, str] = Field(
+        description="Runtimes that load this checkpoint, with the kernel each serves it with (from their documented "
+        "constraints; see quant/serving.py); a runtime that cannot is absent."
     )
 
 
@@ -164,7 +204,7 @@ class StageRecord(BaseModel):
 class Report(_Closed):
     """report.json: the quality of the merged and GPTQ models against the model as trained, and how the run went."""
 
-    schema_version: Literal[2] = Field(description="Version of this schema; raised when a change breaks readers.")
+    schema_version: Literal[3] = Field(description="Version of this schema; raised when a change breaks readers.")
     created: str = Field(
         description="When the report was built, ISO 8601 in UTC.", json_schema_extra={"format": "date-time"}
     )
@@ -172,16 +212,26 @@ class Report(_Closed):
     protocol: Protocol
     models: dict[str, ModelScores] = Field(
         description="Per model, in the order scored: base_nf4 (NF4 base alone), baseline (the model as trained), "
-        "merged, gptq, and merged_<base> and gptq_<base> when both merge bases are compared."
+        "merged, gptq (gptq_<variant> per GPTQ variant), and merged_<base> and gptq_<base> when both merge bases "
+        "are compared."
     )
     adapter_ppl_change_pct: float = Field(
         description="PPL change the adapter makes: baseline against base_nf4, percent."
     )
-    gate: Gate
+    gate: Gate = Field(
+        description="The gates judged on the release model: the release candidate, else the first variant."
+    )
+    variants: list[Variant] = Field(
+        description="Every GPTQ model of the chosen merge base, in config order (one, named gptq, without variants)."
+    )
+    release_candidate: str | None = Field(
+        description="The smallest variant on disk that passes every gate (of equal sizes, the one of lowest KL); null "
+        "when none passes."
+    )
     merge_base: Literal["nf4", "original"] = Field(
         description="What the adapter was merged into: the dequantized NF4 weights or the original 16-bit ones."
     )
-    requantize: Requantize
+    requantize: Requantize = Field(description="The release model's GPTQ settings and checkpoint check.")
     loss_sources: LossSources
     generations: Generations
     artifacts: dict[str, str] = Field(

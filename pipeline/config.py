@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -18,12 +18,16 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
 
 from qlora_requant.pipeline.checkpoint import DEFAULT_MAX_SHARD_BYTES
 from qlora_requant.quant.errors import InputError
+
+if TYPE_CHECKING:
+    from qlora_requant.quant.calibration import Corpus
 
 # bitsandbytes' Params4bit default, which BitsAndBytesConfig offers no way to change.
 TRANSFORMERS_BNB_BLOCKSIZE = 64
@@ -105,7 +109,10 @@ class WeightedAdapter(Section):
 class AdapterSection(Section):
     """One adapter (`path`), or several combined as PEFT's add_weighted_adapter does."""
 
+    not_settings: ClassVar[frozenset[str]] = frozenset({"model_id"})
+
     path: InputPath | None = None
+    model_id: str | None = None  # how the model card and reports name the adapter (default: its folder's name)
     combination: Literal["linear", "cat"] | None = None
     adapters: list[WeightedAdapter] = Field(default_factory=list)
     # The fine-tune's tokenizer: auto (the adapter folder's when it holds one, else the base's), base, or
@@ -143,6 +150,12 @@ class AdapterSection(Section):
             return str(self.path)
         return f"{self.combination} combination of " + ", ".join(str(a.path) for a in self.adapters)
 
+    def public_names(self) -> list[str]:
+        """How published files name the adapter(s): model_id, else each folder's name."""
+        if self.model_id:
+            return [self.model_id]
+        return [path.name for path, _ in self.weighted()]
+
 
 class MergeSection(Section):
     dtype: DTypeName | None = None
@@ -159,28 +172,49 @@ class MergeSection(Section):
 
 
 class TextSource(Section):
-    """Text from a local file (text / jsonl / json / parquet) or, online, a hub dataset."""
+    """Data from a local file (text / jsonl / json / parquet) or, online, a hub dataset: plain text (`format:
+    text`, the `text_field` of each record), or conversations (`format: chat`, the `messages_field` of each
+    record: [{role, content}, ...], rendered with the fine-tune's chat template, one sample per record)."""
 
     path: InputPath | None = None
     dataset: str | None = None
     dataset_config: str | None = None
     split: str = "train"
+    format: Literal["text", "chat"] = "text"
     text_field: str = "text"
+    messages_field: str = "messages"
 
     def describe(self) -> str:
-        """The file or dataset, as messages and reports name it."""
+        """The file or dataset, as messages name it."""
         return str(self.path or self.dataset)
 
-    def load(self) -> list[str]:
-        """The texts of this source."""
-        from qlora_requant.quant.calibration import load_texts
+    def public_name(self) -> str:
+        """The file's name or the dataset's id, as published files name it."""
+        return self.path.name if self.path else str(self.dataset)
 
-        return load_texts(self.path, self.text_field, self.dataset, self.dataset_config, self.split)
+    def load(self) -> Corpus:
+        """The texts or conversations of this source."""
+        from qlora_requant.quant.calibration import load_corpus
+
+        return load_corpus(
+            self.path,
+            self.format,
+            self.text_field,
+            self.messages_field,
+            self.dataset,
+            self.dataset_config,
+            self.split,
+        )
 
     @model_validator(mode="after")
     def _one_source(self) -> TextSource:
         if (self.path is None) == (self.dataset is None):
             raise ValueError("set exactly one of 'path' (a local file) or 'dataset' (a hub dataset id)")
+        if self.format == "chat" and self.path is not None and self.path.suffix.lower() in (".txt", ".text"):
+            raise ValueError(
+                f"format: chat needs records with a {self.messages_field!r} field; {self.path.name} is plain text "
+                "(give a .jsonl, .json or .parquet file)"
+            )
         return self
 
 
@@ -190,9 +224,24 @@ class CalibrationSection(TextSource):
     seed: int = Field(0, ge=0)
 
 
-class RequantizeSection(Section):
+class GptqSection(Section):
+    """GPTQ settings, each kept within what a standard GPTQ checkpoint can hold (gptqmodel's QuantizeConfig)."""
+
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = Field(128, ge=-1)
+    desc_act: bool = False
+    sym: bool = True
+    damp_percent: float = Field(0.01, gt=0, lt=1)
+    batch_size: int = Field(8, gt=0)
+    # Algorithm options that change the numbers, not the format: GPTAQ (gptqmodel's GPTAQConfig, alpha 0.25),
+    # the scale grid search minimizing |error|^mse (0: off; 2.0: squared error), activation-group-aware
+    # ordering (null: gptqmodel's default, on where it applies) and groups fixed before quantization.
+    gptaq: bool = False
+    mse: float = Field(0.0, ge=0)
+    act_group_aware: bool | None = None
+    static_groups: bool = False
+    # Hadamard / random rotation: transformers and vLLM ignore it and compute wrong logits; refused.
+    rotation: None = None
 
     @field_validator("group_size")
     @classmethod
@@ -201,11 +250,70 @@ class RequantizeSection(Section):
             raise ValueError("must be -1 (one group per output channel) or a positive size such as 128")
         return value
 
-    desc_act: bool = False
-    sym: bool = True
-    damp_percent: float = Field(0.01, gt=0, lt=1)
-    batch_size: int = Field(8, gt=0)
+    @field_validator("rotation", mode="before")
+    @classmethod
+    def _no_rotation(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError(
+                f"rotation {value!r} is not supported: only gptqmodel's own loader applies the rotation at inference; "
+                "transformers, vLLM and TGI load the checkpoint as plain GPTQ and compute wrong logits"
+            )
+        return None
+
+    @model_validator(mode="after")
+    def _act_group_aware_needs_groups(self) -> GptqSection:
+        if self.act_group_aware and (self.desc_act or self.group_size == -1):
+            raise ValueError("act_group_aware needs desc_act: false and a group_size > 0")
+        return self
+
+
+# A variant overrides any GPTQ setting; the others come from the requantize section.
+VariantSection = create_model(
+    "VariantSection",
+    __base__=Section,
+    name=(str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")),
+    **{key: (field.annotation | None, None) for key, field in GptqSection.model_fields.items()},
+)
+RESERVED_VARIANT_NAMES = frozenset({"nf4", "original"})  # gptq_<merge base> names the other merge base's GPTQ
+
+
+class RequantizeSection(GptqSection):
     calibration: CalibrationSection
+    # Several GPTQ checkpoints of the same merge, each a partial override of the settings above, written to
+    # gptq_<name>/ and scored on the same windows; the report picks the smallest that passes every gate.
+    variants: list[VariantSection] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _variants_valid(self) -> RequantizeSection:
+        names = [variant.name for variant in self.variants]
+        for index, name in enumerate(names):
+            if name in RESERVED_VARIANT_NAMES or name in names[:index]:
+                why = "reserved for the other merge base's GPTQ folder" if name in RESERVED_VARIANT_NAMES else "taken"
+                raise ValueError(f"variants.{index}.name {name!r} is {why}; give each variant its own name")
+        self.variant_settings()  # each variant's settings validate as a whole
+        return self
+
+    def gptq_settings(self) -> GptqSection:
+        return GptqSection.model_validate(self.model_dump(include=set(GptqSection.model_fields)))
+
+    def variant_settings(self) -> dict[str, GptqSection]:
+        """The GPTQ settings of each variant by name; without variants, {"": these settings}."""
+        if not self.variants:
+            return {"": self.gptq_settings()}
+        base = self.gptq_settings().model_dump()
+        settings = {}
+        for index, variant in enumerate(self.variants):
+            overrides = variant.model_dump(exclude={"name"}, exclude_none=True)
+            try:
+                settings[variant.name] = GptqSection.model_validate({**base, **overrides})
+            except ValidationError as exc:
+                raise ValueError(f"variants.{index} ({variant.name}): {_describe(exc).strip()}") from None
+        return settings
+
+
+class ChatMessage(Section):
+    role: str
+    content: str
 
 
 class EvaluationSection(Section):
@@ -227,8 +335,19 @@ class EvaluationSection(Section):
     dtype: DTypeName | Literal["auto"] = "auto"
     bootstrap_samples: int = Field(1000, ge=100)  # paired bootstrap over windows for the PPL-change interval
     seed: int = Field(0, ge=0)  # of the bootstrap
-    prompts: list[str] = Field(default_factory=list)  # greedy continuations shown side by side
+    # Greedy continuations shown side by side: texts, or conversations rendered with the chat template.
+    prompts: list[str | list[ChatMessage]] = Field(default_factory=list)
     max_new_tokens: int = Field(32, gt=0)
+    # With chat data: score every token of each conversation, or only the assistant turns' (as SFT trains).
+    score: Literal["all", "assistant"] = "all"
+
+    @model_validator(mode="after")
+    def _chat_scoring(self) -> EvaluationSection:
+        if self.text.format == "chat" and (self.stride is not None or self.bos):
+            raise ValueError("chat data is scored one conversation per window: stride and bos do not apply")
+        if self.score == "assistant" and self.text.format != "chat":
+            raise ValueError("score: assistant needs chat data (text.format: chat)")
+        return self
 
     @model_validator(mode="after")
     def _stride_below_window(self) -> EvaluationSection:

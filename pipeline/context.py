@@ -10,6 +10,7 @@ from qlora_requant.pipeline.layout import RunLayout
 
 if TYPE_CHECKING:
     from qlora_requant.pipeline.stages.dequantize import DequantizedBase
+    from qlora_requant.quant.calibration import Corpus
     from qlora_requant.quant.merge import LoraAdapter
 
 
@@ -20,8 +21,8 @@ class Inputs:
     base: DequantizedBase  # the base as the adapter saw it in training, served tensor by tensor
     adapter: LoraAdapter  # the adapter(s) as PEFT loads them onto the base, checked against its headers
     tokenizer_dir: Path  # the folder holding the fine-tune's tokenizer (adapter.tokenizer)
-    calibration_texts: list[str] = field(repr=False)
-    eval_texts: list[str] = field(repr=False)
+    calibration: Corpus = field(repr=False)  # calibration texts or conversations
+    evaluation: Corpus = field(repr=False)  # evaluation texts or conversations
     warnings: list[str] = field(default_factory=list)  # what a person should look at; also in the report
 
 

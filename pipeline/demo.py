@@ -7,8 +7,9 @@ and docstrings (the fine-tuning domain). The fixture is
   adapter/        a chat fine-tune: a LoRA adapter trained with PEFT on the NF4-loaded base, on conversations
                   built from docstrings (the user asks what a function does, the assistant answers with its
                   docstring), with the tokenizer it adds two ChatML special tokens and a chat template to
-  calibration.txt docstrings for GPTQ calibration
-  eval.txt        held-out docstrings, in neither the adapter's training text nor calibration
+  calibration.jsonl  conversations about other docstrings, for GPTQ calibration ({"messages": [...]} per line)
+  eval.jsonl      conversations about held-out docstrings, in neither the adapter's training data nor
+                  calibration
   recipe.json     the settings it was built with (a different recipe rebuilds it)
 It is built once into a temporary folder and renamed into place.
 """
@@ -166,16 +167,17 @@ def chat_tokenizer(base_dir: Path):
     return tokenizer
 
 
-def conversations(tokenizer, named_docstrings: dict[str, str]) -> list[str]:
-    """Chats rendered with the template: the user asks what a function does, the assistant answers with its
-    docstring."""
+def conversations(named_docstrings: dict[str, str]) -> list[list[dict[str, str]]]:
+    """Chats about docstrings: the user asks what a function does, the assistant answers with its docstring."""
     return [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"What does {name} do?"}, {"role": "assistant", "content": doc}],
-            tokenize=False,
-        )
+        [{"role": "user", "content": f"What does {name} do?"}, {"role": "assistant", "content": doc}]
         for doc, name in named_docstrings.items()
     ]
+
+
+def write_chat_data(path: Path, named_docstrings: dict[str, str]) -> None:
+    """Conversations as chat data: one {"messages": [...]} record per line."""
+    path.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in conversations(named_docstrings)))
 
 
 def train_adapter(base_dir: Path, named_docstrings: dict[str, str], out_dir: Path) -> None:
@@ -207,7 +209,8 @@ def train_adapter(base_dir: Path, named_docstrings: dict[str, str], out_dir: Pat
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    _train(model, token_stream(tokenizer, conversations(tokenizer, named_docstrings)), what="adapter", **settings)
+    chats = [tokenizer.apply_chat_template(chat, tokenize=False) for chat in conversations(named_docstrings)]
+    _train(model, token_stream(tokenizer, chats), what="adapter", **settings)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
@@ -224,6 +227,7 @@ def fixture_recipe() -> dict:
         "training_dtype": str(TRAINING_DTYPE),
         "seed": SEED,
         "chat": {"tokens": CHAT_TOKENS, "template": CHAT_TEMPLATE, "new_rows": "trainable_token_indices"},
+        "data": "calibration.jsonl, eval.jsonl: chat records",
         "python": sys.version.split()[0],
     }
 
@@ -248,8 +252,8 @@ def build_fixture(fixture_dir: Path) -> Path:
     tokenizer = train_tokenizer(lines + parts["adapter"])
     train_base(tokenizer, lines, tmp / "base")
     train_adapter(tmp / "base", {doc: docstrings[doc] for doc in parts["adapter"]}, tmp / "adapter")
-    (tmp / "calibration.txt").write_text("\n\n".join(parts["calibration"]) + "\n")
-    (tmp / "eval.txt").write_text("\n\n".join(parts["eval"]) + "\n")
+    for part in ("calibration", "eval"):
+        write_chat_data(tmp / f"{part}.jsonl", {doc: docstrings[doc] for doc in parts[part]})
     (tmp / RECIPE).write_text(json.dumps(fixture_recipe(), indent=2) + "\n")
     shutil.rmtree(fixture_dir, ignore_errors=True)
     tmp.rename(fixture_dir)

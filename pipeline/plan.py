@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from qlora_requant.pipeline.checkpoint import dtype_of
-from qlora_requant.pipeline.config import RunConfig
+from qlora_requant.pipeline.config import GptqSection, RunConfig
 from qlora_requant.pipeline.context import StageContext
 from qlora_requant.pipeline.layout import RunLayout
 
@@ -45,21 +45,28 @@ class Stage:
 
 
 def plan(config: RunConfig) -> list[Stage]:
-    """The stages `config` asks for, in order: the dequantized base if it is to be saved; merge and
-    requantize once per merge base; the evaluation of every model they made."""
+    """The stages `config` asks for, in order: the dequantized base if it is to be saved; per merge base, the
+    merge and one requantize stage per GPTQ variant; the evaluation of every model they made."""
     layout = RunLayout(config.output_dir)
     stages = [dequantize_stage(config, layout)] if config.base.save_dequantized else []
     models = []
     for merge_base in config.merge.merge_bases():
         suffix = "" if merge_base == config.merge.merge_base else f"_{merge_base}"
-        merged, gptq = f"merged{suffix}", f"gptq{suffix}"
-        stages += [
-            merge_stage(config, layout, merge_base, name=f"merge{suffix}", model=merged),
-            requantize_stage(config, layout, name=f"requantize{suffix}", merged=merged, model=gptq),
-        ]
-        models += [merged, gptq]
+        merged = f"merged{suffix}"
+        stages.append(merge_stage(config, layout, merge_base, name=f"merge{suffix}", model=merged))
+        models.append(merged)
+        for variant, settings in config.requantize.variant_settings().items():
+            gptq = gptq_model(variant, suffix)
+            name = f"requantize{gptq.removeprefix('gptq')}"
+            stages.append(requantize_stage(config, layout, settings, variant, name=name, merged=merged, model=gptq))
+            models.append(gptq)
     stages.append(evaluate_stage(config, layout, models=models))
     return stages
+
+
+def gptq_model(variant: str, suffix: str = "") -> str:
+    """The name (and folder) of a GPTQ model: gptq, gptq_<variant>, gptq_<merge base>, gptq_<variant>_<base>."""
+    return f"gptq{'_' + variant if variant else ''}{suffix}"
 
 
 def dequantize_stage(config: RunConfig, layout: RunLayout) -> Stage:
@@ -91,18 +98,21 @@ def merge_stage(config: RunConfig, layout: RunLayout, merge_base: str, *, name: 
     )
 
 
-def requantize_stage(config: RunConfig, layout: RunLayout, *, name: str, merged: str, model: str) -> Stage:
+def requantize_stage(
+    config: RunConfig, layout: RunLayout, settings: GptqSection, variant: str, *, name: str, merged: str, model: str
+) -> Stage:
     from qlora_requant.pipeline.stages import requantize
 
-    calibration = config.requantize.calibration.path
+    calibration = config.requantize.calibration
+    arguments = dict(gptq=settings, calibration=calibration, merged=merged, variant=variant)
     return Stage(
         name=name,
         kind="requantize",
         output=layout.model_dir(model),
-        settings=_json(requantize=config.requantize),
-        inputs=(layout.model_dir(merged), *([calibration] if calibration else [])),
-        work=partial(requantize.run, requantize=config.requantize, merged=merged),
-        needed_bytes=partial(_gptq_bytes, merged_dir=layout.model_dir(merged), bits=config.requantize.bits),
+        settings=_json(**arguments),
+        inputs=(layout.model_dir(merged), *([calibration.path] if calibration.path else [])),
+        work=partial(requantize.run, **arguments),
+        needed_bytes=partial(_gptq_bytes, merged_dir=layout.model_dir(merged), bits=settings.bits),
     )
 
 

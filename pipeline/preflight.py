@@ -23,7 +23,8 @@ from qlora_requant.pipeline.plan import STAGE_KINDS
 from qlora_requant.pipeline.stages.dequantize import DequantizedBase, check_base
 from qlora_requant.pipeline.stages.merge import load_adapter, trained_on_another_base, vocabulary_rows
 from qlora_requant.pipeline.tokenizer import load_tokenizer, tokenizer_folder
-from qlora_requant.quant.calibration import check_held_out, require_tokens
+from qlora_requant.quant.calibration import Corpus, check_held_out, require_tokens
+from qlora_requant.quant.chat import render_conversation, render_prompt, require_chat_template
 from qlora_requant.quant.errors import InputError
 from qlora_requant.quant.merge import LoraAdapter
 
@@ -60,11 +61,11 @@ def preflight(config: RunConfig, device: str, kinds: frozenset[str] = frozenset(
             f"merge.merge_base: original needs the original 16-bit weights, but {config.base.path} "
             "is a 4-bit checkpoint; use merge_base: nf4"
         )
-    calibration_texts = config.requantize.calibration.load()
-    eval_texts = config.evaluation.text.load()
+    calibration = config.requantize.calibration.load()
+    evaluation = config.evaluation.text.load()
     shared = check_held_out(
-        eval_texts,
-        calibration_texts,
+        evaluation.texts,
+        calibration.texts,
         config.evaluation.text.describe(),
         refuse=config.evaluation.overlap == "refuse",
     )
@@ -78,13 +79,13 @@ def preflight(config: RunConfig, device: str, kinds: frozenset[str] = frozenset(
     tokenizer = load_tokenizer(tokenizer_dir, config.trust_remote_code)
     if tokenizer_dir != config.base.path:  # the base's own tokenizer is the base's business
         _check_vocabulary(len(tokenizer), tokenizer_dir, adapter, base)
-    _check_text_lengths(config, tokenizer, calibration_texts, eval_texts)
+    _check_data(config, tokenizer, calibration, evaluation)
     return Inputs(
         base=base,
         adapter=adapter,
         tokenizer_dir=tokenizer_dir,
-        calibration_texts=calibration_texts,
-        eval_texts=eval_texts,
+        calibration=calibration,
+        evaluation=evaluation,
         warnings=warnings,
     )
 
@@ -139,6 +140,13 @@ def _refuse_gptq_of_fused_experts(base_dir: Path, model_config: dict) -> None:
         )
 
 
+def _check_renders(tokenizer, corpus: Corpus, seq_len: int, records: int = 8) -> None:
+    """The fine-tune's tokenizer has a chat template that renders the first records of `corpus`."""
+    require_chat_template(tokenizer, corpus.where)
+    for conversation in corpus.conversations[:records]:
+        render_conversation(tokenizer, conversation, seq_len)
+
+
 def _refuse_cpu_4bit_shapes(base: DequantizedBase) -> None:
     """bitsandbytes' CPU kernel runs a 4-bit Linear only when its in_features is a multiple of its blocksize;
     the baseline (the base in 4-bit, as trained) could not be scored, after merge and GPTQ had run."""
@@ -175,22 +183,33 @@ def _refuse_tokenizer_code(folder: Path, trust_remote_code: bool) -> None:
         )
 
 
-def _check_text_lengths(config: RunConfig, tokenizer, calibration_texts: list[str], eval_texts: list[str]) -> None:
-    """Refuse calibration or eval text too short for one window, before any stage runs."""
-    calibration, evaluation = config.requantize.calibration, config.evaluation
-    require_tokens(
-        tokenizer,
-        calibration_texts,
-        calibration.seq_len + 1,
-        f"{calibration.describe()} (requantize.calibration.seq_len={calibration.seq_len})",
-    )
-    require_tokens(
-        tokenizer,
-        eval_texts,
-        evaluation.seq_len,
-        f"{evaluation.text.describe()} (evaluation.seq_len={evaluation.seq_len})",
-    )
-    if evaluation.bos and tokenizer.bos_token_id is None:
+def _check_data(config: RunConfig, tokenizer, calibration: Corpus, evaluation: Corpus) -> None:
+    """Refuse calibration or eval text too short for one window, and chat data the fine-tune's tokenizer cannot
+    render (no chat template, a template that fails), before any stage runs."""
+    settings = config.requantize.calibration
+    if calibration.chat:
+        _check_renders(tokenizer, calibration, settings.seq_len)
+    else:
+        require_tokens(
+            tokenizer,
+            calibration.texts,
+            settings.seq_len + 1,
+            f"{calibration.where} (requantize.calibration.seq_len={settings.seq_len})",
+        )
+    if evaluation.chat:
+        _check_renders(tokenizer, evaluation, config.evaluation.seq_len)
+    else:
+        require_tokens(
+            tokenizer,
+            evaluation.texts,
+            config.evaluation.seq_len,
+            f"{evaluation.where} (evaluation.seq_len={config.evaluation.seq_len})",
+        )
+    for index, prompt in enumerate(config.evaluation.prompts):
+        if isinstance(prompt, list):
+            require_chat_template(tokenizer, f"evaluation.prompts.{index}")
+            render_prompt(tokenizer, [message.model_dump() for message in prompt])
+    if config.evaluation.bos and tokenizer.bos_token_id is None:
         raise InputError(
             f"evaluation.bos is true but the tokenizer ({tokenizer.name_or_path}) has no BOS token; "
             "set evaluation.bos: false"

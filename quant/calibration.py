@@ -1,18 +1,54 @@
-"""Text for calibration and evaluation: read with `datasets`, tokenized into one stream, cut into windows."""
+"""Data for calibration and evaluation, read with `datasets`: plain text, tokenized into one stream and cut
+into windows, or chat records, each conversation one sample (see chat.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from qlora_requant.quant.chat import Conversation, check_conversations, render_conversation
 from qlora_requant.quant.errors import InputError
 
 MIN_PASSAGE_WORDS = 8
 LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Calibration or evaluation data: plain texts, or (chat format) conversations."""
+
+    where: str  # the file or dataset, as messages name it
+    texts: list[str]  # the texts; for chat data each conversation's messages joined (for the overlap check)
+    conversations: list[Conversation] = field(default_factory=list)
+
+    @property
+    def chat(self) -> bool:
+        return bool(self.conversations)
+
+
+def load_corpus(
+    path: Path | None,
+    data_format: str = "text",
+    text_field: str = "text",
+    messages_field: str = "messages",
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "train",
+) -> Corpus:
+    """The texts (`data_format` text) or conversations (chat) of a local file or a hub dataset."""
+    where = str(path) if path is not None else f"dataset {dataset!r}"
+    if data_format == "text":
+        return Corpus(where, load_texts(path, text_field, dataset, dataset_config, split))
+    table = _read_table(path, dataset, dataset_config, split)
+    if messages_field not in table.column_names:
+        raise InputError(f"{where}: has no field {messages_field!r} (fields: {table.column_names}); set messages_field")
+    conversations = check_conversations(table[messages_field], messages_field, where)
+    return Corpus(where, ["\n\n".join(m["content"] for m in c) for c in conversations], conversations)
 
 
 def load_texts(
@@ -26,9 +62,22 @@ def load_texts(
 
     A .txt file yields one text per paragraph (blank-line separated).
     """
+    where = str(path) if path is not None else f"dataset {dataset!r}"
+    table = _read_table(path, dataset, dataset_config, split)
+    if text_field not in table.column_names:
+        raise InputError(f"{where}: has no field {text_field!r} (fields: {table.column_names}); set text_field")
+    texts = [text for text in table[text_field] if isinstance(text, str) and text.strip()]
+    if path is not None and LOCAL_BUILDERS[path.suffix.lower()] == "text":
+        texts = [text.rstrip("\n") for text in texts]  # paragraphs keep the newline that ended them
+    if not texts:
+        raise InputError(f"{where}: holds no text")
+    return texts
+
+
+def _read_table(path: Path | None, dataset: str | None, dataset_config: str | None, split: str):
+    """The rows of a local file or a hub dataset, as a datasets table."""
     from datasets import load_dataset
 
-    where = str(path) if path is not None else f"dataset {dataset!r}"
     if path is not None:
         builder = LOCAL_BUILDERS.get(path.suffix.lower())
         if builder is None:
@@ -50,14 +99,7 @@ def load_texts(
                 f"dataset {dataset!r} (config {dataset_config!r}, split {split!r}) cannot be loaded "
                 f"({type(exc).__name__}: {exc}); check the id, or use a local file offline"
             ) from None
-    if text_field not in table.column_names:
-        raise InputError(f"{where}: has no field {text_field!r} (fields: {table.column_names}); set text_field")
-    texts = [text for text in table[text_field] if isinstance(text, str) and text.strip()]
-    if path is not None and LOCAL_BUILDERS[path.suffix.lower()] == "text":
-        texts = [text.rstrip("\n") for text in texts]  # paragraphs keep the newline that ended them
-    if not texts:
-        raise InputError(f"{where}: holds no text")
-    return texts
+    return table
 
 
 def _check_text_file(path: Path, jsonl: bool) -> None:
@@ -125,6 +167,30 @@ def calibration_windows(
         {"input_ids": stream[s : s + seq_len].unsqueeze(0), "attention_mask": torch.ones(1, seq_len, dtype=torch.long)}
         for s in starts
     ]
+
+
+def calibration_samples(
+    tokenizer, corpus: Corpus, n_samples: int, seq_len: int, seed: int
+) -> list[dict[str, torch.Tensor]]:
+    """gptqmodel inputs: for text, `n_samples` windows of `seq_len` tokens at seeded random offsets of the
+    joined stream; for chat, `n_samples` conversations drawn without replacement (all of them, if fewer),
+    each rendered with the chat template and cut to `seq_len`, one sample each."""
+    if not corpus.chat:
+        return calibration_windows(token_stream(tokenizer, corpus.texts), n_samples, seq_len, seed, corpus.where)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(corpus.conversations), generator=generator).tolist()
+    samples = []
+    for index in order:
+        ids = render_conversation(tokenizer, corpus.conversations[index], seq_len).input_ids
+        if len(ids) > 1:
+            samples.append(
+                {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+            )
+        if len(samples) == n_samples:
+            break
+    if not samples:
+        raise InputError(f"{corpus.where}: no conversation renders to more than one token")
+    return samples
 
 
 def passage_fingerprints(texts: list[str]) -> set[str]:

@@ -23,7 +23,8 @@ CPU_BACKENDS = ("gptq_torch_fused", "gptq_torch_int8", "gptq_torch")
 
 @dataclass(frozen=True)
 class GptqSettings:
-    """GPTQ settings as written into the checkpoint's quantization_config."""
+    """GPTQ settings: the format's (bits, group_size, desc_act, sym, written into quantization_config) and the
+    algorithm's, which change the numbers only (see pipeline/config.py, GptqSection)."""
 
     bits: int = 4
     group_size: int = 128
@@ -31,6 +32,31 @@ class GptqSettings:
     sym: bool = True
     damp_percent: float = 0.01
     batch_size: int = 8
+    gptaq: bool = False
+    mse: float = 0.0
+    act_group_aware: bool | None = None
+    static_groups: bool = False
+
+    def quantize_config(self, offload_to_disk: bool) -> dict:
+        """gptqmodel QuantizeConfig arguments."""
+        from gptqmodel.quantization.config import GPTAQConfig
+
+        # gptqmodel turns act_group_aware on by default, which needs groups and no desc_act.
+        act_group_aware = self.act_group_aware
+        if act_group_aware is None and (self.group_size == -1 or self.desc_act):
+            act_group_aware = False
+        return {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "desc_act": self.desc_act,
+            "sym": self.sym,
+            "damp_percent": self.damp_percent,
+            "mse": self.mse,
+            "static_groups": self.static_groups,
+            "offload_to_disk": offload_to_disk,
+            **({"act_group_aware": act_group_aware} if act_group_aware is not None else {}),
+            **({"gptaq": GPTAQConfig(alpha=0.25)} if self.gptaq else {}),
+        }
 
 
 def gptq_quantize(
@@ -58,18 +84,14 @@ def gptq_quantize(
     if hasattr(loop_processor, "_PROJECT_LOG_DIR"):
         loop_processor._PROJECT_LOG_DIR = log_dir
 
-    config = QuantizeConfig(
-        bits=settings.bits,
-        group_size=settings.group_size,
-        desc_act=settings.desc_act,
-        sym=settings.sym,
-        damp_percent=settings.damp_percent,
-        offload_to_disk=offload_to_disk,
-        # gptqmodel turns act_group_aware on by default, which needs groups; per-channel (-1) has none.
-        **({"act_group_aware": False} if settings.group_size == -1 else {}),
-    )
+    config = QuantizeConfig(**settings.quantize_config(offload_to_disk))
+    batch_size = settings.batch_size
+    if settings.gptaq and len({sample["input_ids"].shape[-1] for sample in calibration}) > 1:
+        # gptqmodel 7.6's GPTAQ pairs each batch's unquantized inputs with its quantized ones, and padded
+        # batches of samples of unequal length do not line up (a shape error): one sample per batch.
+        batch_size = 1
     model = GPTQModel.load(str(model_dir), config, device=device, trust_remote_code=trust_remote_code)
-    model.quantize(calibration, batch_size=settings.batch_size)
+    model.quantize(calibration, batch_size=batch_size)
     model.save(str(out_dir))
 
 

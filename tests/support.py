@@ -13,6 +13,7 @@ from qlora_requant.pipeline.context import Inputs, StageContext
 from qlora_requant.pipeline.layout import RunLayout
 from qlora_requant.pipeline.stages import dequantize
 from qlora_requant.pipeline.stages.dequantize import DequantizedBase, bnb_settings
+from qlora_requant.quant.calibration import Corpus
 
 TINY_LLAMA = dict(
     hidden_size=128,
@@ -106,8 +107,8 @@ def stage_context(section: BaseSection, run_dir: Path, device: str = "cpu") -> S
             base=DequantizedBase(section, device),
             adapter=None,
             tokenizer_dir=section.path,
-            calibration_texts=[],
-            eval_texts=[],
+            calibration=Corpus("none", []),
+            evaluation=Corpus("none", []),
         ),
     )
 

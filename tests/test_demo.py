@@ -34,11 +34,19 @@ def test_the_demo_runs_offline_and_its_report_follows_the_schema(demo):
     validate_report(run_dir / "report.json")
     report = json.loads((run_dir / "report.json").read_text())
     models = report["models"]
-    assert list(models) == ["base_nf4", "baseline", "merged", "gptq"]
-    # The fixture's adapter is a real fine-tune: it lowers the PPL of held-out docstrings by a third or more.
+    variants = ["gptq_w4g128", "gptq_w4g128-gptaq", "gptq_w3g128"]
+    assert list(models) == ["base_nf4", "baseline", "merged", *variants]
+    assert report["protocol"]["kind"] == "conversations" and report["protocol"]["score"] == "assistant"
+    # The fixture's adapter is a real fine-tune: it lowers the PPL of held-out answers by a third or more.
     assert report["adapter_ppl_change_pct"] < -30
     assert abs(models["merged"]["delta_pct"]) < 0.1 and models["merged"]["top1_agreement"] > 0.99
-    assert 0.2 < models["gptq"]["delta_pct"] < 3 and models["gptq"]["kl"] < 0.05
+    # 3 bits costs more than 4 and fails the gate; of the two 4-bit checkpoints (one size), the closer one ships
+    four, gptaq, three = (models[name] for name in variants)
+    assert 0.2 < min(four["delta_pct"], gptaq["delta_pct"]) and max(four["kl"], gptaq["kl"]) < 0.05
+    assert three["kl"] > 2 * max(four["kl"], gptaq["kl"])
+    assert [v["gates_passed"] for v in report["variants"]] == [True, True, False]
+    closest = min(report["variants"][:2], key=lambda v: v["kl"])["name"]
+    assert report["release_candidate"] == closest and report["requantize"]["variant"] == closest
     assert report["gate"]["passed"] and report["gate"]["failed"] == []
     table = done.stdout.strip().split("\n\n")[0].splitlines()
     assert table[0].split() == [
@@ -57,20 +65,22 @@ def test_the_demo_runs_offline_and_its_report_follows_the_schema(demo):
         "agree",
     ]
     assert [row.split()[0] for row in table[2:]] == list(models)
-    assert f"{models['gptq']['ppl']:.3f}" in table[-1]
+    assert f"{three['ppl']:.3f}" in table[-1]
+    assert f"release candidate (smallest passing every gate): {closest}" in done.stdout
 
 
 def test_the_demo_releases_a_chat_model_that_stops_at_the_end_of_its_turn(demo):
     """The demo's adapter is a chat fine-tune (two added tokens, a chat template): the GPTQ release renders
     the template as the adapter's tokenizer does and, greedy, ends its answer with <|im_end|>."""
     _, run_dir = demo
+    release = run_dir / f"gptq_{json.loads((run_dir / 'report.json').read_text())['release_candidate']}"
     script = textwrap.dedent(f"""
         import json, torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         chat = [{{"role": "user", "content": "What does sorted do?"}}]
         adapter = AutoTokenizer.from_pretrained({str(REPO / "runs" / "demo-fixture" / "adapter")!r})
-        tokenizer = AutoTokenizer.from_pretrained({str(run_dir / "gptq")!r})
-        model = AutoModelForCausalLM.from_pretrained({str(run_dir / "gptq")!r}, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained({str(release)!r})
+        model = AutoModelForCausalLM.from_pretrained({str(release)!r}, dtype=torch.float32)
         ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
                                             return_dict=True)["input_ids"]
         new = model.generate(input_ids=ids, max_new_tokens=120, do_sample=False)[0, ids.shape[1]:].tolist()

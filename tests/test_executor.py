@@ -13,6 +13,7 @@ from qlora_requant.pipeline.context import Inputs, StageContext
 from qlora_requant.pipeline.executor import StageExecutor
 from qlora_requant.pipeline.layout import RunLayout
 from qlora_requant.pipeline.plan import Stage
+from qlora_requant.quant.calibration import Corpus
 from qlora_requant.quant.errors import InputError
 
 VERSIONS = {"torch": "2.13.0"}
@@ -52,13 +53,16 @@ def stub_plan(root: Path, calls: list[str], text: str = "hello", kind_a: str = "
     ]
 
 
+NO_DATA = Corpus("none", [])
+
+
 def execute(root: Path, stages: list[Stage], force=frozenset(), versions=VERSIONS) -> StageExecutor:
     root.mkdir(exist_ok=True)
     layout = RunLayout(root)
     context = StageContext(
         device="cpu",
         layout=layout,
-        inputs=Inputs(base=None, adapter=None, tokenizer_dir=layout.root, calibration_texts=[], eval_texts=[]),
+        inputs=Inputs(base=None, adapter=None, tokenizer_dir=layout.root, calibration=NO_DATA, evaluation=NO_DATA),
     )
     executor = StageExecutor(layout, versions, set(force))
     executor.run(stages, context)

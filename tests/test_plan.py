@@ -29,7 +29,7 @@ def test_the_default_plan_merges_requantizes_and_evaluates(tmp_path, tiny_base, 
     assert evaluate.settings["models"] == ["merged", "gptq"]
     assert set(merge.settings) == {"base", "adapter", "dtype", "merge_base", "max_shard_size"}
     assert merge.settings["merge_base"] == "nf4" and merge.settings["dtype"] == "float16"
-    assert requantize.settings["requantize"]["bits"] == 4
+    assert requantize.settings["gptq"]["bits"] == 4 and requantize.settings["variant"] == ""
     assert {stage.kind for stage in stages} <= set(STAGE_KINDS)
 
 
@@ -47,6 +47,7 @@ def test_keys_no_output_depends_on_are_not_settings(tmp_path, tiny_base, tiny_ad
             path,
             [
                 "base.model_id=org/name",
+                "adapter.model_id=org/adapter",
                 "evaluation.seed=7",
                 "evaluation.bootstrap_samples=500",
                 "evaluation.overlap=warn",
@@ -73,3 +74,27 @@ def test_saving_the_dequantized_base_and_both_merge_bases(tmp_path, tiny_base, t
     assert [s.settings.get("merge_base") for s in stages[1:4:2]] == ["original", "nf4"]
     assert stages[4].inputs[0] == tmp_path / "run" / "merged_nf4"
     assert stages[-1].settings["models"] == ["merged", "gptq", "merged_nf4", "gptq_nf4"]
+
+
+def test_each_gptq_variant_is_its_own_stage(tmp_path, tiny_base, tiny_adapter, text_files):
+    path = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, tmp_path / "run")
+    variants = "requantize.variants=[{name: w4g128}, {name: w3, bits: 3}, {name: w4pc, group_size: -1, gptaq: true}]"
+    stages = plan(load_config(path, [variants]))
+    run = tmp_path / "run"
+    assert [(s.name, s.output) for s in stages] == [
+        ("merge", run / "merged"),
+        ("requantize_w4g128", run / "gptq_w4g128"),
+        ("requantize_w3", run / "gptq_w3"),
+        ("requantize_w4pc", run / "gptq_w4pc"),
+        ("evaluate", run / "evaluation"),
+    ]
+    settings = [stage.settings["gptq"] for stage in stages[1:4]]
+    assert [(s["bits"], s["group_size"], s["gptaq"]) for s in settings] == [
+        (4, 64, False),
+        (3, 64, False),
+        (4, -1, True),
+    ]
+    assert stages[-1].settings["models"] == ["merged", "gptq_w4g128", "gptq_w3", "gptq_w4pc"]
+    # a change to one variant changes that variant's settings only (the evaluation re-runs on its new output)
+    changed = plan(load_config(path, [variants.replace("bits: 3", "bits: 2")]))
+    assert [a.settings == b.settings for a, b in zip(stages, changed)] == [True, True, False, True, True]

@@ -274,7 +274,7 @@ def test_overlapping_eval_text_can_be_allowed_with_a_warning(
         f"evaluation text shares {refused[1]} passage(s) with the calibration text "
         "(evaluation.overlap: warn); its scores favour the GPTQ model"
     ]
-    assert inputs.eval_texts == inputs.calibration_texts  # scored anyway
+    assert inputs.evaluation.texts == inputs.calibration.texts  # scored anyway
 
 
 def test_a_hub_dataset_with_hf_hub_offline_set_exits_2(

@@ -24,14 +24,22 @@ import torch
 
 from qlora_requant.eval.generate import greedy_continuations
 from qlora_requant.eval.models import load_plain, load_separate_adapter
-from qlora_requant.eval.perplexity import ReferenceLogProbs, Windows, eval_windows, perplexity, score_windows
+from qlora_requant.eval.perplexity import (
+    ReferenceLogProbs,
+    Windows,
+    conversation_windows,
+    eval_windows,
+    perplexity,
+    score_windows,
+)
 from qlora_requant.pipeline.checkpoint import dtype_of, is_bnb_4bit
 from qlora_requant.pipeline.config import AdapterSection, EvaluationSection
 from qlora_requant.pipeline.context import StageContext
 from qlora_requant.pipeline.files import require_free_space
 from qlora_requant.pipeline.layout import BASELINE_REFERENCE, RESULTS
 from qlora_requant.pipeline.stages.merge import vocabulary_rows
-from qlora_requant.quant.calibration import token_stream
+from qlora_requant.quant.calibration import Corpus, token_stream
+from qlora_requant.quant.chat import render_conversation, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,10 @@ class Scorer:
         self.reference = ReferenceLogProbs(reference_path, windows)
         self.models: dict[str, dict] = {}
         self.generations: dict[str, list[str]] = {}
+        # Prompts as text; conversations rendered with the chat template up to the assistant's answer.
+        self.prompts = [
+            p if isinstance(p, str) else render_prompt(tokenizer, [m.model_dump() for m in p]) for p in section.prompts
+        ]
 
     def score(self, name: str, model, record: bool = False, generate: bool = True) -> None:
         started = time.perf_counter()
@@ -61,7 +73,7 @@ class Scorer:
         log.info("evaluate: %-9s ppl %.4f on %d tokens", name, self.models[name]["ppl"], sum(tokens))
         if generate and self.section.prompts:
             self.generations[name] = greedy_continuations(
-                model, self.tokenizer, self.section.prompts, self.section.max_new_tokens
+                model, self.tokenizer, self.prompts, self.section.max_new_tokens
             )
 
 
@@ -75,17 +87,10 @@ def run(
     """
     from transformers import AutoTokenizer
 
-    section, device, base, texts = evaluation, context.device, context.inputs.base, context.inputs.eval_texts
+    section, device, base, corpus = evaluation, context.device, context.inputs.base, context.inputs.evaluation
     model_dirs = {name: context.layout.model_dir(name) for name in models}
     tokenizer = AutoTokenizer.from_pretrained(model_dirs[models[0]], trust_remote_code=context.trust_remote_code)
-    windows = eval_windows(
-        token_stream(tokenizer, texts),
-        section.seq_len,
-        section.max_windows,
-        section.stride,
-        tokenizer.bos_token_id if section.bos else None,
-        where=section.text.describe(),
-    )
+    windows = _windows(section, corpus, tokenizer)
     vocab = len(tokenizer)
     require_free_space(
         out,
@@ -119,28 +124,45 @@ def run(
     (out / BASELINE_REFERENCE).unlink()
 
     protocol = {
-        "kind": "sliding windows" if section.stride else "non-overlapping windows",
+        "kind": "conversations" if corpus.chat else "sliding windows" if section.stride else "non-overlapping windows",
         "seq_len": section.seq_len,
         "stride": section.stride,
         "bos": section.bos,
+        "score": section.score,
         "windows": len(windows),
         "tokens": int(windows.scored_tokens().sum()),
         "compute_dtype": str(plain_dtype).removeprefix("torch."),
-        "text": section.text.describe(),
-        "documents": len(texts),
+        "text": section.text.public_name(),
+        "documents": len(corpus.texts),
     }
     models = {"base_nf4": scorer.models["base_nf4"], **scorer.models}  # display order: base_nf4 first
     results = {
         "protocol": protocol,
         "models": models,
         "generations": {
-            "prompts": section.prompts,
+            "prompts": scorer.prompts,
             "max_new_tokens": section.max_new_tokens,
             "outputs": scorer.generations,
         },
     }
     (out / RESULTS).write_text(json.dumps(results, indent=1) + "\n")
     return {"windows": len(windows), "models": list(scorer.models)}
+
+
+def _windows(section: EvaluationSection, corpus: Corpus, tokenizer) -> Windows:
+    """The evaluation windows: cut from the joined text, or one per conversation."""
+    if corpus.chat:
+        samples = [render_conversation(tokenizer, c, section.seq_len) for c in corpus.conversations]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return conversation_windows(samples, section.score, pad or 0, section.max_windows, corpus.where)
+    return eval_windows(
+        token_stream(tokenizer, corpus.texts),
+        section.seq_len,
+        section.max_windows,
+        section.stride,
+        tokenizer.bos_token_id if section.bos else None,
+        where=corpus.where,
+    )
 
 
 def _plain_dtype(name: str, device: str) -> torch.dtype | str:

@@ -21,14 +21,17 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from qlora_requant.eval.compare import RELEASE_MODEL, change, compare_to_baseline, judge_gates
+from qlora_requant.eval.compare import change, compare_to_baseline, judge_gates
 from qlora_requant.eval.model_card import render_model_card
 from qlora_requant.eval.report import render_reports
 from qlora_requant.eval.schema import SCHEMA_VERSION, GptqLoss, Report
 from qlora_requant.pipeline.files import write_atomically
 from qlora_requant.pipeline.layout import GPTQ_LOSS_LOG, MODEL_CARD, REPORT_FILES, RunLayout
+from qlora_requant.pipeline.plan import gptq_model
+from qlora_requant.pipeline.public import public_config, public_text
 from qlora_requant.pipeline.records import RecordError, read_record
 from qlora_requant.quant.errors import InputError
+from qlora_requant.quant.serving import serving_runtimes
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -87,9 +90,9 @@ def verified_bytes(layout: RunLayout, record: dict, path: Path) -> bytes:
     return data
 
 
-def gptq_losses(layout: RunLayout, requantize: dict) -> list[GptqLoss]:
-    """gptqmodel's per-module GPTQ loss (quant_log.csv), or nothing if it wrote none."""
-    path = layout.model_dir(RELEASE_MODEL) / GPTQ_LOSS_LOG
+def gptq_losses(layout: RunLayout, requantize: dict, model: str) -> list[GptqLoss]:
+    """gptqmodel's per-module GPTQ loss (quant_log.csv) of a GPTQ model, or nothing if it wrote none."""
+    path = layout.model_dir(model) / GPTQ_LOSS_LOG
     if layout.relative(path) not in requantize["outputs"]:
         return []
     rows = csv.DictReader(io.StringIO(verified_bytes(layout, requantize, path).decode()))
@@ -101,7 +104,7 @@ def build_report(layout: RunLayout) -> tuple[Report, dict]:
     run_dir = layout.root
     run = read_json(layout.run_record, "the run's record")
     stages = stage_records(layout, run.get("stages", []))
-    unfinished = [name for name in ("merge", "requantize", "evaluate") if name not in stages]
+    unfinished = [name for name in run.get("stages", []) if name not in stages]
     if unfinished:
         raise InputError(
             f"{run_dir}: the {unfinished[0]} stage has no completed record (the run was "
@@ -121,14 +124,53 @@ def build_report(layout: RunLayout) -> tuple[Report, dict]:
         ) from None
 
 
+def variant_models(config: dict) -> dict[str, str]:
+    """The GPTQ models of the chosen merge base by variant name (one, gptq, without variants)."""
+    names = [variant["name"] for variant in config["requantize"].get("variants", [])]
+    return {name: gptq_model(name) for name in names} if names else {"gptq": gptq_model("")}
+
+
+def _variants(layout: RunLayout, config: dict, compared: dict, stages: dict[str, dict]) -> list[dict]:
+    """Each GPTQ variant's settings, size on disk, scores, gates and runtimes, in config order."""
+    variants = []
+    for name, model in variant_models(config).items():
+        record = stages[f"requantize{model.removeprefix('gptq')}"]
+        settings, row = record["summary"], compared[model]
+        gate = judge_gates(compared, config["gate"], model)
+        format_settings = {key: settings[key] for key in ("bits", "group_size", "desc_act", "sym")}
+        variants.append(
+            {
+                "name": name,
+                "model": model,
+                **format_settings,
+                "gptaq": settings["gptaq"],
+                "mse": settings["mse"],
+                "size_bytes": sum(
+                    entry["size"] for path, entry in record["outputs"].items() if path.endswith(".safetensors")
+                ),
+                **{key: row[key] for key in ("ppl", "delta_pct", "delta_pct_ci95", "kl", "top1_agreement")},
+                "gates_passed": gate["passed"],
+                "gate": gate,
+                "serves_on": serving_runtimes(**format_settings),
+            }
+        )
+    return variants
+
+
 def _assemble(layout: RunLayout, run: dict, results: dict, stages: dict[str, dict]) -> Report:
     """The report from the run record, the evaluation's results and the stage records."""
     config, evaluation = run["config"], run["config"]["evaluation"]
     compared = compare_to_baseline(results["models"], evaluation["bootstrap_samples"], evaluation["seed"])
     merge = stages["merge"]["summary"]
-    artifacts = {name: str(layout.model_dir(name)) for name in results["models"] if layout.model_dir(name).is_dir()}
+    variants = _variants(layout, config, compared, stages)
+    passing = [variant for variant in variants if variant["gates_passed"]]
+    # the smallest on disk; of equal sizes, the one closest to the baseline
+    candidate = min(passing, key=lambda variant: (variant["size_bytes"], variant["kl"])) if passing else None
+    release = candidate or variants[0]
+    requantize = stages[f"requantize{release['model'].removeprefix('gptq')}"]
+    artifacts = {name: name for name in results["models"] if layout.model_dir(name).is_dir()}
     if "dequantize" in stages:
-        artifacts["dequantized"] = str(layout.dequantized)
+        artifacts["dequantized"] = layout.relative(layout.dequantized)
     return Report.model_validate(
         {
             "schema_version": SCHEMA_VERSION,
@@ -141,11 +183,13 @@ def _assemble(layout: RunLayout, run: dict, results: dict, stages: dict[str, dic
             },
             "models": compared,
             "adapter_ppl_change_pct": change(compared["baseline"]["ppl"], compared["base_nf4"]["ppl"])["pct"],
-            "gate": judge_gates(compared, config["gate"]),
+            "gate": release["gate"],
+            "variants": variants,
+            "release_candidate": candidate["name"] if candidate else None,
             "merge_base": config["merge"]["merge_base"],
-            "requantize": stages["requantize"]["summary"],
+            "requantize": requantize["summary"],
             "loss_sources": {
-                "gptq_error": gptq_losses(layout, stages["requantize"]),
+                "gptq_error": gptq_losses(layout, requantize, release["model"]),
                 "nf4_roundtrip_error": merge.get("base", {}).get("roundtrip_error", {}),
                 "merge_relative_change": merge["relative_change"],
             },
@@ -160,18 +204,17 @@ def _assemble(layout: RunLayout, run: dict, results: dict, stages: dict[str, dic
                 for name, record in stages.items()
             },
             "versions": run["versions"],
-            "warnings": run.get("warnings", []),
-            "config": config,
+            "warnings": [public_text(warning, config) for warning in run.get("warnings", [])],
+            "config": public_config(config),
         }
     )
 
 
 def write_reports(layout: RunLayout) -> Report:
-    """Build the report from the run directory and write every report file and the model card."""
+    """Build the report from the run directory and write every report file and each GPTQ model's card."""
     report, results = build_report(layout)
     for name, text in zip(REPORT_FILES, render_reports(report, results)):
         write_atomically(layout.report_file(name), text)
-    gptq_dir = layout.model_dir(RELEASE_MODEL)
-    base_model = report.config["base"].get("model_id") or Path(report.config["base"]["path"]).name
-    write_atomically(gptq_dir / MODEL_CARD, render_model_card(report, base_model, gptq_dir.name))
+    for variant in report.variants:
+        write_atomically(layout.model_dir(variant.model) / MODEL_CARD, render_model_card(report, variant))
     return report

@@ -1,6 +1,7 @@
-"""Stage 3, requantize: GPTQ on calibration windows of the fine-tuning domain.
+"""Stage 3, requantize: GPTQ on calibration samples of the fine-tuning domain (text windows, or chat records
+rendered with the fine-tune's chat template), once per variant of the GPTQ settings.
 
-Input: the merged checkpoint and calibration texts. Output: a GPTQ checkpoint that plain
+Input: the merged checkpoint and calibration data. Output: a GPTQ checkpoint that plain
 transformers loads, with quantization_config in config.json and no calibration text in it. Before the
 stage counts as complete, the checkpoint is loaded in a fresh process as the evaluation loads it and its
 logits on a calibration window are compared with the merged model's; when the kernel transformers picks
@@ -22,10 +23,10 @@ from qlora_requant.pipeline.checkpoint import (
     rewrite_checkpoint,
     side_files,
 )
-from qlora_requant.pipeline.config import RequantizeSection
+from qlora_requant.pipeline.config import CalibrationSection, GptqSection
 from qlora_requant.pipeline.context import StageContext
 from qlora_requant.pipeline.tokenizer import GENERATION_CONFIG, copy_tokenizer
-from qlora_requant.quant.calibration import calibration_windows, token_stream
+from qlora_requant.quant.calibration import calibration_samples
 from qlora_requant.quant.errors import InputError
 from qlora_requant.quant.gptq import (
     CPU_BACKENDS,
@@ -40,28 +41,26 @@ from qlora_requant.quant.gptq import (
 log = logging.getLogger(__name__)
 
 
-def run(context: StageContext, out: Path, *, requantize: RequantizeSection, merged: str) -> dict:
-    """Quantize the merged model named `merged` with GPTQ into `out`; return a summary for the report."""
+def run(
+    context: StageContext,
+    out: Path,
+    *,
+    gptq: GptqSection,
+    calibration: CalibrationSection,
+    merged: str,
+    variant: str = "",
+) -> dict:
+    """Quantize the merged model named `merged` with GPTQ settings `gptq` (those of `variant`, if any) into
+    `out`; return a summary for the report."""
     from transformers import AutoTokenizer
 
-    section, calibration = requantize, requantize.calibration
+    section = gptq
     merged_dir = context.layout.model_dir(merged)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=context.trust_remote_code)
-    windows = calibration_windows(
-        token_stream(tokenizer, context.inputs.calibration_texts),
-        calibration.n_samples,
-        calibration.seq_len,
-        calibration.seed,
-        where=calibration.describe(),
+    windows = calibration_samples(
+        tokenizer, context.inputs.calibration, calibration.n_samples, calibration.seq_len, calibration.seed
     )
-    settings = GptqSettings(
-        bits=section.bits,
-        group_size=section.group_size,
-        desc_act=section.desc_act,
-        sym=section.sym,
-        damp_percent=section.damp_percent,
-        batch_size=section.batch_size,
-    )
+    settings = GptqSettings(**gptq.model_dump(exclude={"rotation"}))
     gptq_quantize(
         merged_dir,
         windows,
@@ -80,20 +79,18 @@ def run(context: StageContext, out: Path, *, requantize: RequantizeSection, merg
     check = _check_runs(out, merged_dir, windows[0]["input_ids"][0].tolist(), context.device, section.bits)
     _keep_newest_logs(context.layout.gptq_logs)
     log.info(
-        "requantize: GPTQ %d-bit g%d on %d windows of %d tokens",
+        "requantize: GPTQ %d-bit g%d on %d samples of up to %d tokens",
         section.bits,
         section.group_size,
         len(windows),
         calibration.seq_len,
     )
     return {
-        "bits": section.bits,
-        "group_size": section.group_size,
-        "desc_act": section.desc_act,
-        "sym": section.sym,
-        "damp_percent": section.damp_percent,
+        "variant": variant,
+        **section.model_dump(exclude={"rotation", "batch_size"}),
         "calibration_windows": len(windows),
         "calibration_seq_len": calibration.seq_len,
+        "calibration_format": "chat" if context.inputs.calibration.chat else "text",
         "fused_layers": fused,
         **check,
     }
@@ -175,8 +172,8 @@ def _describe(result: dict, limit: float) -> str:
 
 
 def _keep_newest_logs(log_dir: Path) -> None:
-    """gptqmodel writes one log per GPTQ run; keep the newest few."""
-    logs = sorted(log_dir.glob("gptq_log_*.log"), key=lambda path: path.stat().st_mtime_ns)
+    """gptqmodel writes one log per GPTQ run (gptq_log_*.log, gptaq_log_*.log); keep the newest few."""
+    logs = sorted(log_dir.glob("gpt*_log_*.log"), key=lambda path: path.stat().st_mtime_ns)
     for old in logs[:-KEPT_GPTQ_LOGS]:
         old.unlink()
 

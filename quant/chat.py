@@ -1,0 +1,104 @@
+"""Chat-format data, as supervised fine-tuning sees it: each conversation rendered with the fine-tune's chat
+template into one sample (BOS first), with the tokens of the assistant turns marked (what SFT trains on
+with assistant-only loss)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qlora_requant.quant.errors import InputError
+
+Conversation = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class ChatSample:
+    """One rendered conversation: its token ids and, per token, whether it belongs to an assistant turn."""
+
+    input_ids: list[int]
+    assistant: list[bool]
+
+
+def check_conversations(records: list, field: str, where: str) -> list[Conversation]:
+    """The conversations of `records` (each record's `field`: a list of {role, content}); InputError naming the
+    record and what is wrong otherwise."""
+    conversations = []
+    for number, messages in enumerate(records, 1):
+        if not isinstance(messages, list) or not messages:
+            raise InputError(
+                f"{where}: record {number}: {field!r} is {type(messages).__name__}, not a list of messages; a chat "
+                f"record holds {field}: [{{role, content}}, ...] (set messages_field, or format: text)"
+            )
+        for turn, message in enumerate(messages, 1):
+            if not (
+                isinstance(message, dict)
+                and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)
+            ):
+                raise InputError(
+                    f"{where}: record {number}, message {turn}: {message!r} is not a {{role, content}} pair of strings"
+                )
+        conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    if not conversations:
+        raise InputError(f"{where}: holds no conversations")
+    return conversations
+
+
+def render_conversation(tokenizer, messages: Conversation, seq_len: int) -> ChatSample:
+    """`messages` rendered with the tokenizer's chat template and tokenized, starting with BOS (when the
+    tokenizer has one and the template does not write it), cut to `seq_len` tokens.
+
+    Assistant tokens are found by rendering the conversation up to each assistant turn: the turn spans from
+    the end of the prompt before it (with the generation prompt) to the end of the conversation through it,
+    so it includes the turn's closing tokens, as SFT's assistant-only loss trains them.
+    """
+    text = _template(tokenizer, messages)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _template(tokenizer, messages[:index], generation_prompt=True) if index else ""
+        through = _template(tokenizer, messages[: index + 1])
+        if not (text.startswith(through) and through.startswith(prompt)):
+            raise InputError(
+                f"the chat template of {tokenizer.name_or_path} does not render a conversation as the prompt "
+                "followed by the turns, so assistant tokens cannot be found; set evaluation.score: all"
+            )
+        spans.append((len(prompt), len(through)))
+    if not getattr(tokenizer, "is_fast", False):
+        raise InputError(
+            f"{tokenizer.name_or_path}: a slow (Python) tokenizer gives no character offsets; chat data needs a "
+            "fast tokenizer (tokenizer.json)"
+        )
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoding["input_ids"])
+    assistant = [any(low <= start < high for low, high in spans) for start, _ in encoding["offset_mapping"]]
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids, assistant = [bos, *ids], [False, *assistant]
+    return ChatSample(ids[:seq_len], assistant[:seq_len])
+
+
+def render_prompt(tokenizer, messages: Conversation) -> str:
+    """A conversation as a generation prompt: rendered with the chat template, ending where the assistant's
+    answer starts."""
+    return _template(tokenizer, messages, generation_prompt=True)
+
+
+def require_chat_template(tokenizer, where: str) -> None:
+    """Refuse chat data for a tokenizer without a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(
+            f"{where} is chat data, but the fine-tune's tokenizer ({tokenizer.name_or_path}) has no chat template; "
+            "give the tokenizer the template it was trained with (adapter.tokenizer), or use format: text"
+        )
+
+
+def _template(tokenizer, messages: Conversation, generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as exc:  # jinja2 raises its own errors (e.g. a template that refuses a role order)
+        raise InputError(
+            f"the chat template of {tokenizer.name_or_path} cannot render {messages[:2]!r}...: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None

@@ -1,0 +1,163 @@
+"""Chat-format data and GPTQ variants: conversations rendered as the chat template renders them, calibration and
+evaluation on them, every GPTQ setting value loading in plain transformers, and the release candidate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, main
+from qlora_requant.pipeline.records import read_record
+from qlora_requant.quant.chat import render_conversation
+
+from support import chat_adapter, chat_tokenizer, validate_report, write_config
+
+# The five release candidates of the issue, plus settings that cover every value of every GPTQ setting:
+# bits 2/3/4/8, group_size -1/32/64/128, desc_act and sym true/false, and GPTAQ.
+VARIANTS = [
+    {"name": "w4g128", "bits": 4, "group_size": 128},
+    {"name": "w4pc", "bits": 4, "group_size": -1},
+    {"name": "w3g128", "bits": 3, "group_size": 128},
+    {"name": "w8g128", "bits": 8, "group_size": 128},
+    {"name": "w4asym", "bits": 4, "group_size": 128, "sym": False},
+    {"name": "w2g64-act", "bits": 2, "group_size": 64, "desc_act": True},
+    {"name": "w3g32-act-asym", "bits": 3, "group_size": 32, "desc_act": True, "sym": False},
+    {"name": "w4g128-gptaq", "bits": 4, "group_size": 128, "gptaq": True},
+]
+
+
+def chat_records(docstrings: list[str]) -> list[dict]:
+    return [
+        {
+            "messages": [
+                {"role": "system", "content": "You explain Python."},
+                {"role": "user", "content": f"What does this do? {doc.split()[0]}"},
+                {"role": "assistant", "content": doc},
+            ]
+        }
+        for doc in docstrings
+    ]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_files(tmp_path_factory, tiny_base, corpus) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("chat")
+    return {
+        "adapter": chat_adapter(tiny_base, folder / "adapter", "trainable_tokens", tied=False),
+        "calibration": write_jsonl(folder / "calibration.jsonl", chat_records(corpus["calibration"])),
+        "eval": write_jsonl(folder / "eval.jsonl", chat_records(corpus["eval"])),
+    }
+
+
+def chat_config(folder: Path, tiny_base: Path, chat_files: dict[str, Path], **evaluation) -> Path:
+    return write_config(
+        folder / "run.yaml",
+        tiny_base,
+        chat_files["adapter"],
+        chat_files,
+        folder / "run",
+        requantize={
+            "bits": 4,
+            "group_size": 128,
+            "batch_size": 4,
+            "calibration": {"path": str(chat_files["calibration"]), "format": "chat", "n_samples": 16, "seq_len": 96},
+        },
+        evaluation={
+            "text": {"path": str(chat_files["eval"]), "format": "chat"},
+            "seq_len": 96,
+            "max_windows": 12,
+            "score": "assistant",
+            "prompts": ["def ", [{"role": "user", "content": "What does sorted do?"}]],
+            "max_new_tokens": 4,
+            **evaluation,
+        },
+        gate={"max_ppl_increase_pct": 5.0, "min_top1_agreement": 0.6},
+    )
+
+
+def test_a_conversation_renders_as_the_chat_template_with_its_assistant_turns_marked(tiny_base):
+    tokenizer = chat_tokenizer(tiny_base)
+    messages = [
+        {"role": "user", "content": "What does len do?"},
+        {"role": "assistant", "content": "Return the number of items."},
+        {"role": "user", "content": "And sorted?"},
+        {"role": "assistant", "content": "Return a new sorted list."},
+    ]
+    sample = render_conversation(tokenizer, messages, 256)
+    rendered = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    assert sample.input_ids == ([bos] if bos is not None and rendered[0] != bos else []) + list(rendered)
+    assistant = [token for token, marked in zip(sample.input_ids, sample.assistant) if marked]
+    assert tokenizer.decode(assistant) == "Return the number of items.<|im_end|>\nReturn a new sorted list.<|im_end|>\n"
+    cut = render_conversation(tokenizer, messages, 12)
+    assert cut.input_ids == sample.input_ids[:12] and cut.assistant == sample.assistant[:12]
+
+
+def test_chat_data_and_every_gptq_setting_run_and_the_smallest_passing_variant_is_the_candidate(
+    tmp_path, tiny_base, chat_files, capsys
+):
+    config = chat_config(tmp_path, tiny_base, chat_files)
+    variants = json.dumps(VARIANTS).replace('"', "")
+    code = main(["run", str(config), "--set", f"requantize.variants={variants}"])
+    run = tmp_path / "run"
+    report = json.loads((run / "report.json").read_text())
+    validate_report(run / "report.json")
+
+    # every variant is its own checkpoint, checked in a fresh process with plain transformers against the merge
+    assert [v["name"] for v in report["variants"]] == [v["name"] for v in VARIANTS]
+    for variant, asked in zip(report["variants"], VARIANTS):
+        check = read_record(run / "stages" / f"requantize_{variant['name']}.json")["summary"]
+        assert check["check_relative_error"] < 1.0 and (run / variant["model"] / "README.md").is_file()
+        assert {key: variant[key] for key in asked if key != "name"} == {k: v for k, v in asked.items() if k != "name"}
+        assert variant["size_bytes"] > 0 and variant["model"] == f"gptq_{variant['name']}"
+    sizes = {v["name"]: v["size_bytes"] for v in report["variants"]}
+    assert sizes["w2g64-act"] < sizes["w3g128"] < sizes["w4g128"] < sizes["w8g128"]
+    serves = {v["name"]: v["serves_on"] for v in report["variants"]}
+    assert serves["w4g128"]["vLLM"] == "gptq_marlin" and "ExLlamaV2" in serves["w4g128"]
+    assert serves["w4asym"]["vLLM"].startswith("gptq (") and "ExLlamaV2" not in serves["w8g128"]
+    assert "TGI" not in serves["w3g128"] and "TGI" in serves["w2g64-act"]
+
+    passing = [v for v in report["variants"] if v["gates_passed"]]
+    expected = min(passing, key=lambda v: (v["size_bytes"], v["kl"]))["name"] if passing else None
+    assert report["release_candidate"] == expected
+    assert code == (EXIT_OK if passing else EXIT_GATE_FAILED)
+    assert "release candidate" in capsys.readouterr().out
+
+    # chat data: one conversation per window, the assistant turns scored; scoring all tokens scores more
+    protocol = report["protocol"]
+    assert (protocol["kind"], protocol["score"], protocol["windows"]) == ("conversations", "assistant", 12)
+    assert main(["run", str(config), "--set", f"requantize.variants={variants}", "--set", "evaluation.score=all"]) in (
+        EXIT_OK,
+        EXIT_GATE_FAILED,
+    )
+    everything = json.loads((run / "report.json").read_text())["protocol"]
+    assert everything["windows"] == 12 and everything["tokens"] > protocol["tokens"]
+
+    # published files name inputs, never this machine's paths
+    for name in ("report.json", "report.md", "report.html", "gptq_w4g128/README.md"):
+        assert str(tmp_path) not in (run / name).read_text(), name
+
+
+def test_bad_variants_and_chat_settings_exit_2_naming_the_key(tmp_path, tiny_base, chat_files, text_files, capsys):
+    config = chat_config(tmp_path, tiny_base, chat_files)
+    cases = [
+        ("requantize.variants=[{name: a}, {name: a, bits: 3}]", "variants.1.name 'a' is taken"),
+        ("requantize.variants=[{name: original}]", "reserved"),
+        ("requantize.variants=[{name: x, group_size: 0}]", "variants.0 (x): group_size"),
+        ("requantize.rotation=hadamard", "rotation 'hadamard' is not supported"),
+        ("requantize.variants=[{name: x, act_group_aware: true, desc_act: true}]", "act_group_aware needs"),
+        ("evaluation.text.format=text", "score: assistant needs chat data"),
+        (f"evaluation.text.path={text_files['eval']}", "format: chat needs records"),
+        ("evaluation.text.messages_field=conversation", "has no field 'conversation'"),
+    ]
+    for override, message in cases:
+        assert main(["run", str(config), "--set", override]) == EXIT_BAD_INPUT, override
+        assert message in capsys.readouterr().err, override
+    assert not (tmp_path / "run").exists()
