@@ -64,7 +64,8 @@ def summary_lines(report: Report) -> list[str]:
         f"Adapter gain on the eval data: PPL {models['base_nf4'].ppl:.3f} (NF4 base alone) -> "
         f"{models['baseline'].ppl:.3f} (with adapter), {report.adapter_ppl_change_pct:+.2f}%.",
         f"Merge: {models['merged'].delta_pct:+.3f}% PPL against the separate adapter.",
-        f"Re-quantization: {model_label(release.model)} ({release.bits}-bit g{release.group_size}) "
+        f"Re-quantization: {model_label(release.model)} ({release.bits}-bit, "
+        f"{'per channel' if release.group_size == -1 else f'group {release.group_size}'}) "
         f"{gptq.delta_pct:+.3f}% PPL (95% CI {low:+.3f}%..{high:+.3f}%), "
         f"KL {gptq.kl:#.3g} nats/token, top-1 agreement {gptq.top1_agreement:.2%} against the separate "
         "adapter.",
@@ -72,7 +73,7 @@ def summary_lines(report: Report) -> list[str]:
     if len(report.variants) > 1:
         lines.append(
             f"Variants: {len(report.variants)} scored; release candidate (smallest passing every gate): "
-            + (f"{release.name} ({release.size_bytes / 1e6:.2f} MB)." if report.release_candidate else "none.")
+            + (f"{release.name} ({release.size_bytes / 1e6:.3f} MB)." if report.release_candidate else "none.")
         )
     if gate.enabled:
         lines.append(f"Release gate: {'PASS' if gate.passed else 'FAIL'}: {gate.message}.")
@@ -97,7 +98,7 @@ def variant_table(variants: list[Variant]) -> list[list[str]]:
                 "yes" if v.desc_act else "no",
                 "yes" if v.sym else "no",
                 "yes" if v.gptaq else "no",
-                f"{v.size_bytes / 1e6:.2f}",
+                f"{v.size_bytes / 1e6:.3f}",
                 f"{v.ppl:.3f}",
                 f"{v.delta_pct:+.2f}% ({low:+.2f}%..{high:+.2f}%)",
                 f"{v.kl:#.3g}",
