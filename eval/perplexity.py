@@ -12,6 +12,7 @@ Three window protocols, every model scored on the same windows:
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,25 +102,95 @@ def conversation_windows(
     return Windows(rows, scored)
 
 
-class ReferenceLogProbs:
-    """The reference model's next-token log-probabilities for every window, in a float32 file.
+# Log-probabilities are computed for at most this many bytes of positions x vocabulary at once, so that memory
+# per batch does not grow with batch x seq_len x vocab (32 MB: 65 positions of a 128k vocabulary).
+CHUNK_BYTES = 1 << 25
 
-    The file holds windows x (seq_len - 1) x vocab floats (written once, read once per model),
-    so that models need not be in memory together.
-    """
 
-    def __init__(self, path: Path, windows: Windows):
-        self.path, self.windows = path, windows
+@dataclass(frozen=True)
+class OutputLayer:
+    """What turns a model's final hidden states into its next-token logits: its output head (with any adapter on
+    it) and what the architecture applies after it (Cohere's logit scale, Granite's logits scaling, Gemma 2's
+    final soft-capping), in the order the models' forward passes apply them."""
+
+    head: torch.nn.Module
+    config: object
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)
+        if getattr(self.config, "logit_scale", None):
+            logits = logits * self.config.logit_scale
+        if getattr(self.config, "logits_scaling", None):
+            logits = logits / self.config.logits_scaling
+        if getattr(self.config, "final_logit_softcapping", None):
+            cap = self.config.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.logits(hidden).float(), dim=-1)
+
+    def vocabulary(self) -> int:
+        return int(getattr(self.config, "vocab_size", 0) or 1)
+
+
+def model_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, OutputLayer]:
+    """A causal LM's decoder (everything up to the final hidden states) and its output layer; for a PEFT model,
+    those of the model with its adapters in place."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), OutputLayer(base.get_output_embeddings(), base.config)
+
+
+class FullReference:
+    """The reference model's full next-token log-probabilities at every scored token, float32 on disk:
+    tokens x vocab x 4 bytes (513 KB per token at a vocabulary of 128k). For comparison with HiddenReference."""
+
+    def __init__(self, path: Path, tokens: int):
+        self.path, self.tokens = path, tokens
         self.array: np.ndarray | None = None
 
-    def write(self, rows: slice, log_probs: torch.Tensor) -> None:
+    def write(self, start: int, hidden: torch.Tensor, log_probs: torch.Tensor) -> None:
         if self.array is None:
-            shape = (len(self.windows), self.windows.seq_len - 1, log_probs.shape[-1])
+            shape = (self.tokens, log_probs.shape[-1])
             self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=shape)
-        self.array[rows] = log_probs.cpu().numpy()
+        self.array[start : start + len(log_probs)] = log_probs.cpu().numpy()
 
-    def read(self, rows: slice, device: torch.device) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.array[rows])).to(device)
+    def keep_output_layer(self, output: OutputLayer) -> None:
+        """Nothing to keep: the log-probabilities are stored."""
+
+    def read(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.array[start:stop])).to(device)
+
+
+class HiddenReference:
+    """The reference model at every scored token, compact and exact: the final hidden states its output layer
+    reads, float32 on disk (tokens x hidden x 4 bytes: 16 KB per token at hidden 4096), and a copy of that output
+    layer, which recomputes its log-probabilities chunk by chunk while another model is scored."""
+
+    def __init__(self, path: Path, tokens: int):
+        self.path, self.tokens = path, tokens
+        self.array: np.ndarray | None = None
+        self.output: OutputLayer | None = None
+        self.dtype = torch.float32  # the hidden states' own dtype, restored before the output layer reads them
+
+    def write(self, start: int, hidden: torch.Tensor, log_probs: torch.Tensor) -> None:
+        if self.array is None:
+            self.dtype = hidden.dtype
+            shape = (self.tokens, hidden.shape[-1])
+            self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=shape)
+        self.array[start : start + len(hidden)] = hidden.float().cpu().numpy()
+
+    def keep_output_layer(self, output: OutputLayer) -> None:
+        """Keep a copy of the reference's output layer (the reference model itself is freed)."""
+        self.output = OutputLayer(copy.deepcopy(output.head), output.config)
+
+    def read(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        head_device = next(self.output.head.parameters()).device
+        hidden = torch.from_numpy(np.ascontiguousarray(self.array[start:stop])).to(head_device, self.dtype)
+        return self.output.log_probs(hidden).to(device)
+
+
+Reference = FullReference | HiddenReference
 
 
 @torch.no_grad()
@@ -127,32 +198,79 @@ def score_windows(
     model: torch.nn.Module,
     windows: Windows,
     batch_size: int,
-    reference: ReferenceLogProbs | None = None,
+    reference: Reference | None = None,
     record: bool = False,
 ) -> dict[str, list[float]]:
     """Per window: summed NLL of the scored tokens and, against `reference`, summed KL(reference ||
-    model) and the count of tokens whose top-1 prediction agrees. With `record`, this model's
-    log-probabilities are written into `reference` instead (it is the reference)."""
-    device = next(model.parameters()).device
+    model) and the count of tokens whose top-1 prediction agrees. With `record`, this model is written into
+    `reference` instead (it is the reference).
+
+    The model's decoder runs once per batch; its output layer runs only at scored positions, in chunks of
+    CHUNK_BYTES of log-probabilities. The first batch checks that this reproduces the model's own logits.
+    """
+    decoder, output = model_parts(model)
+    device = input_device(model)
     per_window: dict[str, list[float]] = {"nll": [], "kl": [], "top1_agree": []}
+    chunk = max(1, CHUNK_BYTES // (4 * output.vocabulary()))
+    token = 0  # index of the batch's first scored token among all windows' scored tokens
     for start in range(0, len(windows), batch_size):
         rows = slice(start, start + batch_size)
         batch = windows.input_ids[rows].to(device)
-        log_probs = torch.log_softmax(model(input_ids=batch).logits[:, :-1].float(), dim=-1)
-        mask = windows.mask(rows).to(device)
-        nll = -log_probs.gather(-1, batch[:, 1:].unsqueeze(-1)).squeeze(-1)
-        per_window["nll"] += (nll.double() * mask).sum(dim=1).tolist()
-        if reference is None:
-            continue
-        if record:
-            reference.write(rows, log_probs)
-            continue
-        ref = reference.read(rows, device)
-        kl = (ref.exp() * (ref - log_probs)).sum(dim=-1)
-        agree = ref.argmax(dim=-1) == log_probs.argmax(dim=-1)
-        per_window["kl"] += (kl.double() * mask).sum(dim=1).tolist()
-        per_window["top1_agree"] += (agree & mask).sum(dim=1).tolist()
+        hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state
+        if start == 0:
+            _check_output_layer(model, output, batch, hidden)
+        mask = windows.mask(rows).to(hidden.device)
+        scored_hidden, targets = hidden[:, :-1][mask], batch[:, 1:].to(hidden.device)[mask]
+        owner = torch.arange(len(batch), device=hidden.device).repeat_interleave(mask.sum(dim=1))
+        sums = {key: torch.zeros(len(batch), dtype=torch.float64, device=hidden.device) for key in per_window}
+        for first in range(0, len(targets), chunk):
+            part = slice(first, first + chunk)
+            log_probs = output.log_probs(scored_hidden[part])
+            nll = -log_probs.gather(-1, targets[part].unsqueeze(-1)).squeeze(-1)
+            sums["nll"].index_add_(0, owner[part], nll.double())
+            if reference is None:
+                continue
+            if record:
+                reference.write(token + first, scored_hidden[part], log_probs)
+                continue
+            ref = reference.read(token + first, token + first + len(nll), log_probs.device)
+            kl = (ref.exp() * (ref - log_probs)).sum(dim=-1)
+            sums["kl"].index_add_(0, owner[part], kl.double())
+            sums["top1_agree"].index_add_(0, owner[part], (ref.argmax(-1) == log_probs.argmax(-1)).double())
+        token += len(targets)
+        per_window["nll"] += sums["nll"].tolist()
+        if reference is not None and not record:
+            per_window["kl"] += sums["kl"].tolist()
+            per_window["top1_agree"] += [int(count) for count in sums["top1_agree"].tolist()]
+    if record and reference is not None:
+        reference.keep_output_layer(output)
     return {key: values for key, values in per_window.items() if values}
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's inputs go: its first parameter's device, or (placed by accelerate over several devices)
+    the first placed module's."""
+    placement = getattr(model, "hf_device_map", None) or getattr(
+        getattr(model, "base_model", None), "hf_device_map", None
+    )
+    if placement:
+        first = next(iter(placement.values()))
+        return torch.device(f"cuda:{first}" if isinstance(first, int) else "cpu" if first == "disk" else first)
+    return next(model.parameters()).device
+
+
+def _check_output_layer(model, output: OutputLayer, batch: torch.Tensor, hidden: torch.Tensor) -> None:
+    """The model's own logits at the last position of the first window equal its output layer's on the decoder's
+    hidden states; otherwise the architecture applies something after its head that OutputLayer does not."""
+    own = model(input_ids=batch[:1], logits_to_keep=1, use_cache=False).logits[0, -1].float()
+    ours = output.logits(hidden[:1, -1])[0].float().to(own.device)
+    error = ((ours - own).abs().max() / own.abs().max().clamp(min=1e-6)).item()
+    if error > 1e-4:
+        raise RuntimeError(
+            f"{type(model).__name__}: its output layer, recomputed from the final hidden states, is off from the "
+            f"model's logits by {error:.2g} (relative); this architecture transforms its logits in a way the "
+            "evaluation does not know: report it"
+        )
 
 
 def perplexity(nll_per_window: list[float] | torch.Tensor, tokens_per_window: list[int] | torch.Tensor) -> float:

@@ -27,7 +27,7 @@ GPTQ_LOSS_LOG = "quant_log.csv"
 NOT_CONTENT = (MODEL_CARD, GPTQ_LOSS_LOG)
 
 RESULTS = "results.json"  # in the evaluation folder
-BASELINE_REFERENCE = ".baseline_logprobs.npy"  # in the evaluation's temporary folder, deleted with it
+BASELINE_REFERENCE = ".baseline_hidden.npy"  # in the evaluation's temporary folder, deleted with it
 REPORT_FILES = ("report.json", "report.md", "report.html")
 
 

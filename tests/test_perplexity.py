@@ -8,22 +8,32 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qlora_requant.eval.perplexity import ReferenceLogProbs, eval_windows, perplexity, score_windows
+from qlora_requant.eval.perplexity import FullReference, HiddenReference, eval_windows, perplexity, score_windows
 from qlora_requant.eval.statistics import bootstrap_ppl_change
-from qlora_requant.quant.calibration import calibration_windows, check_held_out, load_texts
+from qlora_requant.quant.calibration import calibration_windows, check_held_out, load_texts, token_stream
 from qlora_requant.quant.errors import InputError
 
 
 class FixedModel(torch.nn.Module):
-    """The same next-token logits at every position."""
+    """The same next-token logits at every position: a decoder of constant hidden states and a biased head."""
 
     def __init__(self, logits: list[float]):
         super().__init__()
-        self.logits = torch.tensor(logits)
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.head = torch.nn.Linear(1, len(logits))
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.copy_(torch.tensor(logits))
+        self.config = SimpleNamespace(vocab_size=len(logits))
 
-    def forward(self, input_ids):
-        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, len(self.logits)))
+    def get_decoder(self):
+        return lambda input_ids, use_cache: SimpleNamespace(last_hidden_state=torch.ones(*input_ids.shape, 1))
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, logits_to_keep=0, use_cache=False):
+        logits = self.head(torch.ones(*input_ids.shape, 1))
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
 
 
 def test_uniform_model_has_perplexity_equal_to_vocab_size():
@@ -57,9 +67,10 @@ def test_max_windows_caps_and_short_text_is_refused():
         eval_windows(torch.arange(10), seq_len=64, where="eval.txt")
 
 
-def test_kl_and_top1_agreement_against_the_reference(tmp_path):
+@pytest.mark.parametrize("kind", [FullReference, HiddenReference])
+def test_kl_and_top1_agreement_against_the_reference(tmp_path, kind):
     windows = eval_windows(torch.arange(200) % 3, seq_len=20, stride=10)
-    reference = ReferenceLogProbs(tmp_path / "ref.npy", windows)
+    reference = kind(tmp_path / "ref.npy", int(windows.scored_tokens().sum()))
     p, q = [2.0, 0.0, 0.0], [0.0, 1.0, 0.0]
     score_windows(FixedModel(p), windows, 3, reference, record=True)
     same = score_windows(FixedModel(p), windows, 3, reference)
@@ -147,3 +158,30 @@ def test_missing_text_field_and_unknown_format_are_refused(tmp_path):
         load_texts(path)
     with pytest.raises(InputError, match="unsupported text file type"):
         load_texts(tmp_path / "data.csv")
+
+
+def test_the_compact_reference_gives_the_full_distributions_kl_and_top1(tmp_path, tiny_base, tokenizer, text_files):
+    """The baseline kept as its final hidden states and output layer (here with LoRA on lm_head) scores another
+    model exactly as its stored full log-probabilities do, at a fraction of the bytes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from support import random_adapter
+
+    adapter = random_adapter(tiny_base, tmp_path / "adapter", target_modules=["q_proj", "lm_head"])
+    baseline = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), adapter)
+    other = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    texts = load_texts(text_files["eval"])
+    windows = eval_windows(token_stream(tokenizer, texts), seq_len=64, max_windows=12, stride=32)
+    tokens = int(windows.scored_tokens().sum())
+    scores = {}
+    for kind in (FullReference, HiddenReference):
+        reference = kind(tmp_path / f"{kind.__name__}.npy", tokens)
+        recorded = score_windows(baseline.eval(), windows, 5, reference, record=True)
+        scores[kind] = score_windows(other.eval(), windows, 5, reference)
+    full, hidden = scores[FullReference], scores[HiddenReference]
+    assert sum(full["kl"]) > 0.01 and sum(hidden["kl"]) == pytest.approx(sum(full["kl"]), rel=1e-5)
+    assert hidden["kl"] == pytest.approx(full["kl"], rel=1e-5) and hidden["top1_agree"] == full["top1_agree"]
+    assert hidden["nll"] == full["nll"] and len(recorded["nll"]) == 12
+    sizes = {kind: (tmp_path / f"{kind.__name__}.npy").stat().st_size for kind in scores}
+    assert sizes[HiddenReference] < sizes[FullReference] * 128 / len(tokenizer) * 1.1  # hidden 128 vs vocab 512

@@ -5,11 +5,12 @@ Models, each loaded as a user would load it:
   base_nf4  the NF4 base alone (adapter disabled): what the fine-tune improved on
   merged    the merged 16-bit checkpoint
   gptq      the re-quantized checkpoint
-The baseline is scored first and its next-token log-probabilities are kept in a temporary file,
-so each later model is compared with it token by token (KL, top-1 agreement) without the two
-being in memory together. Output: results.json with the window protocol, per model and window the
-summed NLL, KL and top-1 agreements (the report's statistics are computed from these), and the
-greedy continuations of the configured prompts.
+The baseline is scored first; its final hidden states at the scored tokens are kept in a temporary file
+and its output layer in memory, which recompute its exact log-probabilities while each later model is
+compared with it token by token (KL, top-1 agreement), without the two models in memory together.
+Output: results.json with the window protocol, per model and window the summed NLL, KL and top-1
+agreements (the report's statistics are computed from these), and the greedy continuations of the
+configured prompts.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from qlora_requant.eval.generate import greedy_continuations
 from qlora_requant.eval.models import load_plain, load_separate_adapter
 from qlora_requant.eval.perplexity import (
-    ReferenceLogProbs,
+    HiddenReference,
     Windows,
     conversation_windows,
     eval_windows,
@@ -45,11 +46,11 @@ log = logging.getLogger(__name__)
 
 
 class Scorer:
-    """Scores models on one set of windows against the baseline's recorded log-probabilities."""
+    """Scores models on one set of windows against the baseline, recorded compactly (see HiddenReference)."""
 
     def __init__(self, section: EvaluationSection, windows: Windows, tokenizer, reference_path: Path):
         self.section, self.windows, self.tokenizer = section, windows, tokenizer
-        self.reference = ReferenceLogProbs(reference_path, windows)
+        self.reference = HiddenReference(reference_path, int(windows.scored_tokens().sum()))
         self.models: dict[str, dict] = {}
         self.generations: dict[str, list[str]] = {}
         # Prompts as text; conversations rendered with the chat template up to the assistant's answer.
@@ -91,12 +92,12 @@ def run(
     model_dirs = {name: context.layout.model_dir(name) for name in models}
     tokenizer = AutoTokenizer.from_pretrained(model_dirs[models[0]], trust_remote_code=context.trust_remote_code)
     windows = _windows(section, corpus, tokenizer)
-    vocab = len(tokenizer)
+    tokens, hidden = int(windows.scored_tokens().sum()), hidden_size(base.model_config)
     require_free_space(
         out,
-        len(windows) * (windows.seq_len - 1) * vocab * 4,
-        f"the baseline's log-probabilities ({len(windows)} windows x {windows.seq_len - 1} tokens x "
-        f"{vocab} vocabulary, float32; lower evaluation.max_windows to shrink it)",
+        tokens * hidden * 4,
+        f"the baseline's final hidden states ({tokens} scored tokens x {hidden}, float32; lower "
+        "evaluation.max_windows to shrink it)",
     )
     scorer = Scorer(section, windows, tokenizer, out / BASELINE_REFERENCE)
 
@@ -163,6 +164,11 @@ def _windows(section: EvaluationSection, corpus: Corpus, tokenizer) -> Windows:
         tokenizer.bos_token_id if section.bos else None,
         where=corpus.where,
     )
+
+
+def hidden_size(model_config: dict) -> int:
+    """Width of the final hidden states, under the names configs give it."""
+    return next(model_config[key] for key in ("hidden_size", "n_embd", "d_model") if key in model_config)
 
 
 def _plain_dtype(name: str, device: str) -> torch.dtype | str:
