@@ -47,6 +47,7 @@ def compare_to_baseline(models: dict[str, dict], bootstrap_samples: int, seed: i
             "windows": len(result["window_nll"]),
             "delta_ppl": delta["abs"],
             "delta_pct": delta["pct"],
+            "placement": result.get("placement"),
         }
         if name != BASELINE:
             row["delta_pct_ci95"] = bootstrap_ppl_change(

@@ -1,14 +1,41 @@
-"""Loading the models that are compared, each as the user would load it with transformers."""
+"""Loading the models that are compared, each as the user would load it with transformers: on the run's device,
+or placed by accelerate over the GPUs, the CPU and the disk."""
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from qlora_requant.eval.perplexity import input_device
 
-def device_map(device: str) -> dict[str, str | int]:
-    return {"": 0 if device == "cuda" else "cpu"}
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a model goes: the run's device, or (`auto`) accelerate's placement within `max_memory`, modules
+    past it offloaded to `offload_folder`."""
+
+    device: str = "cpu"
+    auto: bool = False
+    max_memory: dict[str | int, int] | None = None
+    offload_folder: Path | None = None
+
+    def options(self) -> dict:
+        """from_pretrained's placement arguments."""
+        if not self.auto:
+            return {"device_map": {"": 0 if self.device == "cuda" else "cpu"}}
+        options = {"device_map": "auto", "offload_folder": str(self.offload_folder)}
+        return {**options, "max_memory": self.max_memory} if self.max_memory else options
+
+
+def placed(model, placement: Placement) -> dict[str, int]:
+    """Device -> how many modules accelerate placed there (the whole model counts as one on a single device)."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map or not placement.auto:
+        return {"cuda:0" if placement.device == "cuda" else "cpu": 1}
+    return dict(Counter(f"cuda:{where}" if isinstance(where, int) else str(where) for where in device_map.values()))
 
 
 def load_separate_adapter(
@@ -18,7 +45,7 @@ def load_separate_adapter(
     combination: str | None,
     quantization,
     dtype: torch.dtype,
-    device: str,
+    placement: Placement,
 ):
     """The model as trained: the base loaded in 4-bit by transformers + bitsandbytes, its embeddings resized to
     the fine-tune's `vocabulary` (as training did; the adapter carries the rows), adapter unmerged (PEFT).
@@ -31,7 +58,7 @@ def load_separate_adapter(
     from transformers import AutoModelForCausalLM
 
     quantized = {"quantization_config": quantization} if quantization is not None else {}
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, device_map=device_map(device), **quantized)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, **placement.options(), **quantized)
     if vocabulary != base.get_input_embeddings().num_embeddings:
         base.resize_token_embeddings(vocabulary, mean_resizing=False)
     model = PeftModel.from_pretrained(base, adapters[0][0], adapter_name="adapter0", is_trainable=False)
@@ -44,7 +71,7 @@ def load_separate_adapter(
     return model.eval()
 
 
-def load_plain(model_dir: Path, device: str, dtype: torch.dtype | str = "auto"):
+def load_plain(model_dir: Path, placement: Placement, dtype: torch.dtype | str = "auto"):
     """A merged 16-bit or a GPTQ checkpoint, loaded by plain transformers.
 
     A GPTQ checkpoint whose weights do not all load, or that fails a first forward pass, with the kernel
@@ -59,19 +86,19 @@ def load_plain(model_dir: Path, device: str, dtype: torch.dtype | str = "auto"):
 
     quantization = json.loads((model_dir / "config.json").read_text()).get("quantization_config")
     if not quantization:
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device_map(device)).eval()
-    for backend in ("", *CPU_BACKENDS) if device == "cpu" else ("",):
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **placement.options()).eval()
+    for backend in ("", *CPU_BACKENDS) if placement.device == "cpu" else ("",):
         options = {}
         if backend:
             keys = ("bits", "group_size", "desc_act", "sym")
             options["quantization_config"] = GPTQConfig(**{k: quantization[k] for k in keys}, backend=backend)
         model, info = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, device_map=device_map(device), output_loading_info=True, **options
+            model_dir, dtype=dtype, output_loading_info=True, **placement.options(), **options
         )
         try:
             if not info["missing_keys"]:
                 with torch.no_grad():
-                    model(torch.zeros(1, 8, dtype=torch.long, device=model.device))
+                    model(torch.zeros(1, 8, dtype=torch.long, device=input_device(model)))
                 return model.eval()
         except (RuntimeError, IndexError, ValueError):
             pass

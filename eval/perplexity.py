@@ -181,8 +181,10 @@ class HiddenReference:
         self.array[start : start + len(hidden)] = hidden.float().cpu().numpy()
 
     def keep_output_layer(self, output: OutputLayer) -> None:
-        """Keep a copy of the reference's output layer (the reference model itself is freed)."""
-        self.output = OutputLayer(copy.deepcopy(output.head), output.config)
+        """Keep the reference's output layer when the rest of the reference model is freed: the module itself, or
+        a copy when PEFT layers are in it, which a later `disable_adapter()` on that model would switch off."""
+        adapted = any(type(module).__module__.startswith("peft.") for module in output.head.modules())
+        self.output = OutputLayer(copy.deepcopy(output.head) if adapted else output.head, output.config)
 
     def read(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
         head_device = next(self.output.head.parameters()).device

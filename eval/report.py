@@ -63,7 +63,11 @@ def summary_lines(report: Report) -> list[str]:
     lines = [
         f"Adapter gain on the eval data: PPL {models['base_nf4'].ppl:.3f} (NF4 base alone) -> "
         f"{models['baseline'].ppl:.3f} (with adapter), {report.adapter_ppl_change_pct:+.2f}%.",
-        f"Merge: {models['merged'].delta_pct:+.3f}% PPL against the separate adapter.",
+        *(
+            [f"Merge: {models['merged'].delta_pct:+.3f}% PPL against the separate adapter."]
+            if "merged" in models
+            else []
+        ),
         f"Re-quantization: {model_label(release.model)} ({release.bits}-bit, "
         f"{'per channel' if release.group_size == -1 else f'group {release.group_size}'}) "
         f"{gptq.delta_pct:+.3f}% PPL (95% CI {low:+.3f}%..{high:+.3f}%), "

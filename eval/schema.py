@@ -75,6 +75,10 @@ class ModelScores(_Closed):
     top1_agreement: float | SkipJsonSchema[None] = _omitted(
         "Share of scored tokens where model and baseline predict the same next token; on every row but the baseline's."
     )
+    placement: dict[str, int] | SkipJsonSchema[None] = _omitted(
+        "Where the model ran: device (cpu, cuda:0, disk, ...) -> modules accelerate placed there; one module "
+        "for the whole model on a single device."
+    )
 
 
 class GateCheck(_Closed):

@@ -101,9 +101,11 @@ def _run(config_path: Path, overrides: list[str], force: list[str], kinds: froze
 
 def _validate(config_path: Path, overrides: list[str]) -> int:
     from qlora_requant.pipeline.console import LibraryOutput
+    from qlora_requant.pipeline.plan import plan
     from qlora_requant.pipeline.preflight import preflight, resolve_device
 
     config = _load(config_path, overrides)
+    plan(config)  # refuses what only the plan can judge (evaluation.models)
     with LibraryOutput():
         preflight(config, resolve_device(config))
     print(f"{config_path}: valid; output_dir {config.output_dir}")

@@ -340,6 +340,29 @@ class EvaluationSection(Section):
     max_new_tokens: int = Field(32, gt=0)
     # With chat data: score every token of each conversation, or only the assistant turns' (as SFT trains).
     score: Literal["all", "assistant"] = "all"
+    # Which models to score besides the baseline and base_nf4 (default: every merged and GPTQ model).
+    models: list[str] | None = None
+    # Where each model is placed: on the run's device (single), or spread by accelerate (auto) over the GPUs,
+    # the CPU and, past max_memory, the disk (an offload folder inside the run directory).
+    device_map: Literal["single", "auto"] = "single"
+    max_memory: dict[str | int, str | int] | None = None  # accelerate's format: {0: 70GiB, 1: 70GiB, cpu: 200GiB}
+
+    @model_validator(mode="after")
+    def _placement(self) -> EvaluationSection:
+        if self.max_memory is not None and self.device_map != "auto":
+            raise ValueError("max_memory applies to device_map: auto; set device_map: auto or remove max_memory")
+        for key, size in (self.max_memory or {}).items():
+            if not (key == "cpu" or str(key).isdigit()):
+                raise ValueError(f"max_memory key {key!r} is not a GPU index or 'cpu'")
+            if isinstance(size, str):
+                parse_size(size)
+        return self
+
+    def accelerate_max_memory(self) -> dict[str | int, int] | None:
+        """max_memory as accelerate takes it: GPU indices as ints, sizes in bytes."""
+        if self.max_memory is None:
+            return None
+        return {key if key == "cpu" else int(key): parse_size(size) for key, size in self.max_memory.items()}
 
     @model_validator(mode="after")
     def _chat_scoring(self) -> EvaluationSection:

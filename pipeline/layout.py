@@ -28,6 +28,7 @@ NOT_CONTENT = (MODEL_CARD, GPTQ_LOSS_LOG)
 
 RESULTS = "results.json"  # in the evaluation folder
 BASELINE_REFERENCE = ".baseline_hidden.npy"  # in the evaluation's temporary folder, deleted with it
+OFFLOAD = ".offload"  # there too: accelerate's offload folder of the model being scored (device_map: auto)
 REPORT_FILES = ("report.json", "report.md", "report.html")
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from qlora_requant.pipeline.checkpoint import dtype_of
-from qlora_requant.pipeline.config import GptqSection, RunConfig
+from qlora_requant.pipeline.config import ConfigError, GptqSection, RunConfig
 from qlora_requant.pipeline.context import StageContext
 from qlora_requant.pipeline.layout import RunLayout
 
@@ -60,8 +60,23 @@ def plan(config: RunConfig) -> list[Stage]:
             name = f"requantize{gptq.removeprefix('gptq')}"
             stages.append(requantize_stage(config, layout, settings, variant, name=name, merged=merged, model=gptq))
             models.append(gptq)
-    stages.append(evaluate_stage(config, layout, models=models))
+    stages.append(evaluate_stage(config, layout, models=scored_models(config, models)))
     return stages
+
+
+def scored_models(config: RunConfig, models: list[str]) -> list[str]:
+    """The models the evaluation scores besides the baseline: evaluation.models, in plan order, or all. At least
+    one GPTQ model of the chosen merge base must be among them: the report is about the release."""
+    chosen = config.evaluation.models
+    if chosen is None:
+        return models
+    unknown = sorted(set(chosen) - set(models))
+    if unknown:
+        raise ConfigError(f"evaluation.models: {unknown[0]!r} is not a model of this run ({', '.join(models)})")
+    releases = [gptq_model(variant) for variant in config.requantize.variant_settings()]
+    if not set(chosen) & set(releases):
+        raise ConfigError(f"evaluation.models must name a GPTQ model to release: one of {', '.join(releases)}")
+    return [name for name in models if name in chosen]
 
 
 def gptq_model(variant: str, suffix: str = "") -> str:

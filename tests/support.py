@@ -39,11 +39,10 @@ def tiny_llama(tokenizer, seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **{**TINY_LLAMA, **overrides},
+        **{"vocab_size": len(tokenizer), **TINY_LLAMA, **overrides},
     )
     return LlamaForCausalLM(config)
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from qlora_requant.eval.generate import greedy_continuations
-from qlora_requant.eval.models import load_plain, load_separate_adapter
+from qlora_requant.eval.models import Placement, load_plain, load_separate_adapter, placed
 from qlora_requant.eval.perplexity import (
     HiddenReference,
     Windows,
@@ -37,7 +38,7 @@ from qlora_requant.pipeline.checkpoint import dtype_of, is_bnb_4bit
 from qlora_requant.pipeline.config import AdapterSection, EvaluationSection
 from qlora_requant.pipeline.context import StageContext
 from qlora_requant.pipeline.files import require_free_space
-from qlora_requant.pipeline.layout import BASELINE_REFERENCE, RESULTS
+from qlora_requant.pipeline.layout import BASELINE_REFERENCE, OFFLOAD, RESULTS
 from qlora_requant.pipeline.stages.merge import vocabulary_rows
 from qlora_requant.quant.calibration import Corpus, token_stream
 from qlora_requant.quant.chat import render_conversation, render_prompt
@@ -58,7 +59,7 @@ class Scorer:
             p if isinstance(p, str) else render_prompt(tokenizer, [m.model_dump() for m in p]) for p in section.prompts
         ]
 
-    def score(self, name: str, model, record: bool = False, generate: bool = True) -> None:
+    def score(self, name: str, model, placement: dict[str, int], record: bool = False, generate: bool = True) -> None:
         started = time.perf_counter()
         scores = score_windows(model, self.windows, self.section.batch_size, self.reference, record)
         tokens = self.windows.scored_tokens().tolist()
@@ -67,6 +68,7 @@ class Scorer:
             "tokens": sum(tokens),
             "windows": len(tokens),
             "seconds": round(time.perf_counter() - started, 2),
+            "placement": placement,
             "window_tokens": tokens,
             "window_nll": scores["nll"],
             **({} if record else {"window_kl": scores["kl"], "window_top1": scores["top1_agree"]}),
@@ -101,7 +103,12 @@ def run(
     )
     scorer = Scorer(section, windows, tokenizer, out / BASELINE_REFERENCE)
 
+    def placement(name: str) -> Placement:
+        offload = out / OFFLOAD / name  # inside the stage's temporary folder; removed after each model
+        return Placement(device, section.device_map == "auto", section.accelerate_max_memory(), offload)
+
     prequantized = is_bnb_4bit(base.model_config)  # a 4-bit save loads with its own quantization_config
+    where = placement("baseline")
     separate = load_separate_adapter(
         vocabulary_rows(context.inputs.adapter, base, base.model_config),
         base.model_dir,
@@ -109,20 +116,23 @@ def run(
         adapter.combination,
         None if prequantized else base.settings.to_transformers(),
         "auto" if prequantized else base.dtype,
-        device,
+        where,
     )
-    scorer.score("baseline", separate, record=True)
+    scorer.score("baseline", separate, placed(separate.get_base_model(), where), record=True)
     with separate.disable_adapter():
-        scorer.score("base_nf4", separate, generate=False)
+        scorer.score("base_nf4", separate, placed(separate.get_base_model(), where), generate=False)
     del separate
     gc.collect()
     plain_dtype = _plain_dtype(section.dtype, device)
     for name, model_dir in model_dirs.items():
-        model = load_plain(model_dir, device, plain_dtype)
-        scorer.score(name, model)
+        where = placement(name)
+        model = load_plain(model_dir, where, plain_dtype)
+        scorer.score(name, model, placed(model, where))
         del model
         gc.collect()
+        shutil.rmtree(where.offload_folder, ignore_errors=True)
     (out / BASELINE_REFERENCE).unlink()
+    shutil.rmtree(out / OFFLOAD, ignore_errors=True)
 
     protocol = {
         "kind": "conversations" if corpus.chat else "sliding windows" if section.stride else "non-overlapping windows",

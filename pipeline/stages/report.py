@@ -131,9 +131,11 @@ def variant_models(config: dict) -> dict[str, str]:
 
 
 def _variants(layout: RunLayout, config: dict, compared: dict, stages: dict[str, dict]) -> list[dict]:
-    """Each GPTQ variant's settings, size on disk, scores, gates and runtimes, in config order."""
+    """Each scored GPTQ variant's settings, size on disk, scores, gates and runtimes, in config order."""
     variants = []
     for name, model in variant_models(config).items():
+        if model not in compared:  # left out by evaluation.models
+            continue
         record = stages[f"requantize{model.removeprefix('gptq')}"]
         settings, row = record["summary"], compared[model]
         gate = judge_gates(compared, config["gate"], model)
