@@ -12,7 +12,7 @@ $(BIN)/python:
 # torch first, pinned, so pip does not resolve a newer (multi-GB CUDA) build through a dependency.
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt torch
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,tasks]'
 	touch $@
 
 demo: $(VENV)/.installed

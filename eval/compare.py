@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qlora_requant.eval.perplexity import perplexity
-from qlora_requant.eval.statistics import bootstrap_ppl_change
+from qlora_requant.eval.statistics import bootstrap_mean_difference, bootstrap_ppl_change, mcnemar_exact
 
 BASELINE = "baseline"
 MERGE_BASES = ("nf4", "original")
@@ -59,11 +59,30 @@ def compare_to_baseline(models: dict[str, dict], bootstrap_samples: int, seed: i
     return compared
 
 
-def judge_gates(compared: dict[str, dict], gate: dict, model: str = "gptq") -> dict:
-    """Every configured gate on a GPTQ model against the baseline.
+def compare_tasks(tasks: dict[str, dict], bootstrap_samples: int, seed: int) -> dict[str, dict]:
+    """Per task: its metric, samples and, per model, the score and (but for the baseline) its change against the
+    baseline in points with a paired bootstrap 95% interval over samples, and McNemar's exact p for accuracy."""
+    compared = {}
+    for task, result in tasks.items():
+        reference = result["models"][BASELINE]["per_sample"]
+        rows = {}
+        for name, scores in result["models"].items():
+            row = {"value": scores["value"]}
+            if name != BASELINE:
+                values = scores["per_sample"]
+                row["delta"] = 100.0 * (sum(values) - sum(reference)) / len(reference)
+                row["delta_ci95"] = bootstrap_mean_difference(values, reference, bootstrap_samples, seed)
+                row["mcnemar_p"] = mcnemar_exact(values, reference)
+            rows[name] = row
+        compared[task] = {"metric": result["metric"], "samples": len(reference), "models": rows}
+    return compared
 
-    The PPL gate is judged on the upper bound of the 95% interval: a change that could plausibly
-    exceed the limit fails.
+
+def judge_gates(compared: dict[str, dict], gate: dict, model: str = "gptq", tasks: dict | None = None) -> dict:
+    """Every configured gate on a GPTQ model against the baseline (`tasks`: compare_tasks' rows).
+
+    The PPL gate is judged on the upper bound of the 95% interval, a task drop on the lower bound of its
+    interval: a change that could plausibly exceed the limit fails.
     """
     row, name = compared[model], model_label(model)
     checks = []
@@ -105,6 +124,26 @@ def judge_gates(compared: dict[str, dict], gate: dict, model: str = "gptq") -> d
                 f"{name} top-1 agreement {row['top1_agreement']:.2%}",
                 f"{limit:.2%}",
                 f"{limit - row['top1_agreement']:.2%}",
+            )
+        )
+    drops = gate.get("max_task_drop")
+    for task, result in (tasks or {}).items() if drops is not None else ():
+        limit = drops.get(task) if isinstance(drops, dict) else drops
+        if limit is None:
+            continue
+        scores = result["models"][model]
+        low, high = scores["delta_ci95"]
+        drop = -low if low < 0 else 0.0  # the largest drop the interval allows
+        checks.append(
+            _check(
+                "max_task_drop",
+                drop,
+                limit,
+                drop <= limit,
+                f"{name} {task} {result['metric']} {scores['delta']:+.2f} points (95% CI {low:+.2f}..{high:+.2f}): "
+                f"drop up to {drop:.2f} points",
+                f"{limit:.2f} points",
+                f"{drop - limit:.2f} points",
             )
         )
     failed = [c for c in checks if not c["passed"]]

@@ -60,6 +60,21 @@ def render_model_card(report: Report, variant: Variant) -> str:
             else "No release gate was configured."
         ),
         "",
+        *(
+            [
+                "## Task scores",
+                "",
+                *[
+                    f"- {task} ({result.metric}, {result.samples} samples): {result.models[variant.model].value:.4f}, "
+                    f"baseline {result.models['baseline'].value:.4f}"
+                    for task, result in report.tasks.items()
+                    if variant.model in result.models
+                ],
+                "",
+            ]
+            if report.tasks
+            else []
+        ),
         "## Where it serves",
         "",
         *[f"- {runtime}: {kernel}" for runtime, kernel in variant.serves_on.items()],

@@ -7,7 +7,7 @@ import io
 import matplotlib
 import numpy as np
 
-from qlora_requant.eval.schema import GptqLoss, ModelScores, Variant
+from qlora_requant.eval.schema import GptqLoss, ModelScores, TaskScores, Variant
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen before pyplot loads)
@@ -85,6 +85,26 @@ def size_against_quality(variants: list[Variant]) -> bytes:
     axis.set_xlabel("size on disk (MB)")
     axis.set_ylabel("PPL change vs baseline (%), 95% interval")
     axis.set_title("GPTQ variants (hollow: fails a gate)")
+    return _png(figure)
+
+
+def task_changes(tasks: dict[str, TaskScores]) -> bytes:
+    """Each model's task score change against the baseline in points, with its paired 95% interval."""
+    rows = [
+        (f"{task} / {name}", score)
+        for task, r in tasks.items()
+        for name, score in r.models.items()
+        if score.delta is not None
+    ]
+    figure, axis = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.2))
+    for i, (_, score) in enumerate(rows):
+        low, high = score.delta_ci95
+        axis.errorbar(score.delta, i, xerr=[[score.delta - low], [high - score.delta]], fmt="o", capsize=4)
+    axis.axvline(0, color="gray", linewidth=1)
+    axis.set_yticks(range(len(rows)), [label for label, _ in rows])
+    axis.invert_yaxis()
+    axis.set_xlabel("score change vs baseline (points), 95% paired bootstrap interval")
+    axis.set_title("Task scores against the model as trained")
     return _png(figure)
 
 

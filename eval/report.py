@@ -88,6 +88,20 @@ def summary_lines(report: Report) -> list[str]:
     return lines + [f"Warning: {warning}" for warning in report.warnings]
 
 
+def task_table(report: Report) -> list[list[str]]:
+    """Every task's score per model and its change against the baseline: header first."""
+    rows = [["task", "metric", "samples", "model", "score", "vs baseline, points (95% CI)", "McNemar p"]]
+    for task, result in report.tasks.items():
+        for name, score in result.models.items():
+            change = "reference"
+            if score.delta is not None:
+                low, high = score.delta_ci95
+                change = f"{score.delta:+.2f} ({low:+.2f}..{high:+.2f})"
+            p = "" if score.mcnemar_p is None else f"{score.mcnemar_p:.3g}"
+            rows.append([task, result.metric, str(result.samples), name, f"{score.value:.4f}", change, p])
+    return rows
+
+
 def variant_table(variants: list[Variant]) -> list[list[str]]:
     """Size against quality of every GPTQ variant: header first."""
     rows = [["variant", "bits", "group", "act-order", "sym", "GPTAQ", "MB", "PPL", "vs baseline (95% CI)", "KL"]]
@@ -207,6 +221,8 @@ def render_markdown(report: Report) -> str:
         markdown_table(variant_table(report.variants)),
         "",
     ]
+    if report.tasks:
+        parts += ["## Task scores (lm-evaluation-harness)", "", markdown_table(task_table(report)), ""]
     if report.gate.checks:
         parts += [
             "## Release gates",
@@ -264,6 +280,8 @@ def report_plots(report: Report, results: dict) -> dict[str, bytes]:
         "PPL change with 95% intervals": plots.ppl_change_with_intervals(report.models, compared),
         "Per-window NLL difference against the baseline": plots.window_nll_differences(results["models"], compared),
     }
+    if report.tasks:
+        figures["Task score change with 95% intervals"] = plots.task_changes(report.tasks)
     if len(report.variants) > 1:
         figures["GPTQ variants: size against PPL change"] = plots.size_against_quality(report.variants)
     if report.loss_sources.gptq_error:
@@ -284,6 +302,8 @@ def render_html(report: Report, figures: dict[str, bytes]) -> str:
         "<h2>GPTQ checkpoints: size against quality</h2>",
         _html_table(variant_table(report.variants)),
     ]
+    if report.tasks:
+        sections += ["<h2>Task scores (lm-evaluation-harness)</h2>", _html_table(task_table(report))]
     for title, png in figures.items():
         data = base64.b64encode(png).decode()
         sections.append(

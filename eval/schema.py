@@ -20,7 +20,7 @@ from qlora_requant.eval.compare import BASELINE
 
 SCHEMA_VERSION = 3  # Report.schema_version; raise both when a change breaks readers of report.json
 
-GateName = Literal["max_ppl_increase_pct", "max_kl", "min_top1_agreement"]
+GateName = Literal["max_ppl_increase_pct", "max_kl", "min_top1_agreement", "max_task_drop"]
 
 
 def _no_default(schema: JsonDict) -> None:
@@ -185,6 +185,27 @@ class LossSources(_Closed):
     )
 
 
+class TaskModelScore(_Closed):
+    """One model's score on a task, and (but for the baseline) its change against the baseline."""
+
+    value: float = Field(description="The task's metric, as lm-eval reports it (acc: a share of samples).")
+    delta: float | SkipJsonSchema[None] = _omitted("Change against the baseline, in points (x100).")
+    delta_ci95: tuple[float, float] | SkipJsonSchema[None] = _omitted(
+        "Paired bootstrap 95% interval of delta over samples (the evaluation's bootstrap_samples and seed)."
+    )
+    mcnemar_p: float | SkipJsonSchema[None] = _omitted(
+        "McNemar's exact two-sided p for the paired right/wrong outcomes; absent for metrics that are not 0/1."
+    )
+
+
+class TaskScores(_Closed):
+    """An lm-evaluation-harness task scored for every model on the same samples."""
+
+    metric: str = Field(description="The metric lm-eval reports first for the task (acc, acc_norm, exact_match, ...).")
+    samples: int = Field(description="Samples scored, the same for every model.")
+    models: dict[str, TaskModelScore] = Field(description="Per model: baseline, merged (unless skipped), GPTQ.")
+
+
 class Generations(_Closed):
     """Greedy continuations of the configured prompts, side by side."""
 
@@ -238,6 +259,9 @@ class Report(_Closed):
     requantize: Requantize = Field(description="The release model's GPTQ settings and checkpoint check.")
     loss_sources: LossSources
     generations: Generations
+    tasks: dict[str, TaskScores] = Field(
+        default_factory=dict, description="Per lm-evaluation-harness task (evaluation.tasks); empty when none."
+    )
     artifacts: dict[str, str] = Field(
         description="Checkpoint folders the run wrote, by name (merged, gptq, ..., dequantized)."
     )

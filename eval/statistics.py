@@ -1,6 +1,9 @@
-"""Noise in a PPL comparison: a paired bootstrap over evaluation windows."""
+"""Noise in a comparison with the baseline: paired bootstraps over evaluation windows (PPL) and task samples
+(task scores), and McNemar's exact test for accuracy."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -25,3 +28,31 @@ def bootstrap_ppl_change(
     tail = 100.0 * (1 - confidence) / 2
     low, high = np.percentile(changes, [tail, 100.0 - tail])
     return float(low), float(high)
+
+
+def bootstrap_mean_difference(
+    values: list[float], reference: list[float], samples: int, seed: int, confidence: float = 0.95
+) -> tuple[float, float]:
+    """Percentile interval of mean(values - reference) in points (x100) over task samples resampled in pairs
+    (the same samples for both models); the same seed gives the same interval."""
+    differences = 100.0 * (np.asarray(values, dtype=np.float64) - np.asarray(reference, dtype=np.float64))
+    rows = np.random.default_rng(seed).integers(0, len(differences), size=(samples, len(differences)))
+    tail = 100.0 * (1 - confidence) / 2
+    low, high = np.percentile(differences[rows].mean(axis=-1), [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def mcnemar_exact(values: list[float], reference: list[float]) -> float | None:
+    """Two-sided exact McNemar p-value for paired right/wrong outcomes (1/0): of the samples the two models
+    disagree on, how unlikely a split this uneven is if either is equally likely to be the one right. None for
+    outcomes that are not all 0 or 1."""
+    pairs = list(zip(values, reference))
+    if any(v not in (0.0, 1.0) or r not in (0.0, 1.0) for v, r in pairs):
+        return None
+    gained = sum(1 for v, r in pairs if v > r)
+    lost = sum(1 for v, r in pairs if v < r)
+    disagreements = gained + lost
+    if disagreements == 0:
+        return 1.0
+    tail = sum(math.comb(disagreements, k) for k in range(min(gained, lost) + 1)) / 2**disagreements
+    return min(1.0, 2 * tail)

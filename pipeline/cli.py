@@ -121,7 +121,7 @@ def _network_policy(config) -> None:
             ("evaluation.text", config.evaluation.text),
         )
         if source.dataset
-    ]
+    ] + [f"evaluation.tasks.{i}.name" for i, task in enumerate(config.evaluation.tasks) if task.name]
     if not hub:
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
     elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):

@@ -311,6 +311,58 @@ class RequantizeSection(GptqSection):
         return settings
 
 
+class TaskSection(Section):
+    """An lm-evaluation-harness task: one registered by `name` (its data comes from the hub: online only), or a
+    local task folder (`path`: one YAML task config and its data files; works offline)."""
+
+    name: str | None = None
+    path: InputPath | None = None
+    limit: int | None = Field(None, gt=0)  # samples scored (the task's first ones); null: all
+    num_fewshot: int | None = Field(None, ge=0)
+    chat_template: bool = False  # render each prompt with the fine-tune's chat template
+
+    @model_validator(mode="after")
+    def _one_task(self) -> TaskSection:
+        if (self.name is None) == (self.path is None):
+            raise ValueError("set exactly one of 'name' (a registered lm-eval task) or 'path' (a local task folder)")
+        if self.path is not None:
+            self.config()
+        return self
+
+    def config(self) -> dict | str:
+        """What lm-eval is given: the task's name, or the local folder's task config with its data files'
+        paths made absolute (lm-eval would resolve them against the working directory)."""
+        if self.path is None:
+            return self.name
+        configs = sorted(self.path.glob("*.yaml")) if self.path.is_dir() else []
+        if len(configs) != 1:
+            raise ValueError(
+                f"{self.path}: a local task folder holds exactly one .yaml task config, found {len(configs)}"
+            )
+        try:
+            config = yaml.safe_load(configs[0].read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ValueError(
+                f"{configs[0]}: not plain YAML ({str(exc).splitlines()[0]}); task configs with !function (Python "
+                "code) are not run"
+            ) from None
+        if not isinstance(config, dict) or not isinstance(config.get("task"), str):
+            raise ValueError(f"{configs[0]}: has no 'task' name")
+        files = (config.get("dataset_kwargs") or {}).get("data_files")
+        if files is not None:
+
+            def absolute(value):
+                return [absolute(v) for v in value] if isinstance(value, list) else str(self.path / value)
+
+            resolved = {k: absolute(v) for k, v in files.items()} if isinstance(files, dict) else absolute(files)
+            config["dataset_kwargs"] = {**config["dataset_kwargs"], "data_files": resolved}
+        return config
+
+    def task_name(self) -> str:
+        config = self.config()
+        return config if isinstance(config, str) else config["task"]
+
+
 class ChatMessage(Section):
     role: str
     content: str
@@ -346,6 +398,8 @@ class EvaluationSection(Section):
     # the CPU and, past max_memory, the disk (an offload folder inside the run directory).
     device_map: Literal["single", "auto"] = "single"
     max_memory: dict[str | int, str | int] | None = None  # accelerate's format: {0: 70GiB, 1: 70GiB, cpu: 200GiB}
+    # lm-evaluation-harness tasks scored for the baseline, the merged and every GPTQ model, on the same samples.
+    tasks: list[TaskSection] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _placement(self) -> EvaluationSection:
@@ -389,6 +443,17 @@ class GateSection(Section):
     max_ppl_increase_pct: float | None = Field(None, ge=0)
     max_kl: float | None = Field(None, ge=0)  # mean token KL(baseline || GPTQ), nats
     min_top1_agreement: float | None = Field(None, ge=0, le=1)  # share of tokens with the same top-1 prediction
+    # Task score drop against the baseline in points (percentage points of accuracy), judged on the lower bound of
+    # the paired 95% interval: one limit for every task, or {task name: limit}.
+    max_task_drop: float | dict[str, float] | None = None
+
+    @field_validator("max_task_drop")
+    @classmethod
+    def _non_negative(cls, value):
+        limits = value.values() if isinstance(value, dict) else [] if value is None else [value]
+        if any(limit < 0 for limit in limits):
+            raise ValueError("drops are given as positive points, e.g. 2.0")
+        return value
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -431,6 +496,18 @@ class RunConfig(Section):
     requantize: RequantizeSection
     evaluation: EvaluationSection
     gate: GateSection = Field(default_factory=GateSection)
+
+    @model_validator(mode="after")
+    def _tasks_named_once(self) -> RunConfig:
+        names = [task.task_name() for task in self.evaluation.tasks]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"evaluation.tasks: task {twice[0]!r} is listed twice")
+        drops = self.gate.max_task_drop
+        unknown = sorted(set(drops) - set(names)) if isinstance(drops, dict) else []
+        if unknown:
+            raise ValueError(f"gate.max_task_drop: {unknown[0]!r} is not a task of evaluation.tasks ({names})")
+        return self
 
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:

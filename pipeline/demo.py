@@ -10,6 +10,8 @@ and docstrings (the fine-tuning domain). The fixture is
   calibration.jsonl  conversations about other docstrings, for GPTQ calibration ({"messages": [...]} per line)
   eval.jsonl      conversations about held-out docstrings, in neither the adapter's training data nor
                   calibration
+  tasks/stdlib_names/  an lm-evaluation-harness task on the held-out docstrings: which of four names does a
+                  docstring document (multiple choice, scored by accuracy)
   recipe.json     the settings it was built with (a different recipe rebuilds it)
 It is built once into a temporary folder and renamed into place.
 """
@@ -175,6 +177,38 @@ def conversations(named_docstrings: dict[str, str]) -> list[list[dict[str, str]]
     ]
 
 
+NAMES_TASK = """task: stdlib_names
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: stdlib_names.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{docstring}}\\nThe name documented above is"
+doc_to_choice: "{{choices}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_names_task(folder: Path, named_docstrings: dict[str, str]) -> None:
+    """A local lm-eval task: for each docstring (its first 300 characters), which of four names it documents;
+    the three others are drawn, seeded, from the other docstrings' names."""
+    folder.mkdir(parents=True)
+    rng = random.Random(SEED)
+    names = sorted(set(named_docstrings.values()))
+    with (folder / "stdlib_names.jsonl").open("w") as file:
+        for doc, name in named_docstrings.items():
+            choices = [name, *rng.sample([other for other in names if other != name], 3)]
+            rng.shuffle(choices)
+            record = {"docstring": doc[:300], "choices": choices, "answer": choices.index(name)}
+            file.write(json.dumps(record) + "\n")
+    (folder / "stdlib_names.yaml").write_text(NAMES_TASK)
+
+
 def write_chat_data(path: Path, named_docstrings: dict[str, str]) -> None:
     """Conversations as chat data: one {"messages": [...]} record per line."""
     path.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in conversations(named_docstrings)))
@@ -227,7 +261,7 @@ def fixture_recipe() -> dict:
         "training_dtype": str(TRAINING_DTYPE),
         "seed": SEED,
         "chat": {"tokens": CHAT_TOKENS, "template": CHAT_TEMPLATE, "new_rows": "trainable_token_indices"},
-        "data": "calibration.jsonl, eval.jsonl: chat records",
+        "data": "calibration.jsonl, eval.jsonl: chat records; tasks/stdlib_names",
         "python": sys.version.split()[0],
     }
 
@@ -254,6 +288,7 @@ def build_fixture(fixture_dir: Path) -> Path:
     train_adapter(tmp / "base", {doc: docstrings[doc] for doc in parts["adapter"]}, tmp / "adapter")
     for part in ("calibration", "eval"):
         write_chat_data(tmp / f"{part}.jsonl", {doc: docstrings[doc] for doc in parts[part]})
+    write_names_task(tmp / "tasks" / "stdlib_names", {doc: docstrings[doc] for doc in parts["eval"]})
     (tmp / RECIPE).write_text(json.dumps(fixture_recipe(), indent=2) + "\n")
     shutil.rmtree(fixture_dir, ignore_errors=True)
     tmp.rename(fixture_dir)

@@ -146,6 +146,7 @@ def evaluate_stage(config: RunConfig, layout: RunLayout, *, models: list[str]) -
             *_adapter_folders(config),
             *(layout.model_dir(model) for model in models),
             *([eval_text] if eval_text else []),
+            *(task.path for task in config.evaluation.tasks if task.path),
         ),
         work=partial(evaluate.run, **arguments),
     )

@@ -61,6 +61,8 @@ def preflight(config: RunConfig, device: str, kinds: frozenset[str] = frozenset(
             f"merge.merge_base: original needs the original 16-bit weights, but {config.base.path} "
             "is a 4-bit checkpoint; use merge_base: nf4"
         )
+    if config.evaluation.tasks:
+        _require_lm_eval()
     calibration = config.requantize.calibration.load()
     evaluation = config.evaluation.text.load()
     shared = check_held_out(
@@ -138,6 +140,15 @@ def _refuse_gptq_of_fused_experts(base_dir: Path, model_config: dict) -> None:
             "patches transformers for the whole process, so the GPTQ model cannot be checked or scored here; "
             "the merge is supported: run only it with `qlora-requant run CONFIG --stages merge`"
         )
+
+
+def _require_lm_eval() -> None:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise InputError(
+            "evaluation.tasks needs lm-evaluation-harness, which is not installed: pip install 'qlora-requant[tasks]'"
+        ) from None
 
 
 def _check_renders(tokenizer, corpus: Corpus, seq_len: int, records: int = 8) -> None:

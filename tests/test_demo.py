@@ -48,6 +48,11 @@ def test_the_demo_runs_offline_and_its_report_follows_the_schema(demo):
     closest = min(report["variants"][:2], key=lambda v: v["kl"])["name"]
     assert report["release_candidate"] == closest and report["requantize"]["variant"] == closest
     assert report["gate"]["passed"] and report["gate"]["failed"] == []
+    # the local lm-eval task, offline, for the baseline, the merged model and every variant on the same samples
+    task = report["tasks"]["stdlib_names"]
+    assert task["metric"] == "acc" and task["samples"] == report["protocol"]["windows"]
+    assert list(task["models"]) == ["baseline", "merged", *variants]
+    assert all(0 <= row["value"] <= 1 for row in task["models"].values())
     table = done.stdout.strip().split("\n\n")[0].splitlines()
     assert table[0].split() == [
         "model",

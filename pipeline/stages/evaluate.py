@@ -34,6 +34,7 @@ from qlora_requant.eval.perplexity import (
     perplexity,
     score_windows,
 )
+from qlora_requant.eval.tasks import score_tasks
 from qlora_requant.pipeline.checkpoint import dtype_of, is_bnb_4bit
 from qlora_requant.pipeline.config import AdapterSection, EvaluationSection
 from qlora_requant.pipeline.context import StageContext
@@ -54,12 +55,15 @@ class Scorer:
         self.reference = HiddenReference(reference_path, int(windows.scored_tokens().sum()))
         self.models: dict[str, dict] = {}
         self.generations: dict[str, list[str]] = {}
+        self.tasks: dict[str, dict] = {}  # per task: metric and, per model, its score and per-sample outcomes
         # Prompts as text; conversations rendered with the chat template up to the assistant's answer.
         self.prompts = [
             p if isinstance(p, str) else render_prompt(tokenizer, [m.model_dump() for m in p]) for p in section.prompts
         ]
 
-    def score(self, name: str, model, placement: dict[str, int], record: bool = False, generate: bool = True) -> None:
+    def score(self, name: str, model, placement: dict[str, int], record: bool = False, outputs: bool = True) -> None:
+        """Score `model` on the windows (with `record`, as the reference); with `outputs`, also generate the
+        prompts' continuations and score the tasks."""
         started = time.perf_counter()
         scores = score_windows(model, self.windows, self.section.batch_size, self.reference, record)
         tokens = self.windows.scored_tokens().tolist()
@@ -74,10 +78,15 @@ class Scorer:
             **({} if record else {"window_kl": scores["kl"], "window_top1": scores["top1_agree"]}),
         }
         log.info("evaluate: %-9s ppl %.4f on %d tokens", name, self.models[name]["ppl"], sum(tokens))
-        if generate and self.section.prompts:
+        if outputs and self.section.prompts:
             self.generations[name] = greedy_continuations(
                 model, self.tokenizer, self.prompts, self.section.max_new_tokens
             )
+        if outputs and self.section.tasks:
+            tasks = score_tasks(model, self.tokenizer, self.section.tasks, self.section.batch_size, self.section.seed)
+            for task, scores in tasks.items():
+                entry = self.tasks.setdefault(task, {"metric": scores["metric"], "models": {}})
+                entry["models"][name] = {"value": scores["value"], "per_sample": scores["per_sample"]}
 
 
 def run(
@@ -120,7 +129,7 @@ def run(
     )
     scorer.score("baseline", separate, placed(separate.get_base_model(), where), record=True)
     with separate.disable_adapter():
-        scorer.score("base_nf4", separate, placed(separate.get_base_model(), where), generate=False)
+        scorer.score("base_nf4", separate, placed(separate.get_base_model(), where), outputs=False)
     del separate
     gc.collect()
     plain_dtype = _plain_dtype(section.dtype, device)
@@ -155,6 +164,7 @@ def run(
             "max_new_tokens": section.max_new_tokens,
             "outputs": scorer.generations,
         },
+        "tasks": scorer.tasks,
     }
     (out / RESULTS).write_text(json.dumps(results, indent=1) + "\n")
     return {"windows": len(windows), "models": list(scorer.models)}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from qlora_requant.eval.compare import change, compare_to_baseline, judge_gates
+from qlora_requant.eval.compare import change, compare_tasks, compare_to_baseline, judge_gates
 from qlora_requant.eval.model_card import render_model_card
 from qlora_requant.eval.report import render_reports
 from qlora_requant.eval.schema import SCHEMA_VERSION, GptqLoss, Report
@@ -130,7 +130,7 @@ def variant_models(config: dict) -> dict[str, str]:
     return {name: gptq_model(name) for name in names} if names else {"gptq": gptq_model("")}
 
 
-def _variants(layout: RunLayout, config: dict, compared: dict, stages: dict[str, dict]) -> list[dict]:
+def _variants(layout: RunLayout, config: dict, compared: dict, tasks: dict, stages: dict[str, dict]) -> list[dict]:
     """Each scored GPTQ variant's settings, size on disk, scores, gates and runtimes, in config order."""
     variants = []
     for name, model in variant_models(config).items():
@@ -138,7 +138,7 @@ def _variants(layout: RunLayout, config: dict, compared: dict, stages: dict[str,
             continue
         record = stages[f"requantize{model.removeprefix('gptq')}"]
         settings, row = record["summary"], compared[model]
-        gate = judge_gates(compared, config["gate"], model)
+        gate = judge_gates(compared, config["gate"], model, tasks)
         format_settings = {key: settings[key] for key in ("bits", "group_size", "desc_act", "sym")}
         variants.append(
             {
@@ -164,7 +164,8 @@ def _assemble(layout: RunLayout, run: dict, results: dict, stages: dict[str, dic
     config, evaluation = run["config"], run["config"]["evaluation"]
     compared = compare_to_baseline(results["models"], evaluation["bootstrap_samples"], evaluation["seed"])
     merge = stages["merge"]["summary"]
-    variants = _variants(layout, config, compared, stages)
+    tasks = compare_tasks(results.get("tasks", {}), evaluation["bootstrap_samples"], evaluation["seed"])
+    variants = _variants(layout, config, compared, tasks, stages)
     passing = [variant for variant in variants if variant["gates_passed"]]
     # the smallest on disk; of equal sizes, the one closest to the baseline
     candidate = min(passing, key=lambda variant: (variant["size_bytes"], variant["kl"])) if passing else None
@@ -196,6 +197,7 @@ def _assemble(layout: RunLayout, run: dict, results: dict, stages: dict[str, dic
                 "merge_relative_change": merge["relative_change"],
             },
             "generations": results["generations"],
+            "tasks": tasks,
             "artifacts": artifacts,
             "stages": {
                 name: {"finished": record["finished"], **record["measures"], **record["summary"]}
