@@ -141,7 +141,8 @@ class Variant(_Closed):
     """One GPTQ variant: its settings, size, quality against the baseline, gates and where it serves."""
 
     name: str = Field(description="The variant's name; gptq without variants.")
-    model: str = Field(description="Its row in models and its folder in the run directory.")
+    model: str = Field(description="Its row in models.")
+    path: str = Field(description="Its checkpoint folder, relative to the run directory.")
     bits: int = Field(description="Bits per weight.")
     group_size: int = Field(description="Weights per quantization group; -1: one group per output channel.")
     desc_act: bool = Field(description="Act-order.")

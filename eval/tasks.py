@@ -7,10 +7,20 @@ every sample logged, so that two models are compared sample by sample: the same 
 from __future__ import annotations
 
 import logging
+from functools import cache
 
 log = logging.getLogger(__name__)
 
 RESULT_KEYS = ("name", "alias", "sample_len", "samples")
+
+
+@cache
+def task_manager(registered: bool):
+    """lm-eval's task index, built once: with its registered tasks (indexing them takes seconds), or empty for
+    local task configs, which are given whole."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=registered)
 
 
 def score_tasks(model, tokenizer, tasks: list, batch_size: int, seed: int) -> dict[str, dict]:
@@ -33,6 +43,7 @@ def score_tasks(model, tokenizer, tasks: list, batch_size: int, seed: int) -> di
         results = simple_evaluate(
             model=language_model,
             tasks=[task.config()],
+            task_manager=task_manager(registered=task.name is not None),
             limit=task.limit,
             num_fewshot=task.num_fewshot,
             apply_chat_template=task.chat_template,

@@ -12,7 +12,7 @@ import torch
 
 from qlora_requant.eval.statistics import bootstrap_mean_difference, mcnemar_exact
 from qlora_requant.eval.tasks import score_tasks
-from qlora_requant.pipeline.cli import EXIT_GATE_FAILED, EXIT_OK, main
+from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, main
 from qlora_requant.pipeline.config import TaskSection
 
 from support import validate_report, write_config
@@ -85,6 +85,16 @@ def test_the_paired_interval_is_reproducible_and_mcnemar_is_exact():
     # 1 gained, 6 lost of 7 disagreements: p = 2 * (1 + 7) / 2**7 = 0.125
     assert mcnemar_exact([1, 0, 0, 0, 0, 0, 0, 1], [0, 1, 1, 1, 1, 1, 1, 1]) == pytest.approx(0.125)
     assert mcnemar_exact([1, 1], [1, 1]) == 1.0 and mcnemar_exact([0.5], [1.0]) is None
+
+
+def test_a_registered_task_needs_the_hub_and_is_refused_offline(
+    tmp_path, tiny_base, tiny_adapter, text_files, monkeypatch, capsys
+):
+    config = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, tmp_path / "run")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["run", str(config), "--set", "evaluation.tasks=[{name: arc_easy}]"]) == EXIT_BAD_INPUT
+    assert "evaluation.tasks.0.name names a hub dataset, but HF_HUB_OFFLINE is set" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_task_drop_beyond_the_gate_exits_3_and_the_report_carries_the_tasks(

@@ -144,6 +144,7 @@ def _variants(layout: RunLayout, config: dict, compared: dict, tasks: dict, stag
             {
                 "name": name,
                 "model": model,
+                "path": layout.relative(layout.model_dir(model)),
                 **format_settings,
                 "gptaq": settings["gptaq"],
                 "mse": settings["mse"],
