@@ -151,11 +151,12 @@ def _require_lm_eval() -> None:
         ) from None
 
 
-def _check_renders(tokenizer, corpus: Corpus, seq_len: int, records: int = 8) -> None:
-    """The fine-tune's tokenizer has a chat template that renders the first records of `corpus`."""
+def _check_renders(tokenizer, corpus: Corpus, seq_len: int, assistant_tokens: bool, records: int = 8) -> None:
+    """The fine-tune's tokenizer has a chat template that renders the first records of `corpus` (and finds their
+    assistant tokens, when those are scored)."""
     require_chat_template(tokenizer, corpus.where)
     for conversation in corpus.conversations[:records]:
-        render_conversation(tokenizer, conversation, seq_len)
+        render_conversation(tokenizer, conversation, seq_len, assistant_tokens)
 
 
 def _refuse_cpu_4bit_shapes(base: DequantizedBase) -> None:
@@ -199,7 +200,7 @@ def _check_data(config: RunConfig, tokenizer, calibration: Corpus, evaluation: C
     render (no chat template, a template that fails), before any stage runs."""
     settings = config.requantize.calibration
     if calibration.chat:
-        _check_renders(tokenizer, calibration, settings.seq_len)
+        _check_renders(tokenizer, calibration, settings.seq_len, assistant_tokens=False)
     else:
         require_tokens(
             tokenizer,
@@ -208,7 +209,7 @@ def _check_data(config: RunConfig, tokenizer, calibration: Corpus, evaluation: C
             f"{calibration.where} (requantize.calibration.seq_len={settings.seq_len})",
         )
     if evaluation.chat:
-        _check_renders(tokenizer, evaluation, config.evaluation.seq_len)
+        _check_renders(tokenizer, evaluation, config.evaluation.seq_len, config.evaluation.score == "assistant")
     else:
         require_tokens(
             tokenizer,

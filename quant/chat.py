@@ -44,17 +44,18 @@ def check_conversations(records: list, field: str, where: str) -> list[Conversat
     return conversations
 
 
-def render_conversation(tokenizer, messages: Conversation, seq_len: int) -> ChatSample:
+def render_conversation(tokenizer, messages: Conversation, seq_len: int, assistant_tokens: bool = False) -> ChatSample:
     """`messages` rendered with the tokenizer's chat template and tokenized, starting with BOS (when the
     tokenizer has one and the template does not write it), cut to `seq_len` tokens.
 
-    Assistant tokens are found by rendering the conversation up to each assistant turn: the turn spans from
-    the end of the prompt before it (with the generation prompt) to the end of the conversation through it,
-    so it includes the turn's closing tokens, as SFT's assistant-only loss trains them.
+    With `assistant_tokens`, the assistant turns' tokens are marked, found by rendering the conversation up to
+    each assistant turn: the turn spans from the end of the prompt before it (with the generation prompt) to the
+    end of the conversation through it, so it includes the turn's closing tokens, as SFT's assistant-only loss
+    trains them. A template that renders earlier turns differently once later ones follow is refused then.
     """
     text = _template(tokenizer, messages)
     spans = []
-    for index, message in enumerate(messages):
+    for index, message in enumerate(messages if assistant_tokens else []):
         if message["role"] != "assistant":
             continue
         prompt = _template(tokenizer, messages[:index], generation_prompt=True) if index else ""
@@ -65,14 +66,15 @@ def render_conversation(tokenizer, messages: Conversation, seq_len: int) -> Chat
                 "followed by the turns, so assistant tokens cannot be found; set evaluation.score: all"
             )
         spans.append((len(prompt), len(through)))
-    if not getattr(tokenizer, "is_fast", False):
+    if assistant_tokens and not getattr(tokenizer, "is_fast", False):
         raise InputError(
-            f"{tokenizer.name_or_path}: a slow (Python) tokenizer gives no character offsets; chat data needs a "
-            "fast tokenizer (tokenizer.json)"
+            f"{tokenizer.name_or_path}: a slow (Python) tokenizer gives no character offsets, so assistant tokens "
+            "cannot be found; give a fast tokenizer (tokenizer.json), or set evaluation.score: all"
         )
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=assistant_tokens)
     ids = list(encoding["input_ids"])
-    assistant = [any(low <= start < high for low, high in spans) for start, _ in encoding["offset_mapping"]]
+    offsets = encoding["offset_mapping"] if assistant_tokens else [(-1, -1)] * len(ids)
+    assistant = [any(low <= start < high for low, high in spans) for start, _ in offsets]
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
         ids, assistant = [bos, *ids], [False, *assistant]

@@ -11,6 +11,7 @@ import pytest
 from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, main
 from qlora_requant.pipeline.records import read_record
 from qlora_requant.quant.chat import render_conversation
+from qlora_requant.quant.errors import InputError
 
 from support import chat_adapter, chat_tokenizer, validate_report, write_config
 
@@ -86,14 +87,23 @@ def test_a_conversation_renders_as_the_chat_template_with_its_assistant_turns_ma
         {"role": "user", "content": "And sorted?"},
         {"role": "assistant", "content": "Return a new sorted list."},
     ]
-    sample = render_conversation(tokenizer, messages, 256)
+    sample = render_conversation(tokenizer, messages, 256, assistant_tokens=True)
     rendered = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     bos = tokenizer.bos_token_id
     assert sample.input_ids == ([bos] if bos is not None and rendered[0] != bos else []) + list(rendered)
     assistant = [token for token, marked in zip(sample.input_ids, sample.assistant) if marked]
     assert tokenizer.decode(assistant) == "Return the number of items.<|im_end|>\nReturn a new sorted list.<|im_end|>\n"
-    cut = render_conversation(tokenizer, messages, 12)
+    cut = render_conversation(tokenizer, messages, 12, assistant_tokens=True)
     assert cut.input_ids == sample.input_ids[:12] and cut.assistant == sample.assistant[:12]
+    # a template that renders an earlier turn differently once a later one follows (as thinking models drop
+    # earlier reasoning): refused for assistant scoring, rendered as is otherwise
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + (m['content'] if loop.last else m['content'][:3]) + '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    with pytest.raises(InputError, match="does not render a conversation as the prompt followed by the turns"):
+        render_conversation(tokenizer, messages, 256, assistant_tokens=True)
+    assert not any(render_conversation(tokenizer, messages, 256).assistant)
 
 
 def test_chat_data_and_every_gptq_setting_run_and_the_smallest_passing_variant_is_the_candidate(

@@ -173,7 +173,8 @@ def run(
 def _windows(section: EvaluationSection, corpus: Corpus, tokenizer) -> Windows:
     """The evaluation windows: cut from the joined text, or one per conversation."""
     if corpus.chat:
-        samples = [render_conversation(tokenizer, c, section.seq_len) for c in corpus.conversations]
+        marked = section.score == "assistant"
+        samples = [render_conversation(tokenizer, c, section.seq_len, marked) for c in corpus.conversations]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return conversation_windows(samples, section.score, pad or 0, section.max_windows, corpus.where)
     return eval_windows(
