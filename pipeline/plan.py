@@ -57,8 +57,8 @@ def plan(config: RunConfig) -> list[Stage]:
         models.append(merged)
         for variant, settings in config.requantize.variant_settings().items():
             gptq = gptq_model(variant, suffix)
-            name = f"requantize{gptq.removeprefix('gptq')}"
-            stages.append(requantize_stage(config, layout, settings, variant, name=name, merged=merged, model=gptq))
+            stage = requantize_stage_name(gptq)
+            stages.append(requantize_stage(config, layout, settings, variant, name=stage, merged=merged, model=gptq))
             models.append(gptq)
     stages.append(evaluate_stage(config, layout, models=scored_models(config, models)))
     return stages
@@ -82,6 +82,11 @@ def scored_models(config: RunConfig, models: list[str]) -> list[str]:
 def gptq_model(variant: str, suffix: str = "") -> str:
     """The name (and folder) of a GPTQ model: gptq, gptq_<variant>, gptq_<merge base>, gptq_<variant>_<base>."""
     return f"gptq{'_' + variant if variant else ''}{suffix}"
+
+
+def requantize_stage_name(model: str) -> str:
+    """The requantize stage that writes the GPTQ model `model` (see gptq_model): requantize, requantize_<...>."""
+    return f"requantize{model.removeprefix('gptq')}"
 
 
 def dequantize_stage(config: RunConfig, layout: RunLayout) -> Stage:

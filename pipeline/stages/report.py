@@ -27,7 +27,7 @@ from qlora_requant.eval.report import render_reports
 from qlora_requant.eval.schema import SCHEMA_VERSION, GptqLoss, Report
 from qlora_requant.pipeline.files import write_atomically
 from qlora_requant.pipeline.layout import GPTQ_LOSS_LOG, MODEL_CARD, REPORT_FILES, RunLayout
-from qlora_requant.pipeline.plan import gptq_model
+from qlora_requant.pipeline.plan import gptq_model, requantize_stage_name
 from qlora_requant.pipeline.public import public_config, public_text
 from qlora_requant.pipeline.records import RecordError, read_record
 from qlora_requant.quant.errors import InputError
@@ -136,7 +136,7 @@ def _variants(layout: RunLayout, config: dict, compared: dict, tasks: dict, stag
     for name, model in variant_models(config).items():
         if model not in compared:  # left out by evaluation.models
             continue
-        record = stages[f"requantize{model.removeprefix('gptq')}"]
+        record = stages[requantize_stage_name(model)]
         settings, row = record["summary"], compared[model]
         gate = judge_gates(compared, config["gate"], model, tasks)
         format_settings = {key: settings[key] for key in ("bits", "group_size", "desc_act", "sym")}
@@ -171,7 +171,7 @@ def _assemble(layout: RunLayout, run: dict, results: dict, stages: dict[str, dic
     # the smallest on disk; of equal sizes, the one closest to the baseline
     candidate = min(passing, key=lambda variant: (variant["size_bytes"], variant["kl"])) if passing else None
     release = candidate or variants[0]
-    requantize = stages[f"requantize{release['model'].removeprefix('gptq')}"]
+    requantize = stages[requantize_stage_name(release["model"])]
     artifacts = {name: name for name in results["models"] if layout.model_dir(name).is_dir()}
     if "dequantize" in stages:
         artifacts["dequantized"] = layout.relative(layout.dequantized)
