@@ -21,10 +21,11 @@ from qlora_requant.pipeline.layout import RunLayout
 from qlora_requant.pipeline.parameter_slices import fused_expert_parameters
 from qlora_requant.pipeline.plan import STAGE_KINDS
 from qlora_requant.pipeline.stages.dequantize import DequantizedBase, check_base
+from qlora_requant.pipeline.stages.evaluate import evaluation_windows
 from qlora_requant.pipeline.stages.merge import load_adapter, trained_on_another_base, vocabulary_rows
 from qlora_requant.pipeline.tokenizer import load_tokenizer, tokenizer_folder
-from qlora_requant.quant.calibration import Corpus, check_held_out, require_tokens
-from qlora_requant.quant.chat import render_conversation, render_prompt, require_chat_template
+from qlora_requant.quant.calibration import Corpus, calibration_samples, check_held_out, require_tokens
+from qlora_requant.quant.chat import render_prompt, require_chat_template
 from qlora_requant.quant.errors import InputError
 from qlora_requant.quant.merge import LoraAdapter
 
@@ -151,14 +152,6 @@ def _require_lm_eval() -> None:
         ) from None
 
 
-def _check_renders(tokenizer, corpus: Corpus, seq_len: int, assistant_tokens: bool, records: int = 8) -> None:
-    """The fine-tune's tokenizer has a chat template that renders the first records of `corpus` (and finds their
-    assistant tokens, when those are scored)."""
-    require_chat_template(tokenizer, corpus.where)
-    for conversation in corpus.conversations[:records]:
-        render_conversation(tokenizer, conversation, seq_len, assistant_tokens)
-
-
 def _refuse_cpu_4bit_shapes(base: DequantizedBase) -> None:
     """bitsandbytes' CPU kernel runs a 4-bit Linear only when its in_features is a multiple of its blocksize;
     the baseline (the base in 4-bit, as trained) could not be scored, after merge and GPTQ had run."""
@@ -199,8 +192,11 @@ def _check_data(config: RunConfig, tokenizer, calibration: Corpus, evaluation: C
     """Refuse calibration or eval text too short for one window, and chat data the fine-tune's tokenizer cannot
     render (no chat template, a template that fails), before any stage runs."""
     settings = config.requantize.calibration
+    # Chat data is rendered here as the stages will render it (tokenizing only), so that a record the template
+    # cannot render, or nothing to score, is refused before any stage runs.
     if calibration.chat:
-        _check_renders(tokenizer, calibration, settings.seq_len, assistant_tokens=False)
+        require_chat_template(tokenizer, calibration.where)
+        calibration_samples(tokenizer, calibration, settings.n_samples, settings.seq_len, settings.seed)
     else:
         require_tokens(
             tokenizer,
@@ -209,7 +205,8 @@ def _check_data(config: RunConfig, tokenizer, calibration: Corpus, evaluation: C
             f"{calibration.where} (requantize.calibration.seq_len={settings.seq_len})",
         )
     if evaluation.chat:
-        _check_renders(tokenizer, evaluation, config.evaluation.seq_len, config.evaluation.score == "assistant")
+        require_chat_template(tokenizer, evaluation.where)
+        evaluation_windows(config.evaluation, evaluation, tokenizer)
     else:
         require_tokens(
             tokenizer,

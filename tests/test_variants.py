@@ -162,6 +162,7 @@ def test_bad_variants_and_chat_settings_exit_2_naming_the_key(tmp_path, tiny_bas
         ("evaluation.text.format=text", "score: assistant needs chat data"),
         (f"evaluation.text.path={text_files['eval']}", "format: chat needs records"),
         ("evaluation.text.messages_field=conversation", "has no field 'conversation'"),
+        ("evaluation.seq_len=6", "no conversation has a token to score (score: assistant)"),
     ]
     for override, message in cases:
         assert main(["run", str(config), "--set", override]) == EXIT_BAD_INPUT, override

@@ -102,7 +102,7 @@ def run(
     section, device, base, corpus = evaluation, context.device, context.inputs.base, context.inputs.evaluation
     model_dirs = {name: context.layout.model_dir(name) for name in models}
     tokenizer = AutoTokenizer.from_pretrained(model_dirs[models[0]], trust_remote_code=context.trust_remote_code)
-    windows = _windows(section, corpus, tokenizer)
+    windows = evaluation_windows(section, corpus, tokenizer)
     tokens, hidden = int(windows.scored_tokens().sum()), hidden_size(base.model_config)
     require_free_space(
         out,
@@ -170,7 +170,7 @@ def run(
     return {"windows": len(windows), "models": list(scorer.models)}
 
 
-def _windows(section: EvaluationSection, corpus: Corpus, tokenizer) -> Windows:
+def evaluation_windows(section: EvaluationSection, corpus: Corpus, tokenizer) -> Windows:
     """The evaluation windows: cut from the joined text, or one per conversation."""
     if corpus.chat:
         marked = section.score == "assistant"
