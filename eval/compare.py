@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qlora_requant.eval.perplexity import perplexity
-from qlora_requant.eval.statistics import bootstrap_mean_difference, bootstrap_ppl_change, mcnemar_exact
+from qlora_requant.eval.statistics import bootstrap_mean_difference, bootstrap_ppl_change, mcnemar_exact, no_interval
 
 BASELINE = "baseline"
 MERGE_BASES = ("nf4", "original")
@@ -34,7 +34,8 @@ def change(value: float, reference: float) -> dict[str, float]:
 
 def compare_to_baseline(models: dict[str, dict], bootstrap_samples: int, seed: int) -> dict[str, dict]:
     """Per model, in the order scored: PPL and its change against the baseline with a paired bootstrap
-    95% interval, mean token KL(baseline || model) and top-1 agreement with the baseline."""
+    95% interval (None where there is none), mean token KL(baseline || model) and top-1 agreement with the
+    baseline."""
     reference = models[BASELINE]
     compared = {}
     for name, result in models.items():
@@ -61,7 +62,8 @@ def compare_to_baseline(models: dict[str, dict], bootstrap_samples: int, seed: i
 
 def compare_tasks(tasks: dict[str, dict], bootstrap_samples: int, seed: int) -> dict[str, dict]:
     """Per task: its metric, samples and, per model, the score and (but for the baseline) its change against the
-    baseline in points with a paired bootstrap 95% interval over samples, and McNemar's exact p for accuracy."""
+    baseline in points with a paired bootstrap 95% interval over samples (None where there is none), and McNemar's
+    exact p for accuracy."""
     compared = {}
     for task, result in tasks.items():
         reference = result["models"][BASELINE]["per_sample"]
@@ -82,24 +84,12 @@ def judge_gates(compared: dict[str, dict], gate: dict, model: str = "gptq", task
     """Every configured gate on a GPTQ model against the baseline (`tasks`: compare_tasks' rows).
 
     The PPL gate is judged on the upper bound of the 95% interval, a task drop on the lower bound of its
-    interval: a change that could plausibly exceed the limit fails.
+    interval: a change that could plausibly exceed the limit fails, and so does one without an interval.
     """
     row, name = compared[model], model_label(model)
     checks = []
     if gate.get("max_ppl_increase_pct") is not None:
-        limit, (low, high) = gate["max_ppl_increase_pct"], row["delta_pct_ci95"]
-        checks.append(
-            _check(
-                "max_ppl_increase_pct",
-                high,
-                limit,
-                high <= limit,
-                f"{name} PPL change {row['delta_pct']:+.2f}% (95% CI {low:+.2f}%..{high:+.2f}%): "
-                f"upper bound {high:+.2f}%",
-                f"{limit:.2f}%",
-                f"{high - limit:.2f} percentage points",
-            )
-        )
+        checks.append(_ppl_check(row, model, gate["max_ppl_increase_pct"]))
     if gate.get("max_kl") is not None:
         limit = gate["max_kl"]
         checks.append(
@@ -131,21 +121,7 @@ def judge_gates(compared: dict[str, dict], gate: dict, model: str = "gptq", task
         limit = drops.get(task) if isinstance(drops, dict) else drops
         if limit is None:
             continue
-        scores = result["models"][model]
-        low, high = scores["delta_ci95"]
-        drop = -low if low < 0 else 0.0  # the largest drop the interval allows
-        checks.append(
-            _check(
-                "max_task_drop",
-                drop,
-                limit,
-                drop <= limit,
-                f"{name} {task} {result['metric']} {scores['delta']:+.2f} points (95% CI {low:+.2f}..{high:+.2f}): "
-                f"drop up to {drop:.2f} points",
-                f"{limit:.2f} points",
-                f"{drop - limit:.2f} points",
-            )
-        )
+        checks.append(_task_drop_check(task, result, model, limit))
     failed = [c for c in checks if not c["passed"]]
     message = (
         "; ".join(c["message"] for c in failed)
@@ -163,6 +139,51 @@ def judge_gates(compared: dict[str, dict], gate: dict, model: str = "gptq", task
     }
 
 
+def _ppl_check(row: dict, model: str, limit: float) -> dict:
+    """The PPL gate, on the upper bound of the interval; failed closed without one."""
+    what = f"{model_label(model)} PPL change {row['delta_pct']:+.2f}%"
+    if row["delta_pct_ci95"] is None:
+        reason = no_interval(row["windows"], "window")
+        return _unjudged("max_ppl_increase_pct", limit, f"{what} ({reason})", f"{limit:.2f}%", "upper bound")
+    low, high = row["delta_pct_ci95"]
+    return _check(
+        "max_ppl_increase_pct",
+        high,
+        limit,
+        high <= limit,
+        f"{what} (95% CI {low:+.2f}%..{high:+.2f}%): upper bound {high:+.2f}%",
+        f"{limit:.2f}%",
+        f"{high - limit:.2f} percentage points",
+    )
+
+
+def _task_drop_check(task: str, result: dict, model: str, limit: float) -> dict:
+    """A task's drop gate, on the lower bound of the interval (the largest drop it allows); failed closed without
+    one."""
+    scores = result["models"][model]
+    what = f"{model_label(model)} {task} {result['metric']} {scores['delta']:+.2f} points"
+    if scores["delta_ci95"] is None:
+        reason = no_interval(result["samples"], "sample")
+        return _unjudged("max_task_drop", limit, f"{what} ({reason})", f"{limit:.2f} points", "largest drop")
+    low, high = scores["delta_ci95"]
+    drop = -low if low < 0 else 0.0
+    return _check(
+        "max_task_drop",
+        drop,
+        limit,
+        drop <= limit,
+        f"{what} (95% CI {low:+.2f}..{high:+.2f}): drop up to {drop:.2f} points",
+        f"{limit:.2f} points",
+        f"{drop - limit:.2f} points",
+    )
+
+
 def _check(name: str, value: float, limit: float, passed: bool, what: str, shown_limit: str, by: str) -> dict:
     verdict = f"within limit {shown_limit}" if passed else f"fails limit {shown_limit} by {by}"
     return {"name": name, "value": value, "limit": limit, "passed": passed, "message": f"{what} {verdict}"}
+
+
+def _unjudged(name: str, limit: float, what: str, shown_limit: str, bound: str) -> dict:
+    """A gate judged on an interval that could not be computed: it fails closed, without a value."""
+    message = f"{what}: fails limit {shown_limit}, its {bound} unknown"
+    return {"name": name, "value": None, "limit": limit, "passed": False, "message": message}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
@@ -13,6 +14,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen before pyplot loads)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
 
 def _png(figure) -> bytes:
     buffer = io.BytesIO()
@@ -21,21 +25,32 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
+def estimate_with_interval(
+    axis: Axes, at: float, estimate: float, interval: tuple[float, float] | None, vertical: bool = False, **marker
+) -> float:
+    """Draw an estimate as a dot at `at` (its y; its x when `vertical`) and its interval, if any, as a capped bar from
+    the interval's own ends: nothing assumes that the interval contains the estimate. Returns the far end of what
+    was drawn, to annotate beside."""
+
+    def place(value: float) -> tuple[float, float]:
+        return (at, value) if vertical else (value, at)
+
+    if interval is not None:
+        low, high = interval
+        bar = {"yerr" if vertical else "xerr": abs(high - low) / 2}
+        axis.errorbar(*place((low + high) / 2), fmt="none", ecolor=marker.get("color"), capsize=4, **bar)
+    axis.plot(*place(estimate), "o", **marker)
+    return max([estimate, *(interval or ())])
+
+
 def ppl_change_with_intervals(models: dict[str, ModelScores], names: list[str]) -> bytes:
-    """The PPL change of each of `names` against the baseline, with its 95% bootstrap interval."""
+    """The PPL change of each of `names` against the baseline, with its 95% bootstrap interval where it has one."""
     rows = [(name, models[name]) for name in names]
     figure, axis = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.2))
     for i, (name, row) in enumerate(rows):
-        low, high = row.delta_pct_ci95
-        axis.errorbar(
-            row.delta_pct,
-            i,
-            xerr=[[row.delta_pct - low], [high - row.delta_pct]],
-            fmt="o",
-            color="tab:red" if name.startswith("gptq") else "tab:blue",
-            capsize=4,
-        )
-        axis.annotate(f"PPL {row.ppl:.3f}", (high, i), xytext=(6, 0), textcoords="offset points", va="center")
+        color = "tab:red" if name.startswith("gptq") else "tab:blue"
+        end = estimate_with_interval(axis, i, row.delta_pct, row.delta_pct_ci95, color=color)
+        axis.annotate(f"PPL {row.ppl:.3f}", (end, i), xytext=(6, 0), textcoords="offset points", va="center")
     axis.axvline(0, color="gray", linewidth=1)
     axis.set_yticks(range(len(rows)), [name for name, _ in rows])
     axis.invert_yaxis()
@@ -66,21 +81,16 @@ def window_nll_differences(models: dict[str, dict], names: list[str]) -> bytes:
 
 
 def size_against_quality(variants: list[Variant]) -> bytes:
-    """Each GPTQ variant's size on disk against its PPL change, with the 95% interval; gate failures hollow."""
+    """Each GPTQ variant's size on disk against its PPL change, with the 95% interval where it has one; gate failures
+    hollow."""
     figure, axis = plt.subplots(figsize=(7, 4))
     for variant in variants:
-        low, high = variant.delta_pct_ci95
         size = variant.size_bytes / 1e6
-        axis.errorbar(
-            size,
-            variant.delta_pct,
-            yerr=[[variant.delta_pct - low], [high - variant.delta_pct]],
-            fmt="o",
-            color="tab:red",
-            markerfacecolor="tab:red" if variant.gates_passed else "white",
-            capsize=4,
+        face = "tab:red" if variant.gates_passed else "white"
+        end = estimate_with_interval(
+            axis, size, variant.delta_pct, variant.delta_pct_ci95, vertical=True, color="tab:red", markerfacecolor=face
         )
-        axis.annotate(variant.name, (size, high), xytext=(4, 4), textcoords="offset points")
+        axis.annotate(variant.name, (size, end), xytext=(4, 4), textcoords="offset points")
     axis.axhline(0, color="gray", linewidth=1)
     axis.set_xlabel("size on disk (MB)")
     axis.set_ylabel("PPL change vs baseline (%), 95% interval")
@@ -89,7 +99,8 @@ def size_against_quality(variants: list[Variant]) -> bytes:
 
 
 def task_changes(tasks: dict[str, TaskScores]) -> bytes:
-    """Each model's task score change against the baseline in points, with its paired 95% interval."""
+    """Each model's task score change against the baseline in points, with its paired 95% interval where it has
+    one."""
     rows = [
         (f"{task} / {name}", score)
         for task, r in tasks.items()
@@ -98,8 +109,7 @@ def task_changes(tasks: dict[str, TaskScores]) -> bytes:
     ]
     figure, axis = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.2))
     for i, (_, score) in enumerate(rows):
-        low, high = score.delta_ci95
-        axis.errorbar(score.delta, i, xerr=[[score.delta - low], [high - score.delta]], fmt="o", capsize=4)
+        estimate_with_interval(axis, i, score.delta, score.delta_ci95, color="tab:blue")
     axis.axvline(0, color="gray", linewidth=1)
     axis.set_yticks(range(len(rows)), [label for label, _ in rows])
     axis.invert_yaxis()

@@ -11,8 +11,18 @@ import html
 from qlora_requant.eval import plots
 from qlora_requant.eval.compare import BASELINE, model_label
 from qlora_requant.eval.schema import ModelScores, Protocol, Report, Variant
+from qlora_requant.eval.statistics import no_interval
 
 TOP = 5  # rows shown per "where the loss comes from" table
+
+
+def interval_text(interval: tuple[float, float] | None, count: int, unit: str, spec: str, suffix: str = "") -> str:
+    """An interval as 'low..high' (each formatted with `spec`, then `suffix`), or why there is none: too few of the
+    `count` windows or samples (`unit`), or a degenerate bootstrap."""
+    if interval is None:
+        return no_interval(count, unit)
+    low, high = interval
+    return f"{low:{spec}}{suffix}..{high:{spec}}{suffix}"
 
 
 def model_table(models: dict[str, ModelScores]) -> list[list[str]]:
@@ -22,13 +32,13 @@ def model_table(models: dict[str, ModelScores]) -> list[list[str]]:
         if name == BASELINE:
             rows.append([name, model_label(name), f"{row.ppl:.3f}", "reference", "", ""])
             continue
-        low, high = row.delta_pct_ci95
+        interval = interval_text(row.delta_pct_ci95, row.windows, "window", "+.2f", "%")
         rows.append(
             [
                 name,
                 model_label(name),
                 f"{row.ppl:.3f}",
-                f"{row.delta_pct:+.2f}% ({low:+.2f}%..{high:+.2f}%)",
+                f"{row.delta_pct:+.2f}% ({interval})",
                 f"{row.kl:#.3g}",
                 f"{row.top1_agreement:.2%}",
             ]
@@ -59,7 +69,7 @@ def summary_lines(report: Report) -> list[str]:
     """The headline findings in words, shared by the console, report.md and report.html."""
     models, gate, release = report.models, report.gate, release_variant(report)
     gptq = models[release.model]
-    low, high = gptq.delta_pct_ci95
+    interval = interval_text(gptq.delta_pct_ci95, gptq.windows, "window", "+.3f", "%")
     lines = [
         f"Adapter gain on the eval data: PPL {models['base_nf4'].ppl:.3f} (NF4 base alone) -> "
         f"{models['baseline'].ppl:.3f} (with adapter), {report.adapter_ppl_change_pct:+.2f}%.",
@@ -70,7 +80,7 @@ def summary_lines(report: Report) -> list[str]:
         ),
         f"Re-quantization: {model_label(release.model)} ({release.bits}-bit, "
         f"{'per channel' if release.group_size == -1 else f'group {release.group_size}'}) "
-        f"{gptq.delta_pct:+.3f}% PPL (95% CI {low:+.3f}%..{high:+.3f}%), "
+        f"{gptq.delta_pct:+.3f}% PPL ({'95% CI ' if gptq.delta_pct_ci95 else ''}{interval}), "
         f"KL {gptq.kl:#.3g} nats/token, top-1 agreement {gptq.top1_agreement:.2%} against the separate "
         "adapter.",
     ]
@@ -95,19 +105,17 @@ def task_table(report: Report) -> list[list[str]]:
         for name, score in result.models.items():
             change = "reference"
             if score.delta is not None:
-                low, high = score.delta_ci95
-                change = f"{score.delta:+.2f} ({low:+.2f}..{high:+.2f})"
+                change = f"{score.delta:+.2f} ({interval_text(score.delta_ci95, result.samples, 'sample', '+.2f')})"
             p = "" if score.mcnemar_p is None else f"{score.mcnemar_p:.3g}"
             rows.append([task, result.metric, str(result.samples), name, f"{score.value:.4f}", change, p])
     return rows
 
 
-def variant_table(variants: list[Variant]) -> list[list[str]]:
-    """Size against quality of every GPTQ variant: header first."""
+def variant_table(variants: list[Variant], windows: int) -> list[list[str]]:
+    """Size against quality of every GPTQ variant, scored on `windows` windows: header first."""
     rows = [["variant", "bits", "group", "act-order", "sym", "GPTAQ", "MB", "PPL", "vs baseline (95% CI)", "KL"]]
     rows[0] += ["top-1 agree", "gates", "serves on"]
     for v in variants:
-        low, high = v.delta_pct_ci95
         rows.append(
             [
                 v.name,
@@ -118,7 +126,7 @@ def variant_table(variants: list[Variant]) -> list[list[str]]:
                 "yes" if v.gptaq else "no",
                 f"{v.size_bytes / 1e6:.3f}",
                 f"{v.ppl:.3f}",
-                f"{v.delta_pct:+.2f}% ({low:+.2f}%..{high:+.2f}%)",
+                f"{v.delta_pct:+.2f}% ({interval_text(v.delta_pct_ci95, windows, 'window', '+.2f', '%')})",
                 f"{v.kl:#.3g}",
                 f"{v.top1_agreement:.2%}",
                 "pass" if v.gates_passed else "FAIL",
@@ -218,7 +226,7 @@ def render_markdown(report: Report) -> str:
         *quality_section(report),
         "## GPTQ checkpoints: size against quality",
         "",
-        markdown_table(variant_table(report.variants)),
+        markdown_table(variant_table(report.variants, report.protocol.windows)),
         "",
     ]
     if report.tasks:
@@ -230,7 +238,7 @@ def render_markdown(report: Report) -> str:
             markdown_table(
                 [["gate", "limit", "value", "result"]]
                 + [
-                    [c.name, f"{c.limit:g}", f"{c.value:.5g}", "pass" if c.passed else "FAIL"]
+                    [c.name, f"{c.limit:g}", _gate_value(c.value), "pass" if c.passed else "FAIL"]
                     for c in report.gate.checks
                 ]
             ),
@@ -253,6 +261,10 @@ def render_markdown(report: Report) -> str:
         "",
     ]
     return "\n".join(parts)
+
+
+def _gate_value(value: float | None) -> str:
+    return "no interval" if value is None else f"{value:.5g}"
 
 
 def stage_rows(report: Report) -> list[list[str]]:
@@ -300,7 +312,7 @@ def render_html(report: Report, figures: dict[str, bytes]) -> str:
         f"<p>{html.escape(protocol_text(report.protocol))}</p>",
         _html_table(model_table(report.models)),
         "<h2>GPTQ checkpoints: size against quality</h2>",
-        _html_table(variant_table(report.variants)),
+        _html_table(variant_table(report.variants, report.protocol.windows)),
     ]
     if report.tasks:
         sections += ["<h2>Task scores (lm-evaluation-harness)</h2>", _html_table(task_table(report))]

@@ -11,14 +11,14 @@ of `Report`. After changing a model here, regenerate that file (a test fails whi
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 from pydantic.json_schema import JsonDict, SkipJsonSchema
 
 from qlora_requant.eval.compare import BASELINE
 
-SCHEMA_VERSION = 3  # Report.schema_version; raise both when a change breaks readers of report.json
+SCHEMA_VERSION = 4  # Report.schema_version; raise both when a change breaks readers of report.json
 
 GateName = Literal["max_ppl_increase_pct", "max_kl", "min_top1_agreement", "max_task_drop"]
 
@@ -34,6 +34,25 @@ def _omitted(description: str) -> Any:
 
 class _Closed(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _interval(description: str) -> Any:
+    """A row's interval against the baseline: absent on the baseline's own row, null where none could be computed."""
+    return Field(None, description=description, json_schema_extra=_no_default)
+
+
+class _Compared(_Closed):
+    """A row of a table compared with the baseline: its interval (`interval_field`) is written as given, null where
+    none could be computed, and left out where it was never given (the baseline's own row)."""
+
+    interval_field: ClassVar[str]
+
+    @model_serializer(mode="wrap")
+    def _interval_where_compared(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.interval_field not in self.model_fields_set:
+            data.pop(self.interval_field, None)
+        return data
 
 
 class Protocol(_Closed):
@@ -58,16 +77,20 @@ class Protocol(_Closed):
     seed: int = Field(description="Seed of the bootstrap.")
 
 
-class ModelScores(_Closed):
+class ModelScores(_Compared):
     """One model's scores against the baseline (the NF4 base with the adapter unmerged, as trained)."""
+
+    interval_field: ClassVar[str] = "delta_pct_ci95"
 
     ppl: float = Field(description="Perplexity over the scored tokens.")
     tokens: int = Field(description="Scored tokens.")
     windows: int = Field(description="Scored windows.")
     delta_ppl: float = Field(description="PPL minus the baseline's PPL.")
     delta_pct: float = Field(description="PPL change against the baseline, percent.")
-    delta_pct_ci95: tuple[float, float] | SkipJsonSchema[None] = _omitted(
-        "Paired bootstrap 95% interval of delta_pct, [low, high]; on every row but the baseline's."
+    delta_pct_ci95: tuple[float, float] | None = _interval(
+        "Paired bootstrap 95% interval of delta_pct over windows, [low, high]; on every row but the baseline's. Null "
+        "where none could be computed: fewer than 2 windows, or a degenerate bootstrap (not finite, or not containing "
+        "delta_pct)."
     )
     kl: float | SkipJsonSchema[None] = _omitted(
         "Mean token KL(baseline || model), nats; on every row but the baseline's."
@@ -85,7 +108,10 @@ class GateCheck(_Closed):
     """One configured gate, judged on the release model (GPTQ)."""
 
     name: GateName = Field(description="The gate's config key under gate.")
-    value: float = Field(description="The measured value; for the PPL gate the upper bound of the 95% interval.")
+    value: float | None = Field(
+        description="The measured value; for the PPL gate the upper bound of the 95% interval, for a task drop the "
+        "largest drop it allows. Null when the interval a gate is judged on could not be computed: the check fails."
+    )
     limit: float = Field(description="The configured limit.")
     passed: bool = Field(description="Whether the value is within the limit.")
     message: str = Field(description="The verdict in words.")
@@ -152,7 +178,9 @@ class Variant(_Closed):
     size_bytes: int = Field(description="Bytes of its safetensors files.")
     ppl: float = Field(description="Perplexity.")
     delta_pct: float = Field(description="PPL change against the baseline, percent.")
-    delta_pct_ci95: tuple[float, float] = Field(description="Paired bootstrap 95% interval of delta_pct.")
+    delta_pct_ci95: tuple[float, float] | None = Field(
+        description="Paired bootstrap 95% interval of delta_pct; null where none could be computed (see models)."
+    )
     kl: float = Field(description="Mean token KL(baseline || variant), nats.")
     top1_agreement: float = Field(description="Top-1 agreement with the baseline.")
     gates_passed: bool = Field(description="Whether every configured gate passes (true when none is).")
@@ -186,13 +214,16 @@ class LossSources(_Closed):
     )
 
 
-class TaskModelScore(_Closed):
+class TaskModelScore(_Compared):
     """One model's score on a task, and (but for the baseline) its change against the baseline."""
+
+    interval_field: ClassVar[str] = "delta_ci95"
 
     value: float = Field(description="The task's metric, as lm-eval reports it (acc: a share of samples).")
     delta: float | SkipJsonSchema[None] = _omitted("Change against the baseline, in points (x100).")
-    delta_ci95: tuple[float, float] | SkipJsonSchema[None] = _omitted(
-        "Paired bootstrap 95% interval of delta over samples (the evaluation's bootstrap_samples and seed)."
+    delta_ci95: tuple[float, float] | None = _interval(
+        "Paired bootstrap 95% interval of delta over samples (the evaluation's bootstrap_samples and seed); absent on "
+        "the baseline's row, null where none could be computed (fewer than 2 samples, or a degenerate bootstrap)."
     )
     mcnemar_p: float | SkipJsonSchema[None] = _omitted(
         "McNemar's exact two-sided p for the paired right/wrong outcomes; absent for metrics that are not 0/1."
@@ -230,7 +261,7 @@ class StageRecord(BaseModel):
 class Report(_Closed):
     """report.json: the quality of the merged and GPTQ models against the model as trained, and how the run went."""
 
-    schema_version: Literal[3] = Field(description="Version of this schema; raised when a change breaks readers.")
+    schema_version: Literal[4] = Field(description="Version of this schema; raised when a change breaks readers.")
     created: str = Field(
         description="When the report was built, ISO 8601 in UTC.", json_schema_extra={"format": "date-time"}
     )
@@ -283,7 +314,8 @@ class Report(_Closed):
         if BASELINE not in self.models:
             raise ValueError(f"models: no {BASELINE} row")
         for name, row in self.models.items():
-            if name != BASELINE and None in (row.delta_pct_ci95, row.kl, row.top1_agreement):
+            compared = "delta_pct_ci95" in row.model_fields_set and None not in (row.kl, row.top1_agreement)
+            if name != BASELINE and not compared:
                 raise ValueError(
                     f"models.{name}: delta_pct_ci95, kl and top1_agreement are required on every row but the baseline's"
                 )

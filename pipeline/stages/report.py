@@ -5,9 +5,9 @@ time and memory), evaluation/results.json (per-window scores and generations) an
 quant_log.csv in the GPTQ folder. Nothing is used unverified: every stage record carries a checksum,
 results.json and quant_log.csv must have the SHA-256 their stage recorded, and every file of the run a
 stage read must be the one its producing stage recorded (no stage re-ran since). Writes report.json,
-report.md, report.html and the GPTQ folder's README.md (model card). report.json is the dump of a
-validated `Report` (eval/schema.py), which every other file is rendered from. `qlora-requant report
-RUN_DIR` runs this alone, without loading a model.
+report.md, report.html and the GPTQ folder's README.md (model card), after deleting the previous ones.
+report.json is the dump of a validated `Report` (eval/schema.py), which every other file is rendered
+from. `qlora-requant report RUN_DIR` runs this alone, without loading a model.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from qlora_requant.eval.compare import change, compare_tasks, compare_to_baselin
 from qlora_requant.eval.model_card import render_model_card
 from qlora_requant.eval.report import render_reports
 from qlora_requant.eval.schema import SCHEMA_VERSION, GptqLoss, Report
-from qlora_requant.pipeline.files import write_atomically
+from qlora_requant.pipeline.files import fsync_path, write_atomically
 from qlora_requant.pipeline.layout import GPTQ_LOSS_LOG, MODEL_CARD, REPORT_FILES, RunLayout
 from qlora_requant.pipeline.plan import gptq_model, requantize_stage_name
 from qlora_requant.pipeline.public import public_config, public_text
@@ -46,7 +46,7 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def _rerun_hint(stage: str) -> str:
-    return f"re-run that stage: qlora-requant run CONFIG --force {stage.split('_')[0]}"
+    return f"re-run that stage: qlora-requant run CONFIG --force {stage}"
 
 
 def stage_records(layout: RunLayout, planned: list[str]) -> dict[str, dict]:
@@ -216,10 +216,24 @@ def _assemble(layout: RunLayout, run: dict, results: dict, stages: dict[str, dic
 
 
 def write_reports(layout: RunLayout) -> Report:
-    """Build the report from the run directory and write every report file and each GPTQ model's card."""
+    """Build the report from the run directory and write every report file and each GPTQ model's card.
+
+    The previous ones are deleted first and the new ones written only once all are rendered: whatever fails on the
+    way, no report of earlier results is left beside the run's current ones (`qlora-requant report` rebuilds it).
+    """
+    remove_reports(layout)
     report, results = build_report(layout)
-    for name, text in zip(REPORT_FILES, render_reports(report, results)):
-        write_atomically(layout.report_file(name), text)
+    files = dict(zip((layout.report_file(name) for name in REPORT_FILES), render_reports(report, results)))
     for variant in report.variants:
-        write_atomically(layout.model_dir(variant.model) / MODEL_CARD, render_model_card(report, variant))
+        files[layout.model_dir(variant.model) / MODEL_CARD] = render_model_card(report, variant)
+    for path, text in files.items():
+        write_atomically(path, text)
     return report
+
+
+def remove_reports(layout: RunLayout) -> None:
+    """Delete the run's report files and the model cards in its GPTQ folders (all files the report wrote)."""
+    cards = layout.root.glob(f"{gptq_model('')}*/{MODEL_CARD}")
+    for path in [*(layout.report_file(name) for name in REPORT_FILES), *cards]:
+        path.unlink(missing_ok=True)
+    fsync_path(layout.root)
