@@ -19,6 +19,7 @@ import torch
 from qlora_requant.pipeline.progress import progress
 from qlora_requant.pipeline.safetensors_io import DTYPES, read_header, read_tensor, write_file
 from qlora_requant.quant.errors import InputError
+from qlora_requant.quant.json_files import read_json_object
 
 CONFIG = "config.json"
 SINGLE_SHARD = "model.safetensors"
@@ -33,10 +34,7 @@ def read_model_config(model_dir: Path) -> dict:
     path = model_dir / CONFIG
     if not path.is_file():
         raise InputError(f"{path}: not found; expected a Hugging Face checkpoint folder with config.json")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    return read_json_object(path)
 
 
 def shard_files(model_dir: Path, allow_pickle: bool = False) -> list[Path]:
@@ -72,6 +70,14 @@ def shard_files(model_dir: Path, allow_pickle: bool = False) -> list[Path]:
         if not shard.is_file():
             raise InputError(f"{shard}: listed in {index.name} but missing")
     return shards
+
+
+def tensor_names(model_dir: Path) -> list[str]:
+    """The tensor names in a safetensors checkpoint's shard headers (no tensor is read); [] for a checkpoint saved
+    as PyTorch pickles only."""
+    if not (model_dir / INDEX).is_file() and not (model_dir / SINGLE_SHARD).is_file():
+        return []
+    return [name for shard in shard_files(model_dir) for name in read_header(shard)[0]]
 
 
 class CheckpointReader:

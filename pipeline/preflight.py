@@ -7,7 +7,6 @@ to the stages (`Inputs`), so that nothing is read twice.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -20,6 +19,8 @@ from qlora_requant.pipeline.context import Inputs
 from qlora_requant.pipeline.layout import RunLayout
 from qlora_requant.pipeline.parameter_slices import fused_expert_parameters
 from qlora_requant.pipeline.plan import STAGE_KINDS
+from qlora_requant.pipeline.run_record import require_run
+from qlora_requant.pipeline.safetensors_io import read_header
 from qlora_requant.pipeline.stages.dequantize import DequantizedBase, check_base
 from qlora_requant.pipeline.stages.evaluate import evaluation_windows
 from qlora_requant.pipeline.stages.merge import load_adapter, trained_on_another_base, vocabulary_rows
@@ -27,7 +28,8 @@ from qlora_requant.pipeline.tokenizer import load_tokenizer, tokenizer_folder
 from qlora_requant.quant.calibration import Corpus, calibration_samples, check_held_out, require_tokens
 from qlora_requant.quant.chat import render_prompt, require_chat_template
 from qlora_requant.quant.errors import InputError
-from qlora_requant.quant.merge import LoraAdapter
+from qlora_requant.quant.json_files import read_json_object
+from qlora_requant.quant.merge import ADAPTER_WEIGHTS, LoraAdapter
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ def preflight(config: RunConfig, device: str, kinds: frozenset[str] = frozenset(
     base = DequantizedBase(config.base, device, config.allow_pickle)  # reads the file headers
     if device == "cpu":
         _refuse_cpu_4bit_shapes(base)
+    _check_adapter_headers(config)
     adapter = load_adapter(config.adapter, base, base.model_config, config.allow_pickle)
     warnings = trained_on_another_base(config.adapter, config.base.path, config.base.model_id)
     adapter_dirs = [path for _, path in config.adapter.keyed_paths()]
@@ -95,11 +98,14 @@ def preflight(config: RunConfig, device: str, kinds: frozenset[str] = frozenset(
 
 def check_output_dir(run_dir: Path) -> None:
     """Refuse an output_dir this tool may not write into: a file, an unwritable place, or an existing
-    folder that is not a run of this tool (which it would otherwise fill and clean up in)."""
+    folder that is not a run of this tool (which it would otherwise fill and clean up in), even one with a
+    run.json of another tool."""
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"output_dir {run_dir} is a file; give a folder (a new one, or the output_dir of a run)")
     layout = RunLayout(run_dir)
-    if run_dir.is_dir() and not layout.run_record.is_file():
+    if layout.run_record.exists():
+        require_run(layout)
+    elif run_dir.is_dir():
         foreign = sorted(path.name for path in run_dir.iterdir() if path not in (layout.lock, layout.log))
         if foreign:
             raise InputError(
@@ -126,6 +132,14 @@ def _check_vocabulary(tokens: int, tokenizer_dir: Path, adapter: LoraAdapter, ba
             f"base's vocabulary {base_rows}) but the adapter saved no embedding rows for them; save the adapter "
             "with the resized embeddings (PEFT: modules_to_save or save_embedding_layers=True)"
         )
+
+
+def _check_adapter_headers(config: RunConfig) -> None:
+    """Each adapter's safetensors header, checked as the base's shards are (safetensors' own errors may name no
+    tensor)."""
+    for _, folder in config.adapter.keyed_paths():
+        if (folder / ADAPTER_WEIGHTS).is_file():
+            read_header(folder / ADAPTER_WEIGHTS)
 
 
 def _refuse_gptq_of_fused_experts(base_dir: Path, model_config: dict) -> None:
@@ -177,11 +191,7 @@ def _refuse_tokenizer_code(folder: Path, trust_remote_code: bool) -> None:
     path = folder / "tokenizer_config.json"
     if trust_remote_code or not path.is_file():
         return
-    try:
-        custom = "auto_map" in json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc}); re-save the tokenizer") from None
-    if custom:
+    if "auto_map" in read_json_object(path):
         raise InputError(
             f"{path}: the tokenizer ships its own Python code (auto_map), which qlora-requant "
             "does not run unless trust_remote_code: true; set it if you trust it"
@@ -217,7 +227,7 @@ def _check_data(config: RunConfig, tokenizer, calibration: Corpus, evaluation: C
     for index, prompt in enumerate(config.evaluation.prompts):
         if isinstance(prompt, list):
             require_chat_template(tokenizer, f"evaluation.prompts.{index}")
-            render_prompt(tokenizer, [message.model_dump() for message in prompt])
+            render_prompt(tokenizer, [message.model_dump() for message in prompt], f"evaluation.prompts.{index}")
     if config.evaluation.bos and tokenizer.bos_token_id is None:
         raise InputError(
             f"evaluation.bos is true but the tokenizer ({tokenizer.name_or_path}) has no BOS token; "

@@ -10,6 +10,7 @@ header length, a JSON header padded to 8 bytes, then the raw data) is safetensor
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -39,7 +40,12 @@ MAX_HEADER_BYTES = 100 * 2**20
 
 
 def read_header(path: Path) -> tuple[dict[str, dict], int]:
-    """The tensor entries of a safetensors file ({name: {dtype, shape, data_offsets}}) and where data starts."""
+    """The tensor entries of a safetensors file ({name: {dtype, shape, data_offsets}}) and where data starts.
+
+    Refuses what safetensors itself refuses to load: a header that is not an object of well-formed
+    entries, a byte range that does not hold its tensor's shape and dtype, and tensors that overlap,
+    leave gaps, or stop short of the end of the file or lie past it.
+    """
     size = path.stat().st_size
     with open(path, "rb") as file:
         length = int.from_bytes(file.read(8), "little") if size >= 8 else -1
@@ -49,16 +55,70 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
             header = json.loads(file.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise InputError(f"{path}: safetensors header is not valid JSON; re-download or re-save it") from None
-    header.pop("__metadata__", None)
-    data_bytes = size - 8 - length
+    if not isinstance(header, dict):
+        raise InputError(
+            f"{path}: safetensors header is a JSON {type(header).__name__}, not an object; re-download or re-save it"
+        )
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
+        raise InputError(
+            f"{path}: safetensors __metadata__ is {metadata!r}, not an object of strings; re-download or re-save it"
+        )
     for name, entry in header.items():
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if entry.get("dtype") not in DTYPES or not offsets or offsets[1] > data_bytes:
-            raise InputError(
-                f"{path}: tensor {name!r} lies past the end of the file or has an unknown dtype; "
-                "the file may be truncated: re-download or re-save it"
-            )
+        problem = entry_problem(entry)
+        if problem:
+            raise InputError(f"{path}: tensor {name!r} {problem}; the header is corrupt: re-download or re-save it")
+    check_layout(path, header, size - 8 - length)
     return header, 8 + length
+
+
+def _is_count(value: object) -> bool:
+    """A JSON integer >= 0 (not a float, not a boolean)."""
+    return type(value) is int and value >= 0
+
+
+def entry_problem(entry: object) -> str | None:
+    """What is wrong with one tensor entry of a safetensors header, or None."""
+    if not isinstance(entry, dict):
+        return f"is a JSON {type(entry).__name__}, not an object with dtype, shape and data_offsets"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        return f"has dtype {dtype!r}, not one of {', '.join(DTYPES)}"
+    if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
+        return f"has shape {shape!r}, not a list of non-negative integers"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(offset) for offset in offsets):
+        return f"has data_offsets {offsets!r}, not two non-negative integers"
+    begin, end = offsets
+    if begin > end:
+        return f"has data_offsets {offsets} that end before they begin"
+    nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+    if end - begin != nbytes:
+        return f"is {dtype} {shape} ({nbytes} bytes), but its data_offsets {offsets} span {end - begin} bytes"
+    return None
+
+
+def check_layout(path: Path, header: dict[str, dict], data_bytes: int) -> None:
+    """Refuse tensors that lie past the end of the data, overlap, leave gaps, or leave bytes after the last."""
+    end = 0
+    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+        begin, stop = entry["data_offsets"]
+        if stop > data_bytes:
+            raise InputError(
+                f"{path}: tensor {name!r} lies past the end of the file; the file may be truncated: "
+                "re-download or re-save it"
+            )
+        if begin != end:
+            raise InputError(
+                f"{path}: tensor {name!r} starts at data byte {begin}, but the tensors before it end at {end} "
+                f"({'overlapping them' if begin < end else 'leaving a gap'}); the header is corrupt: "
+                "re-download or re-save it"
+            )
+        end = stop
+    if end != data_bytes:
+        raise InputError(
+            f"{path}: {data_bytes - end} bytes after the last tensor's data that no tensor covers; the header is "
+            "corrupt: re-download or re-save it"
+        )
 
 
 def read_tensor(path: Path, entry: dict, data_start: int) -> torch.Tensor:
