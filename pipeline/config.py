@@ -340,7 +340,7 @@ class TaskSection(Section):
                 f"{self.path}: a local task folder holds exactly one .yaml task config, found {len(configs)}"
             )
         try:
-            config = yaml.safe_load(configs[0].read_text(encoding="utf-8"))
+            config = yaml.load(configs[0].read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
         except yaml.YAMLError as exc:
             raise ValueError(
                 f"{configs[0]}: not plain YAML ({str(exc).splitlines()[0]}); task configs with !function (Python "
@@ -549,13 +549,35 @@ def _describe(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key written twice in one mapping (yaml.safe_load keeps the last silently).
+
+    Checked as the mapping is composed, before `<<` merge keys are flattened in (the constructor sees merged
+    keys beside the mapping's own), so that a key overriding a merged one stays allowed, as YAML defines.
+    """
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        lines: dict[tuple[str, str], int] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            line, first = key.start_mark.line + 1, lines.get((key.tag, key.value))
+            if first is not None:
+                raise yaml.YAMLError(
+                    f"key {key.value!r} is given twice in one mapping (lines {first} and {line}); keep one of them"
+                )
+            lines[(key.tag, key.value)] = line
+        return node
+
+
 def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
     """Read, override and validate a YAML run config."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the config as UTF-8"

@@ -181,7 +181,8 @@ def calibration_samples(
     order = torch.randperm(len(corpus.conversations), generator=generator).tolist()
     samples = []
     for index in order:
-        ids = render_conversation(tokenizer, corpus.conversations[index], seq_len).input_ids
+        where = f"{corpus.where}: record {index + 1}"
+        ids = render_conversation(tokenizer, corpus.conversations[index], seq_len, where=where).input_ids
         if len(ids) > 1:
             samples.append(
                 {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}

@@ -4,11 +4,14 @@ with assistant-only loss)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from qlora_requant.quant.errors import InputError
 
 Conversation = list[dict[str, str]]
+QUOTED_ERROR_CHARS = 120  # of a chat template's own error message, quoted in ours
 
 
 @dataclass(frozen=True)
@@ -44,22 +47,25 @@ def check_conversations(records: list, field: str, where: str) -> list[Conversat
     return conversations
 
 
-def render_conversation(tokenizer, messages: Conversation, seq_len: int, assistant_tokens: bool = False) -> ChatSample:
+def render_conversation(
+    tokenizer, messages: Conversation, seq_len: int, assistant_tokens: bool = False, where: str = "a conversation"
+) -> ChatSample:
     """`messages` rendered with the tokenizer's chat template and tokenized, starting with BOS (when the
-    tokenizer has one and the template does not write it), cut to `seq_len` tokens.
+    tokenizer has one and the template does not write it), cut to `seq_len` tokens. Errors name it `where`
+    (the file and record).
 
     With `assistant_tokens`, the assistant turns' tokens are marked, found by rendering the conversation up to
     each assistant turn: the turn spans from the end of the prompt before it (with the generation prompt) to the
     end of the conversation through it, so it includes the turn's closing tokens, as SFT's assistant-only loss
     trains them. A template that renders earlier turns differently once later ones follow is refused then.
     """
-    text = _template(tokenizer, messages)
+    text = _template(tokenizer, messages, where, "record")
     spans = []
     for index, message in enumerate(messages if assistant_tokens else []):
         if message["role"] != "assistant":
             continue
-        prompt = _template(tokenizer, messages[:index], generation_prompt=True) if index else ""
-        through = _template(tokenizer, messages[: index + 1])
+        prompt = _template(tokenizer, messages[:index], where, "record", generation_prompt=True) if index else ""
+        through = _template(tokenizer, messages[: index + 1], where, "record")
         if not (text.startswith(through) and through.startswith(prompt)):
             raise InputError(
                 f"the chat template of {tokenizer.name_or_path} does not render a conversation as the prompt "
@@ -81,10 +87,10 @@ def render_conversation(tokenizer, messages: Conversation, seq_len: int, assista
     return ChatSample(ids[:seq_len], assistant[:seq_len])
 
 
-def render_prompt(tokenizer, messages: Conversation) -> str:
-    """A conversation as a generation prompt: rendered with the chat template, ending where the assistant's
-    answer starts."""
-    return _template(tokenizer, messages, generation_prompt=True)
+def render_prompt(tokenizer, messages: Conversation, where: str = "a prompt") -> str:
+    """A conversation (named `where` in errors) as a generation prompt: rendered with the chat template, ending
+    where the assistant's answer starts."""
+    return _template(tokenizer, messages, where, "prompt", generation_prompt=True)
 
 
 def require_chat_template(tokenizer, where: str) -> None:
@@ -96,11 +102,37 @@ def require_chat_template(tokenizer, where: str) -> None:
         )
 
 
-def _template(tokenizer, messages: Conversation, generation_prompt: bool = False) -> str:
+def _template_source(tokenizer) -> str:
+    """Where the tokenizer's chat template was read from, as messages name it: chat_template.jinja in its folder,
+    or tokenizer_config.json's chat_template key, whichever holds the template in use; else the folder."""
+    folder, template = Path(tokenizer.name_or_path), tokenizer.chat_template
+    jinja, config = folder / "chat_template.jinja", folder / "tokenizer_config.json"
+    try:
+        if jinja.is_file() and jinja.read_text(encoding="utf-8") == template:
+            return str(jinja)
+        if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("chat_template") == template:
+            return f"{config}, key chat_template"
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object: named by its folder
+        pass
+    return str(folder)
+
+
+def _template(tokenizer, messages: Conversation, where: str, item: str, generation_prompt: bool = False) -> str:
+    """`messages` rendered with the chat template; InputError naming `where`, the template and its error else."""
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as exc:  # jinja2 raises its own errors (e.g. a template that refuses a role order)
         raise InputError(
-            f"the chat template of {tokenizer.name_or_path} cannot render {messages[:2]!r}...: "
-            f"{type(exc).__name__}: {exc}"
+            f"{where}: the chat template ({_template_source(tokenizer)}) failed: {_template_error(exc)}; "
+            f"fix the template or the {item}"
         ) from None
+
+
+def _template_error(exc: Exception) -> str:
+    """A chat template's error message on one line (with the template line of a syntax error), shortened."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if getattr(exc, "lineno", None) is not None:  # jinja2.TemplateSyntaxError: the template does not parse
+        text = f"syntax error on line {exc.lineno}: {text}"
+    if len(text) > QUOTED_ERROR_CHARS:
+        text = text[: QUOTED_ERROR_CHARS - 1].rstrip() + "…"
+    return text

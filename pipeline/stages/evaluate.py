@@ -174,7 +174,10 @@ def evaluation_windows(section: EvaluationSection, corpus: Corpus, tokenizer) ->
     """The evaluation windows: cut from the joined text, or one per conversation."""
     if corpus.chat:
         marked = section.score == "assistant"
-        samples = [render_conversation(tokenizer, c, section.seq_len, marked) for c in corpus.conversations]
+        samples = [
+            render_conversation(tokenizer, c, section.seq_len, marked, f"{corpus.where}: record {number}")
+            for number, c in enumerate(corpus.conversations, 1)
+        ]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return conversation_windows(samples, section.score, pad or 0, section.max_windows, corpus.where)
     return eval_windows(
