@@ -1,7 +1,8 @@
 """The `qlora-requant` command: run, validate, report, demo.
 
 Exit codes: 0 success; 1 unexpected failure; 2 bad input (config, paths, checkpoints, adapter,
-data), nothing half-written; 3 the run finished but the release gate failed.
+data), nothing half-written; 3 the run finished but the release gate failed; 130 / 143 interrupted by
+SIGINT (Ctrl-C) / SIGTERM, resumable by the same command.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_requant.pipeline import console
+from qlora_requant.pipeline.interrupt import Interrupted, restore_signals, stop_on_signals
 from qlora_requant.pipeline.plan import STAGE_KINDS
 
 if TYPE_CHECKING:
     from qlora_requant.eval.schema import Report
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 1, 2, 3
+INTERRUPT_CODES = (EXIT_SIGINT, EXIT_SIGTERM) = (130, 143)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 DEMO_FIXTURE = REPO_ROOT / "runs" / "demo-fixture"
@@ -45,18 +48,20 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument(
                 "--stages",
                 type=_stage_kinds,
+                action="append",
                 default=None,
                 metavar="KIND[,KIND...]",
-                help=f"run only these kinds of stage ({', '.join(STAGE_KINDS)}); the stages whose outputs they read "
-                "must be complete and unchanged. The report is written when the evaluation is complete",
+                help=f"run only these kinds of stage ({', '.join(STAGE_KINDS)}; repeatable, joined); the stages "
+                "whose outputs they read must be complete and unchanged. The report is written when the "
+                "evaluation is complete",
             )
             command.add_argument(
                 "--force",
                 action="append",
                 default=[],
-                choices=STAGE_KINDS,
                 metavar="STAGE",
-                help=f"re-run this stage even if complete (repeatable): {', '.join(STAGE_KINDS)}",
+                help="re-run a stage even if complete (repeatable): its name as the console prints it "
+                f"(merge, requantize_w4g128, ...) or a kind, every stage of it ({', '.join(STAGE_KINDS)})",
             )
     report = commands.add_parser("report", help="rebuild a run's report files from its saved results")
     report.add_argument("run_dir", type=Path)
@@ -85,14 +90,23 @@ def _load(config_path: Path, overrides: list[str]):
     return config
 
 
-def _run(config_path: Path, overrides: list[str], force: list[str], kinds: frozenset[str] | None = None) -> int:
+def _run(config_path: Path, overrides: list[str], force: list[str], kinds: list[frozenset[str]] | None = None) -> int:
     from qlora_requant.pipeline.runner import Run
 
     config = _load(config_path, overrides)
-    with Run(config, set(force), kinds) as run:
-        run.setup()
-        run.execute()
-        report = run.save()
+    run = Run(config, set(force), frozenset().union(*kinds) if kinds else None)
+    try:
+        with run:
+            run.setup()
+            run.execute()
+            report = run.save()
+    except Interrupted as exc:
+        print(
+            f"\ninterrupted by {exc.signal_name} during {run.activity}; nothing half-written is kept and completed "
+            "stages stand: run the same command again to resume",
+            file=sys.stderr,
+        )
+        return exc.exit_code
     if report is None:
         print(f"\nStages done: {', '.join(run.executed)}; the report is written when the evaluate stage has run.")
         return EXIT_OK
@@ -137,16 +151,14 @@ def _report(run_dir: Path) -> int:
     """Rebuild a run's reports under its lock, so that they never mix with a run in progress."""
     from qlora_requant.pipeline.layout import RunLayout
     from qlora_requant.pipeline.lock import RunLock
+    from qlora_requant.pipeline.run_record import require_run
     from qlora_requant.pipeline.stages.report import write_reports
     from qlora_requant.quant.errors import InputError
 
     layout = RunLayout(run_dir)
     if not run_dir.is_dir():
         raise InputError(f"{run_dir}: not a folder; give the output_dir of a run")
-    if not layout.run_record.is_file():  # checked before taking the lock, which would leave a .lock behind
-        raise InputError(
-            f"{layout.run_record}: missing, so {run_dir} is not a qlora-requant run; give the output_dir of a run"
-        )
+    require_run(layout)  # checked before taking the lock, which would leave a .lock behind
     lock = RunLock(layout.lock)
     lock.acquire()
     try:
@@ -172,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     console.install()
     from qlora_requant.quant.errors import InputError
 
+    stop_on_signals()
     try:
         if args.command == "validate":
             return _validate(args.config, args.overrides)
@@ -189,7 +202,31 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Interrupted as exc:
+        print(f"\ninterrupted by {exc.signal_name}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # a write the disk refused, outside a stage (records, reports, the lock)
+        from qlora_requant.pipeline.files import describe_write_failure, write_failure
+
+        failure = write_failure(exc)
+        if failure is None:
+            raise
+        print(f"error: {describe_write_failure(failure, 'a file', f'qlora-requant {args.command}')}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    finally:
+        restore_signals()
+
+
+def entry() -> None:
+    """The console script: exit with main()'s code; after an interrupt, without waiting for threads a library
+    left running (its cleanup, and ours, is done by then)."""
+    code = main()
+    if code in INTERRUPT_CODES:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

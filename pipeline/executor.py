@@ -9,7 +9,6 @@ folder and renamed into place only when complete. The caller holds the run direc
 
 from __future__ import annotations
 
-import errno
 import logging
 import shutil
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from qlora_requant.pipeline.console import console
 from qlora_requant.pipeline.context import StageContext
-from qlora_requant.pipeline.files import publish_dir, require_free_space
+from qlora_requant.pipeline.files import describe_write_failure, publish_dir, require_free_space, write_failure
 from qlora_requant.pipeline.layout import MODEL_CARD, RunLayout
 from qlora_requant.pipeline.manifest import file_records, hashes, sha256
 from qlora_requant.pipeline.metrics import measure
@@ -50,10 +49,11 @@ class StageExecutor:
     ):
         self.layout = layout
         self.versions = versions  # library versions: a change re-runs every stage
-        self.force = force  # stage kinds to re-run anyway
+        self.force = frozenset(force)  # stages to re-run anyway, by kind or by name
         self.verify = verify
         self.files: dict[str, dict] = {}  # every file hashed in this run, by recorded name: each is read once
         self.skipped: list[str] = []
+        self.current: str | None = None  # the stage being run
         self._producers: dict[str, str] = {}  # run-directory file -> the stage that wrote it
         self._rehashed: set[str] = set()  # run-directory files hashed again in this run (verify: fast)
 
@@ -110,17 +110,16 @@ class StageExecutor:
         tmp = self.layout.partial(stage.output)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+        self.current = stage.name
         try:
             with measure() as measured:
                 summary = stage.work(context, tmp)
             publish_dir(tmp, stage.output)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
+        except Exception as exc:
+            failure = write_failure(exc)
+            if failure is None:
                 raise
-            raise InputError(
-                f"{self.layout.root}: the disk filled up during the {stage.name} stage ({exc}); free "
-                "some space or choose an output_dir on a larger disk, then run again"
-            ) from None
+            raise InputError(describe_write_failure(failure, self.layout.root, f"the {stage.name} stage")) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         outputs = file_records(stage.output, relative_to=self.layout.root, skip=OUTPUT_NOT_CONTENT)
@@ -136,6 +135,7 @@ class StageExecutor:
             "outputs": outputs,
         }
         write_record(self.layout.stage_record(stage.name), record)
+        self.current = None
         console.info(
             "stage %s: done in %.1f s, peak RSS %.0f MB", stage.name, measured["seconds"], measured["peak_rss_mb"]
         )
@@ -145,8 +145,8 @@ class StageExecutor:
     ) -> tuple[str | None, dict]:
         """Why the stage must run (None when its recorded result still stands), and its outputs' records.
         `forced`: whether --force counts."""
-        if forced and stage.kind in self.force:
-            return f"--force {stage.kind}", {}
+        if forced and (self.force & {stage.kind, stage.name}):
+            return f"--force {min(self.force & {stage.kind, stage.name})}", {}
         if previous is None:
             return "not run before", {}
         for part, what in (
@@ -187,7 +187,7 @@ class StageExecutor:
                 raise InputError(
                     f"{self.layout.root / name}: its bytes changed after the {producer} stage wrote it, although "
                     "its size and modification time did not (a failing disk, or an edit that kept the time); "
-                    f"re-run that stage: qlora-requant run CONFIG --force {producer.split('_')[0]}"
+                    f"re-run that stage: qlora-requant run CONFIG --force {producer}"
                 )
             self._rehashed.add(name)
 

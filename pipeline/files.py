@@ -1,8 +1,11 @@
-"""Files that appear only complete: atomic writes, fsynced stage folders, a free-space check."""
+"""Files that appear only complete: atomic writes, fsynced stage folders, a free-space check, and what a
+failed write means."""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -61,3 +64,40 @@ def require_free_space(folder: Path, needed_bytes: int, what: str) -> None:
 
 def _size(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+# Why a write fails where the fault is the disk's, not the tool's: what happened, and what to do.
+WRITE_FAILURES = {
+    errno.ENOSPC: ("the disk filled up", "free some space or choose an output_dir on a larger disk"),
+    errno.EDQUOT: ("the disk quota ran out", "free some of your quota or choose an output_dir elsewhere"),
+    errno.EFBIG: (
+        "a file grew past the file-size limit",
+        "raise the limit (ulimit -f, or the file system's), or set a smaller max_shard_size",
+    ),
+    errno.EROFS: ("the file system became read-only", "remount it writable or choose another output_dir"),
+    errno.EIO: ("the disk failed to write (I/O error)", "check the disk (dmesg) or choose an output_dir on another"),
+}
+_OS_ERROR_IN_TEXT = re.compile(r"os error (\d+)")  # how Rust libraries (safetensors) report one
+
+
+def write_failure(exc: BaseException) -> OSError | None:
+    """The OSError of a failed write (one of WRITE_FAILURES) behind `exc`, looking through its causes and
+    through errors of native libraries that carry the error number in their message only; else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in WRITE_FAILURES:
+            return exc
+        found = _OS_ERROR_IN_TEXT.search(str(exc))
+        if found and int(found.group(1)) in WRITE_FAILURES:
+            code = int(found.group(1))
+            return OSError(code, os.strerror(code))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def describe_write_failure(failure: OSError, where: Path | str, during: str) -> str:
+    """One message for a failed write: the path, what happened and its cause, what to do."""
+    what, advice = WRITE_FAILURES[failure.errno]
+    path = failure.filename or where
+    return f"{path}: {what} during {during} ([Errno {failure.errno}] {failure.strerror}); {advice}, then run again"

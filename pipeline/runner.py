@@ -8,7 +8,6 @@ with Run(config, force, kinds) as run:
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from contextlib import ExitStack
@@ -20,11 +19,11 @@ from qlora_requant.pipeline.config import RunConfig
 from qlora_requant.pipeline.console import LibraryOutput, console
 from qlora_requant.pipeline.context import StageContext
 from qlora_requant.pipeline.executor import StageExecutor
-from qlora_requant.pipeline.files import write_atomically
 from qlora_requant.pipeline.layout import RunLayout
 from qlora_requant.pipeline.lock import RunLock
 from qlora_requant.pipeline.plan import STAGE_KINDS, Stage, plan
 from qlora_requant.pipeline.preflight import preflight, resolve_device
+from qlora_requant.pipeline.run_record import write_run_record
 from qlora_requant.pipeline.stages.report import write_reports
 from qlora_requant.quant.errors import InputError
 
@@ -49,6 +48,7 @@ class Run:
         self.executor = StageExecutor(self.layout, library_versions(), force or set(), config.verify)
         self.context: StageContext | None = None
         self._held = ExitStack()  # given back on exit: the standard streams, the lock, the log
+        self._step = "the input checks"  # what the run is doing outside a stage, for an interruption's message
 
     def __enter__(self) -> Run:
         return self
@@ -61,6 +61,7 @@ class Run:
         config, layout = self.config, self.layout
         library_output = self._held.enter_context(LibraryOutput())
         self.stages = plan(config)
+        self._check_forced()
         device = resolve_device(config)
         inputs = preflight(config, device, self.kinds)
         self.context = StageContext(
@@ -89,9 +90,25 @@ class Run:
     def execute(self) -> None:
         """Run the chosen stages in order, skipping those already complete and unchanged."""
         chosen = [stage for stage in self.stages if stage.kind in self.kinds]
+        self._step = "the stages' bookkeeping"
         self.executor.run(chosen, self.context, planned={stage.name for stage in self.stages})
         self.executed = [stage.name for stage in chosen]
         self._write_run_record()
+
+    @property
+    def activity(self) -> str:
+        """What the run is doing now: the stage it is in, or the step outside any stage."""
+        return f"the {self.executor.current} stage" if self.executor.current else self._step
+
+    def _check_forced(self) -> None:
+        """--force names stages of this plan, or kinds of stage."""
+        names = [stage.name for stage in self.stages]
+        unknown = sorted(self.executor.force - {*names, *STAGE_KINDS})
+        if unknown:
+            raise InputError(
+                f"--force {unknown[0]}: not a stage of this run; give a stage as the console names it "
+                f"({', '.join(names)}) or a kind of stage ({', '.join(STAGE_KINDS)})"
+            )
 
     def _upstream(self) -> list[Stage]:
         """The stages left out by `kinds` whose outputs a chosen stage reads, in plan order."""
@@ -108,13 +125,14 @@ class Run:
             "stages": [stage.name for stage in self.stages],
             "warnings": self.context.inputs.warnings,
         }
-        write_atomically(self.layout.run_record, json.dumps(run, indent=2) + "\n")
+        write_run_record(self.layout, run, self.executor.versions["qlora-requant"])
 
     def save(self) -> Report | None:
         """Write report.json, report.md, report.html and the GPTQ model card; return the report. Without
         the evaluate stage among the chosen kinds, write nothing and return None."""
         if "evaluate" not in self.kinds:
             return None
+        self._step = "the report"
         report = write_reports(self.layout)
         log.info("report written; stages skipped as complete: %s", ", ".join(self.executor.skipped) or "none")
         return report

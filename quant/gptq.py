@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,13 +170,20 @@ def probe(gptq_dir: Path, merged_dir: Path, input_ids: list[int], device: str, b
     when weights did not load, or {failed: the end of the process's output} when loading or running
     crashed. A fresh process, because a failing kernel may abort the interpreter.
     """
-    done = subprocess.run(
-        [sys.executable, "-c", _PROBE, str(gptq_dir), str(merged_dir), json.dumps(input_ids), device, backend],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
+    done = run_python(_PROBE, [str(gptq_dir), str(merged_dir), json.dumps(input_ids), device, backend], 1800)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         return {"failed": (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit {done.returncode}"]}
     return json.loads(lines[-1])
+
+
+def run_python(code: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh Python process that no file beside the run can shadow: the working directory
+    (first on sys.path for `-c`) is an empty folder of its own, and -P (Python 3.11+) leaves it off sys.path.
+    A user's random.py or queue.py in the folder the run started from would otherwise replace the standard
+    library's in the child."""
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+    with tempfile.TemporaryDirectory(prefix="qlora-requant-child-") as empty:
+        return subprocess.run(
+            [sys.executable, *safe_path, "-c", code, *args], capture_output=True, text=True, timeout=timeout, cwd=empty
+        )

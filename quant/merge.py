@@ -9,7 +9,6 @@ refuses, naming the feature, what it cannot merge.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_requant.quant.errors import InputError
+from qlora_requant.quant.json_files import read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -162,6 +162,8 @@ def _refuse_unsupported(config: dict, tensor_names: list[str], where: Path) -> N
         (dora_embedding, "DoRA on embedding layers"),
         (config.get("use_dora") and config.get("lora_bias"), "DoRA together with lora_bias"),
         (config.get("layer_replication"), "layer_replication"),
+        # aLoRA applies its delta only after the invocation tokens appear; a merged weight applies it everywhere.
+        (config.get("alora_invocation_tokens") is not None, "activated LoRA (alora_invocation_tokens)"),
     ]
     for present, feature in refusals:
         if present:
@@ -186,6 +188,22 @@ def _check_config_values(config: dict, where: Path) -> None:
         ),
         ("lora_alpha", config["lora_alpha"], number(config["lora_alpha"]), "a number"),
     ]
+    named = config.get("base_model_name_or_path")
+    checks.append(("base_model_name_or_path", named, named is None or isinstance(named, str), "a model id or path"))
+    dropout = config.get("lora_dropout", 0.0)
+    checks.append(("lora_dropout", dropout, number(dropout) and 0 <= dropout <= 1, "a number from 0 to 1"))
+    for key in ("modules_to_save", "target_modules", "exclude_modules", "target_parameters"):
+        names = config.get(key)
+        checks.append(
+            (
+                key,
+                names,
+                names is None
+                or isinstance(names, str)
+                or (isinstance(names, list) and all(isinstance(n, str) for n in names)),
+                "a list of module names, or a pattern",
+            )
+        )
     for pattern, kind in (("rank_pattern", "integers"), ("alpha_pattern", "numbers")):
         values = config.get(pattern) or {}
         checks.append(
@@ -199,8 +217,7 @@ def _check_config_values(config: dict, where: Path) -> None:
     for key, value, valid, expected in checks:
         if not valid:
             raise AdapterError(
-                f"{where}: {key} is {value!r}, but must be {expected}; fix adapter_config.json "
-                "(PEFT writes numbers, not strings)"
+                f"{where}: {key} is {value!r}, but must be {expected}; fix adapter_config.json as PEFT writes it"
             )
 
 
@@ -300,10 +317,7 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         raise AdapterError(
             f"{config_path}: not found; a PEFT adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
         )
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
+    config = read_json_object(config_path, AdapterError)
     _check_config_values(config, config_path)
     return config
 

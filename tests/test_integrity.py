@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -261,23 +262,74 @@ def test_a_base_the_cpu_4bit_kernel_cannot_run_is_refused_up_front(tmp_path, tok
     assert not (tmp_path / "run").exists()
 
 
-def test_a_full_disk_inside_a_stage_is_exit_2_and_keeps_earlier_stages(run_copy, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "failure, expected",
+    [
+        (
+            OSError(errno.ENOSPC, "No space left on device"),
+            "{run_dir}: the disk filled up during the requantize stage ([Errno 28] No space left on device); free some "
+            "space or choose an output_dir on a larger disk, then run again",
+        ),
+        (  # how safetensors (Rust) reports it from inside gptqmodel's save
+            RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+            "{run_dir}: the disk filled up during the requantize stage ([Errno 28] No space left on device)",
+        ),
+        (
+            OSError(errno.EDQUOT, "Disk quota exceeded", "/quota/x"),
+            "/quota/x: the disk quota ran out during the requantize stage ([Errno 122] Disk quota exceeded); free "
+            "some of your quota or choose an output_dir elsewhere, then run again",
+        ),
+        (
+            OSError(errno.EIO, "Input/output error"),
+            "{run_dir}: the disk failed to write (I/O error) during the requantize stage ([Errno 5] Input/output "
+            "error); check the disk (dmesg) or choose an output_dir on another, then run again",
+        ),
+        (
+            OSError(errno.EROFS, "Read-only file system"),
+            "the file system became read-only during the requantize stage ([Errno 30] Read-only file system); "
+            "remount it writable or choose another output_dir",
+        ),
+    ],
+)
+def test_a_failed_write_inside_a_stage_is_exit_2_and_keeps_earlier_stages(
+    run_copy, monkeypatch, capsys, failure, expected
+):
     import qlora_requant.pipeline.stages.requantize as requantize
 
     config, run_dir = run_copy
     before = snapshot(run_dir / "gptq")
 
-    def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def write_fails(*args, **kwargs):
+        raise failure
 
-    monkeypatch.setattr(requantize, "gptq_quantize", disk_full)
+    monkeypatch.setattr(requantize, "gptq_quantize", write_fails)
     assert main(["run", str(config), "--force", "requantize"]) == EXIT_BAD_INPUT
-    assert (
-        f"{run_dir}: the disk filled up during the requantize stage ([Errno 28] No space left on device); free some "
-        "space or choose an output_dir on a larger disk, then run again"
-    ) in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert expected.format(run_dir=run_dir) in err and "Traceback" not in err
     assert snapshot(run_dir / "gptq") == before and not (run_dir / ".gptq.partial").exists()
     assert main(["report", str(run_dir)]) == EXIT_OK  # the finished run is still whole
+
+
+def test_a_file_size_limit_during_the_merge_is_exit_2(run_copy):
+    """EFBIG from the kernel (RLIMIT_FSIZE, as `ulimit -f` sets it), in a process of its own."""
+    config, run_dir = run_copy
+    before = snapshot(run_dir / "merged")
+    limited = (
+        "import resource, sys; from qlora_requant.pipeline.cli import main; "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); sys.exit(main(sys.argv[1:]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", limited, "run", str(config), "--stages", "merge", "--force", "merge"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == EXIT_BAD_INPUT, done.stderr[-2000:]
+    assert "a file grew past the file-size limit during the merge stage ([Errno 27] File too large); raise the " in (
+        done.stderr
+    )
+    assert "Traceback" not in done.stderr
+    assert snapshot(run_dir / "merged") == before and not (run_dir / ".merged.partial").exists()
 
 
 def test_report_on_a_folder_that_is_not_a_run_leaves_nothing(tmp_path, capsys):
@@ -327,3 +379,138 @@ def test_a_gptq_checkpoint_the_default_kernel_cannot_run_gets_another_or_exit_2(
         "(limit 0.5)); this architecture cannot be released as GPTQ with these versions: try other requantize "
         "settings or report it"
     )
+
+
+def test_a_folder_with_another_tools_run_json_is_refused_untouched(
+    tmp_path, tiny_base, tiny_adapter, text_files, capsys
+):
+    users = tmp_path / "theirs"
+    (users / "merged").mkdir(parents=True)
+    (users / "merged" / "NOTES.txt").write_text("keep me")
+    (users / "run.json").write_text(json.dumps({"experiment": "sweep-3", "versions": {"torch": "2.13"}}))
+    before = snapshot(users)
+    config = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, users)
+    assert main(["run", str(config), "--stages", "merge"]) == EXIT_BAD_INPUT
+    assert (
+        f"{users / 'run.json'}: written by another tool, so {users} is not a qlora-requant run; give a new or empty "
+        "folder, or the output_dir of a run"
+    ) in capsys.readouterr().err
+    assert main(["report", str(users)]) == EXIT_BAD_INPUT
+    assert snapshot(users) == before and sorted(p.name for p in users.iterdir()) == ["merged", "run.json"]
+
+
+def test_a_run_json_of_this_tool_carries_its_marker(finished):
+    from qlora_requant.pipeline.run_record import RUN_FORMAT
+
+    record = json.loads((finished[1] / "run.json").read_text())
+    assert (record["tool"], record["run_format"]) == ("qlora-requant", RUN_FORMAT)
+    assert record["tool_version"] == record["versions"]["qlora-requant"]
+
+
+def test_a_merge_that_overflows_float16_is_exit_2_and_publishes_nothing(
+    tmp_path, tiny_base, tiny_adapter, text_files, capsys
+):
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, adapter)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    tensors[key] = tensors[key] * 1e6
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    config = write_config(tmp_path / "run.yaml", tiny_base, adapter, text_files, tmp_path / "run")
+    assert main(["run", str(config), "--stages", "merge"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert (
+        "error: merge: tensor 'model.layers.1.self_attn.v_proj.weight' overflows float16 once merged (largest " in err
+    )
+    assert "the dtype's limit 6.55e+04); set merge.dtype: bfloat16 or float32, or check the adapter" in err
+    assert not (tmp_path / "run" / "merged").exists() and not (tmp_path / "run" / ".merged.partial").exists()
+    assert main(["run", str(config), "--stages", "merge", "--set", "merge.dtype=float32"]) == EXIT_OK
+
+
+def test_the_gptq_check_is_not_shadowed_by_files_beside_the_run(finished, tmp_path, monkeypatch):
+    from qlora_requant.quant.gptq import probe
+
+    for module in ("random", "queue", "concurrent", "json"):
+        (tmp_path / f"{module}.py").write_text("raise SystemExit('a user module was imported')\n")
+    monkeypatch.chdir(tmp_path)
+    run_dir = finished[1]
+    result = probe(run_dir / "gptq", run_dir / "merged", [1, 5, 9, 20, 33], "cpu")
+    assert result["finite"] and result["relative_error"] < 0.5, result
+
+
+def test_stages_by_name_and_repeated_stage_flags(run_copy, capsys):
+    config, run_dir = run_copy
+    log = (run_dir / "run.log").read_text()
+    assert main(["run", str(config), "--stages", "merge", "--stages", "requantize", "--force", "requantize"]) == EXIT_OK
+    assert started(run_dir, log) == ["requantize"]
+    assert "skipped, complete and unchanged (" in (run_dir / "run.log").read_text()[len(log) :]
+    assert main(["run", str(config), "--force", "requantize_w4"]) == EXIT_BAD_INPUT
+    assert (
+        "--force requantize_w4: not a stage of this run; give a stage as the console names it (merge, requantize, "
+        "evaluate) or a kind of stage (dequantize, merge, requantize, evaluate)"
+    ) in capsys.readouterr().err
+
+
+def gptq_checks(pid: int) -> list[int]:
+    """The GPTQ output checks (child processes) of process `pid`."""
+    children = [int(child) for child in proc_file(f"{pid}/task/{pid}/children").split()]
+    return [child for child in children if "gptq_dir" in proc_file(f"{child}/cmdline")]
+
+
+def proc_file(name: str) -> str:
+    """A /proc file's text; empty when its process has ended since it was listed."""
+    try:
+        return Path("/proc", name).read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def test_sigterm_to_the_main_process_stops_its_children_and_leaves_a_resumable_run(run_copy):
+    """As `kill PID` and Kubernetes stop a job: the GPTQ output check (a child process) goes with the run."""
+    import signal
+    import time
+
+    config, run_dir = run_copy
+    before = snapshot(run_dir / "gptq")
+    command = [sys.executable, "-m", "qlora_requant.pipeline.cli", "run", str(config), "--force", "requantize"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not gptq_checks(process.pid):
+        assert process.poll() is None and time.monotonic() < deadline, "the run never started its check"
+        time.sleep(0.05)
+    children = gptq_checks(process.pid)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err[-2000:]
+    assert (
+        "interrupted by SIGTERM during the requantize stage; nothing half-written is kept and completed stages "
+        "stand: run the same command again to resume"
+    ) in err
+    assert "Traceback" not in err
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    assert snapshot(run_dir / "gptq") == before and not (run_dir / ".gptq.partial").exists()
+    assert main(["report", str(run_dir)]) == EXIT_OK  # the lock is free and the finished run whole
+
+
+def test_ctrl_c_during_the_merge_exits_130_without_a_traceback(run_copy, monkeypatch, capsys):
+    import signal
+
+    import qlora_requant.pipeline.checkpoint as checkpoint
+
+    config, run_dir = run_copy
+    before = snapshot(run_dir / "merged")
+    real_write = checkpoint.write_file
+
+    def interrupted_write(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "write_file", interrupted_write)
+    assert main(["run", str(config), "--force", "merge"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted by SIGINT during the merge stage; nothing half-written is kept" in err
+    assert snapshot(run_dir / "merged") == before and not (run_dir / ".merged.partial").exists()
+    monkeypatch.undo()
+    assert main(["report", str(run_dir)]) == EXIT_OK

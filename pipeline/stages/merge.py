@@ -9,8 +9,8 @@ add_weighted_adapter semantics). Output: a plain checkpoint in the merge dtype t
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -65,12 +65,18 @@ def load_adapter(
     """
     adapters = []
     for path, weight in section.weighted():
+        adapter_config = read_adapter_config(path)
         try:
-            targets, parameter_targets = peft_targets(read_adapter_config(path), model_config)
-        except ValueError as exc:  # PEFT's NoMatchingPeftModuleError and bad target patterns
+            targets, parameter_targets = peft_targets(adapter_config, model_config)
+        except (ValueError, re.error) as exc:  # PEFT's NoMatchingPeftModuleError and bad target patterns
             raise AdapterError(
                 f"{path}: {exc} (target_modules / target_parameters in {ADAPTER_CONFIG}); was the adapter trained "
                 "on another base model?"
+            ) from None
+        except Exception as exc:  # PEFT's own code, reading a value of a type it does not expect
+            raise AdapterError(
+                f"{path / ADAPTER_CONFIG}: PEFT cannot apply it to the base ({type(exc).__name__}: {exc}); fix the "
+                "values PEFT did not expect, as PEFT writes them"
             ) from None
         adapter = read_lora_adapter(path, allow_pickle, parameter_targets)
         adapter, ignored = restrict_to_targets(adapter, targets)
@@ -140,7 +146,7 @@ def merge_checkpoint(
     tied = head_key is not None and head_key not in source  # the head shares the input embedding's storage
     vocabulary = {"vocab_size": model_config.get("vocab_size"), "tie_word_embeddings": tied}
 
-    def transform(key: str, reader: TensorSource) -> dict[str, torch.Tensor]:
+    def merged_tensors(key: str, reader: TensorSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         tensor = _adapted(key, adapter, reader)
         if key in slices:
             part = slices[key]
@@ -155,6 +161,13 @@ def merge_checkpoint(
                 if not torch.equal(head.to(dtype), outputs[key]):  # trained apart from the head: untie them
                     outputs[head_key] = head.to(dtype)
                     vocabulary["tie_word_embeddings"] = False
+        return outputs
+
+    def transform(key: str, reader: TensorSource) -> dict[str, torch.Tensor]:
+        outputs = merged_tensors(key, reader, dtype)
+        for name, tensor in outputs.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise _not_finite(name, merged_tensors(key, reader, torch.float32)[name], dtype)
         return outputs
 
     rewrite_checkpoint(source, out_dir, transform, max_shard_bytes, what="merge")
@@ -182,6 +195,22 @@ def merge_checkpoint(
         "dtype": str(dtype).removeprefix("torch."),
         "relative_change": dict(sorted(changes.items(), key=lambda item: -item[1])),
     }
+
+
+def _not_finite(name: str, exact: torch.Tensor, dtype: torch.dtype) -> InputError:
+    """The refusal of a merged tensor that is NaN or Inf once cast to `dtype` (`exact`: the same merge in fp32)."""
+    finite = exact[torch.isfinite(exact)]
+    largest = finite.abs().max().item() if finite.numel() else float("nan")
+    if finite.numel() < exact.numel():
+        return InputError(
+            f"merge: tensor {name!r} is NaN or Inf even when merged in float32 (largest finite magnitude "
+            f"{largest:.3g}): the adapter's deltas for it are too large to be a trained LoRA; check the adapter"
+        )
+    wider = "merge.dtype: float32" if dtype == torch.bfloat16 else "merge.dtype: bfloat16 or float32"
+    return InputError(
+        f"merge: tensor {name!r} overflows {str(dtype).removeprefix('torch.')} once merged (largest magnitude "
+        f"{largest:.3g}, the dtype's limit {torch.finfo(dtype).max:.3g}); set {wider}, or check the adapter"
+    )
 
 
 def _adapted(key: str, adapter: LoraAdapter, reader: TensorSource, default: torch.Tensor | None = None):
@@ -250,7 +279,7 @@ def trained_on_another_base(section: AdapterSection, base_dir: Path, model_id: s
     name; the shapes decide, see _check_against_base)."""
     warnings = []
     for path, _ in section.weighted():
-        named = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        named = read_adapter_config(path).get("base_model_name_or_path")
         known = (base_dir.name, (model_id or "").rsplit("/", 1)[-1])
         if named and named.rstrip("/").rsplit("/", 1)[-1] not in known:
             warnings.append(
