@@ -68,6 +68,21 @@ class ParameterTarget:
 
 
 @dataclass(frozen=True)
+class PeftTargets:
+    """What PEFT injects into the base for an adapter config (see peft_targets), by module path: the LoRA
+    modules, the raw parameters with LoRA (by the prefix of their saved tensors), and the modules with
+    trainable token rows, each with its row indices and, for a layer tied to the input embedding's (the
+    output layer of a tied base), the module whose rows it shares."""
+
+    modules: set[str] = field(default_factory=set)
+    parameters: dict[str, ParameterTarget] = field(default_factory=dict)
+    token_indices: dict[str, list[int]] = field(default_factory=dict)
+    tied_tokens: dict[str, str] = field(default_factory=dict)
+    # tied token layers whose base layer is also in modules_to_save: PEFT 0.21 builds them but cannot run them
+    tied_tokens_on_saved_modules: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class ParameterLora:
     """LoRA on a raw parameter: A is (rank · experts, in), B is (out, rank · experts), as PEFT stores them."""
 
@@ -221,17 +236,28 @@ def _check_config_values(config: dict, where: Path) -> None:
             )
 
 
-def peft_targets(adapter_config: dict, model_config: dict) -> tuple[set[str], dict[str, ParameterTarget]]:
-    """Where PEFT puts LoRA layers for this adapter config: its own matching of target_modules (names, regex,
-    all-linear), exclude_modules, layers_to_transform, layers_pattern and target_parameters, applied to a
-    weightless copy of the model. Returns the LoRA modules and the raw-parameter targets by saved prefix;
-    PEFT loads no adapter tensor for anything else."""
+def peft_targets(adapter_config: dict, model_config: dict) -> PeftTargets:
+    """Where PEFT puts its layers for this adapter config: its own matching of target_modules (names, regex,
+    all-linear), exclude_modules, layers_to_transform, layers_pattern, target_parameters and
+    trainable_token_indices (a list, or a dict per module; on a base with tied embeddings, the tied output layer
+    gets a token adapter sharing the embedding's), applied to a weightless copy of the model. PEFT loads no
+    adapter tensor for anything else."""
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora import ParamWrapper
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import ModulesToSaveWrapper
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    keys = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "target_parameters")
+    keys = (
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "target_parameters",
+        "trainable_token_indices",
+        "modules_to_save",
+    )
     settings = {key: adapter_config.get(key) for key in keys}
     for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora"):
         if adapter_config.get(key) is not None:
@@ -239,10 +265,19 @@ def peft_targets(adapter_config: dict, model_config: dict) -> tuple[set[str], di
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**model_config))
         inject_adapter_in_model(LoraConfig(**settings), model)
-    modules, parameters = set(), {}
-    for name, module in model.named_modules():
-        if isinstance(module, ParamWrapper):
-            parameters[name] = ParameterTarget(
+    targets = PeftTargets()
+    token_layers = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, TrainableTokensLayer):
+            layer = name.removesuffix(".token_adapter")
+            token_layers[module] = layer
+            targets.token_indices[layer] = list(module.token_indices["default"])
+            if module.tied_adapter is not None:
+                targets.tied_tokens[layer] = module.tied_adapter
+                if isinstance(module.base_layer, ModulesToSaveWrapper):
+                    targets.tied_tokens_on_saved_modules.append(layer)
+        elif isinstance(module, ParamWrapper):
+            targets.parameters[name] = ParameterTarget(
                 prefix=name,
                 parameter=f"{name.replace('.base_layer', '')}.{module.parameter_name}",
                 experts=module.num_experts,
@@ -251,8 +286,9 @@ def peft_targets(adapter_config: dict, model_config: dict) -> tuple[set[str], di
                 scaling=module.scaling["default"],
             )
         elif isinstance(module, BaseTunerLayer):
-            modules.add(name)
-    return modules, parameters
+            targets.modules.add(name)
+    targets.tied_tokens.update({layer: token_layers[source] for layer, source in targets.tied_tokens.items()})
+    return targets
 
 
 def embedding_weights(model_config: dict) -> tuple[str, str | None]:
@@ -292,22 +328,38 @@ def saved_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return saved
 
 
-def _token_rows(tensors: dict[str, torch.Tensor], config: dict, where: Path) -> dict:
-    """trainable_token_indices rows by base tensor name (indices as a list, or a dict per module)."""
-    indices = config.get("trainable_token_indices")
+def _token_rows(tensors: dict[str, torch.Tensor], targets: PeftTargets, config: dict, where: Path) -> dict:
+    """Trainable token rows by base tensor name, for the modules PEFT gives token adapters (see PeftTargets). A
+    layer tied to another's token adapter takes that adapter's rows, as PEFT's tied layer does, whether or not
+    its own copy was saved."""
     rows = {}
     for name, values in tensors.items():
         if not name.endswith(TOKEN_ROWS):
             continue
         module = name.removeprefix(PEFT_PREFIX).removesuffix(TOKEN_ROWS)
-        chosen = indices if isinstance(indices, list) else (indices or {}).get(module.rsplit(".", 1)[-1])
+        chosen = targets.token_indices.get(module)
         if chosen is None or len(chosen) != len(values):
             raise AdapterError(
-                f"{where}: {name} holds {len(values)} rows but trainable_token_indices in "
-                f"{ADAPTER_CONFIG} names {chosen!r}; the adapter files do not belong together"
+                f"{where}: {name} holds {len(values)} rows but PEFT gives {module} "
+                f"{'no trainable tokens' if chosen is None else f'{len(chosen)} rows'} from trainable_token_indices "
+                f"{config.get('trainable_token_indices')!r} in {ADAPTER_CONFIG}; the adapter files do not belong "
+                "together"
             )
         rows[f"{module}.weight"] = (torch.tensor(chosen, dtype=torch.long), values)
+    for module, source in targets.tied_tokens.items():
+        if f"{source}.weight" in rows:
+            rows[f"{module}.weight"] = rows[f"{source}.weight"]
     return rows
+
+
+def with_token_rows(tensor: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`tensor` (an embedding or output layer) with `rows` at `indices`, as PEFT's token adapter merges them;
+    grown to reach them when training resized it past the rows the checkpoint holds (every grown row is one of
+    `indices`: see stages.merge._check_against_base)."""
+    grown = tensor.new_zeros((max(tensor.shape[0], int(indices.max()) + 1), *tensor.shape[1:]))
+    grown[: tensor.shape[0]] = tensor
+    grown[indices] = rows.to(tensor.dtype)
+    return grown
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:
@@ -322,14 +374,13 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     return config
 
 
-def read_lora_adapter(
-    adapter_dir: Path, allow_pickle: bool = False, parameter_targets: dict[str, ParameterTarget] | None = None
-) -> LoraAdapter:
+def read_lora_adapter(adapter_dir: Path, allow_pickle: bool = False, targets: PeftTargets | None = None) -> LoraAdapter:
     """Read a PEFT LoRA adapter directory into a LoraAdapter keyed by base module names.
 
     With `allow_pickle`, an adapter saved only as adapter_model.bin is read with torch's
-    weights-only unpickler. An adapter with target_parameters needs `parameter_targets` (see
-    peft_targets): which saved prefixes are LoRA on raw parameters, with their rank and scaling.
+    weights-only unpickler. An adapter with target_parameters or trainable_token_indices needs `targets` (see
+    peft_targets): which saved prefixes are LoRA on raw parameters, with their rank and scaling, and which
+    modules carry which token rows.
     """
     from peft.utils.other import get_pattern_key
 
@@ -348,9 +399,9 @@ def read_lora_adapter(
                 f"{path}: not found{hint}; a PEFT adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
             )
     config = read_adapter_config(adapter_dir)
-    if config.get("target_parameters") and parameter_targets is None:
-        raise AdapterError(f"{config_path}: has target_parameters; read it with the base's parameter targets")
-    parameter_targets = parameter_targets or {}
+    if (config.get("target_parameters") or config.get("trainable_token_indices")) and targets is None:
+        raise AdapterError(f"{config_path}: has target_parameters or trainable tokens; read it with the base's targets")
+    targets = targets or PeftTargets()
     try:
         tensors = (
             torch.load(weights_path, map_location="cpu", weights_only=True)
@@ -396,7 +447,7 @@ def read_lora_adapter(
         if name_b not in tensors:
             raise AdapterError(f"{weights_path}: {name_a} has no matching {name_b}")
         lora_a, lora_b = tensors[name_a], tensors[name_b]
-        target = parameter_targets.get(module_name)
+        target = targets.parameters.get(module_name)
         if target is not None:
             parameters[target.parameter] = _parameter_lora(lora_a, lora_b, target, weights_path)
             continue
@@ -415,7 +466,7 @@ def read_lora_adapter(
             magnitude=tensors.get(f"{prefix}.lora_magnitude_vector"),
             bias=tensors.get(f"{prefix}.lora_B.bias"),
         )
-    replacements, token_rows = saved_tensors(tensors), _token_rows(tensors, config, weights_path)
+    replacements, token_rows = saved_tensors(tensors), _token_rows(tensors, targets, config, weights_path)
     untrained = {_base_name(n): t for n, t in tensors.items() if ".original_module." in n or ".base_layer." in n}
     if not modules and not parameters and not replacements and not token_rows:
         raise AdapterError(f"{weights_path}: holds no LoRA matrices")

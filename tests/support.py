@@ -171,7 +171,14 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-CHAT_LAYOUTS = ("modules_to_save", "modules_to_save_plain", "trainable_tokens", "embedding_lora")
+CHAT_LAYOUTS = (
+    "modules_to_save",
+    "modules_to_save_plain",
+    "trainable_tokens",
+    "trainable_tokens_dict",
+    "trl",
+    "embedding_lora",
+)
 
 
 def chat_tokenizer(base_dir: Path):
@@ -204,6 +211,14 @@ def chat_lora_config(layout: str, tied: bool, new_tokens: list[int]):
         "modules_to_save": dict(target_modules="all-linear", modules_to_save=heads),
         "modules_to_save_plain": dict(target_modules="all-linear", modules_to_save=heads),
         "trainable_tokens": dict(target_modules=["q_proj", "v_proj"], trainable_token_indices=new_tokens),
+        "trainable_tokens_dict": dict(
+            target_modules="all-linear", trainable_token_indices={"embed_tokens": new_tokens}
+        ),
+        "trl": dict(
+            target_modules="all-linear",
+            trainable_token_indices={"embed_tokens": new_tokens},
+            modules_to_save=["lm_head"],
+        ),
         "embedding_lora": dict(target_modules=["q_proj", "v_proj", *heads]),
     }[layout]
     return LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **settings)
@@ -248,7 +263,13 @@ def to_plain_layout(adapter_dir: Path) -> None:
 
 
 def chat_adapter(
-    base_dir: Path, out_dir: Path, layout: str, tied: bool, seed: int = 0, pad_to_multiple_of: int | None = None
+    base_dir: Path,
+    out_dir: Path,
+    layout: str,
+    tied: bool,
+    seed: int = 0,
+    pad_to_multiple_of: int | None = None,
+    save_embedding_layers: bool | str = "auto",
 ) -> Path:
     """A chat fine-tune's adapter folder as the trainers save it: tokenizer with `<|im_start|>`/`<|im_end|>` and a
     ChatML template (tokenizer.json, tokenizer_config.json, chat_template.jinja) next to adapter_config.json and
@@ -256,11 +277,14 @@ def chat_adapter(
     - "modules_to_save": axolotl / unsloth (lora_modules_to_save) training embed_tokens (+ lm_head when untied) fully;
       PEFT 0.21 writes `X.weight`, `X.modules_to_save.weight` and `X.original_module.weight` for each;
     - "modules_to_save_plain": the same as older PEFT wrote it, only `X.weight`;
-    - "trainable_tokens": TRL (clone_chat_template + trainable_token_indices), only the new rows trained;
+    - "trainable_tokens": only the new rows trained (trainable_token_indices as a list), on q_proj and v_proj;
+    - "trainable_tokens_dict": the same with the dict form TRL writes, {"embed_tokens": [...]}, on all-linear;
+    - "trl": TRL's clone_chat_template setup: the dict form, all-linear, and lm_head in modules_to_save;
     - "embedding_lora": LoRA on embed_tokens (+ lm_head when untied), unsloth's "embed_tokens" target.
-    Every trainable tensor is moved off its init, so a merge that drops one is visibly wrong."""
+    Every trainable tensor is moved off its init, so a merge that drops one is visibly wrong. PEFT saves the
+    resized embedding layers unless `save_embedding_layers` is False."""
     peft_model, tokenizer = chat_finetune(base_dir, layout, tied, seed, pad_to_multiple_of)
-    peft_model.save_pretrained(out_dir)
+    peft_model.save_pretrained(out_dir, save_embedding_layers=save_embedding_layers)
     tokenizer.save_pretrained(out_dir)
     if layout == "modules_to_save_plain":
         to_plain_layout(out_dir)
@@ -284,9 +308,7 @@ def peft_reference_logits(
         return peft_chat_model(base_dir, adapter_dir, pad_to_multiple_of)(input_ids=input_ids).logits
 
 
-def peft_merged_resized(
-    base_dir: Path, adapter_dir: Path, pad_to_multiple_of: int | None = None
-) -> dict[str, torch.Tensor]:
+def peft_merged_resized(base_dir: Path, adapter_dir: Path, pad_to_multiple_of: int | None = None):
     """PEFT's merge_and_unload of the same model. Beware: with tie_word_embeddings and LoRA on embed_tokens, PEFT
     merges the embedding delta into the shared matrix, so lm_head changes too and this no longer matches the logits."""
-    return peft_chat_model(base_dir, adapter_dir, pad_to_multiple_of).merge_and_unload().state_dict()
+    return peft_chat_model(base_dir, adapter_dir, pad_to_multiple_of).merge_and_unload()

@@ -19,10 +19,14 @@ from qlora_requant.pipeline.tokenizer import carry_tokenizer
 
 from support import (
     CHAT_LAYOUTS,
+    CHAT_TOKENS,
     CHATML_TEMPLATE,
     chat_adapter,
+    chat_lora_config,
+    chat_tokenizer,
     peft_merged_resized,
     peft_reference_logits,
+    resized_base,
     save_model,
     tiny_llama,
     write_config,
@@ -124,18 +128,37 @@ def merged_from(base, adapter, out):
     return out
 
 
-# Every layout, tied and untied; the vocabulary padded to a multiple of 64 on the layouts TRL and axolotl write.
-LAYOUT_CASES = [(layout, tied, None) for layout in CHAT_LAYOUTS for tied in (False, True)] + [
-    (layout, tied, 64) for layout in ("trainable_tokens", "modules_to_save") for tied in (False, True)
-]
+# Every layout, tied and untied, with the resized embedding layers saved (PEFT's "auto"); the vocabulary padded to a
+# multiple of 64 on the layouts TRL and axolotl write; TRL's dict form on a tied base also without saved layers.
+TRL_TIED = ("trl", True)
+LAYOUT_CASES = (
+    [
+        (layout, tied, None, "auto")
+        for layout in CHAT_LAYOUTS
+        for tied in (False, True)
+        if (layout, tied) != ("trl", True)
+    ]
+    + [(layout, tied, 64, "auto") for layout in ("trainable_tokens", "modules_to_save") for tied in (False, True)]
+    + [("trainable_tokens_dict", True, 64, "auto"), ("trl", False, 64, "auto")]
+    + [("trainable_tokens_dict", True, None, False)]
+)  # TRL's layout on a tied base is refused: see test_trl_on_a_tied_base_with_lm_head_saved_is_refused
 
 
-@pytest.mark.parametrize("layout, tied, pad_to_multiple_of", LAYOUT_CASES)
-def test_every_saved_layout_merges_to_the_model_as_trained(tmp_path, chat_bases, layout, tied, pad_to_multiple_of):
+@pytest.mark.parametrize("layout, tied, pad_to_multiple_of, save_embedding_layers", LAYOUT_CASES)
+def test_every_saved_layout_merges_to_the_model_as_trained(
+    tmp_path, chat_bases, layout, tied, pad_to_multiple_of, save_embedding_layers
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = chat_bases[tied]
-    adapter = chat_adapter(base, tmp_path / "adapter", layout, tied, pad_to_multiple_of=pad_to_multiple_of)
+    adapter = chat_adapter(
+        base,
+        tmp_path / "adapter",
+        layout,
+        tied,
+        pad_to_multiple_of=pad_to_multiple_of,
+        save_embedding_layers=save_embedding_layers,
+    )
     merged = merged_from(base, adapter, tmp_path / "merged")
     ids = AutoTokenizer.from_pretrained(merged).apply_chat_template(
         CONVERSATION, return_tensors="pt", return_dict=True
@@ -149,17 +172,22 @@ def test_every_saved_layout_merges_to_the_model_as_trained(tmp_path, chat_bases,
     expected = peft_reference_logits(base, adapter, ids, pad_to_multiple_of=pad_to_multiple_of)
     assert (ours - expected).abs().max().item() < 1e-4
     if not (tied and layout == "embedding_lora"):  # there PEFT merges the embedding delta into the shared head
-        peft = peft_merged_resized(base, adapter, pad_to_multiple_of=pad_to_multiple_of)
+        peft_model = peft_merged_resized(base, adapter, pad_to_multiple_of=pad_to_multiple_of)
+        peft = peft_model.state_dict()
         ours_tensors = {k: v for k, v in model.state_dict().items() if k in peft}
+        assert ours_tensors.keys() == peft.keys()
         assert all((v - peft[k]).abs().max().item() <= 1e-5 for k, v in ours_tensors.items())
+        # The head is tied (one tensor) in the merged checkpoint exactly when it is in PEFT's merged model.
+        peft_tied = peft_model.get_output_embeddings().weight is peft_model.get_input_embeddings().weight
+        assert model.config.tie_word_embeddings == peft_tied
     # A tied head stays tied only when the fine-tune kept it equal to the embedding (trainable tokens do).
-    assert model.config.tie_word_embeddings == (tied and layout == "trainable_tokens")
+    assert model.config.tie_word_embeddings == (tied and layout.startswith("trainable_tokens"))
 
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_a_chat_fine_tune_with_added_tokens_runs_end_to_end(tmp_path, chat_bases, text_files, tied):
     base = chat_bases[tied]
-    layout = "trainable_tokens" if tied else "modules_to_save"
+    layout = "trainable_tokens_dict" if tied else "modules_to_save"
     adapter = chat_adapter(base, tmp_path / "adapter", layout, tied)
     config = write_config(tmp_path / "run.yaml", base, adapter, text_files, tmp_path / "run")
     assert main(["run", str(config)]) == EXIT_OK
@@ -218,7 +246,7 @@ def test_a_chat_fine_tune_of_a_base_saved_in_4bit_runs_end_to_end(tmp_path, chat
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     base = chat_bases[tied]
-    adapter = chat_adapter(base, tmp_path / "adapter", "trainable_tokens" if tied else "modules_to_save", tied)
+    adapter = chat_adapter(base, tmp_path / "adapter", "trainable_tokens_dict" if tied else "trl", tied)
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
     four_bit = AutoModelForCausalLM.from_pretrained(
         base, quantization_config=quantization, dtype=torch.float32, device_map="cpu"
@@ -231,3 +259,23 @@ def test_a_chat_fine_tune_of_a_base_saved_in_4bit_runs_end_to_end(tmp_path, chat
     merged = json.loads((tmp_path / "run" / "report.json").read_text())["models"]["merged"]
     assert abs(merged["delta_pct"]) < 0.05 and merged["kl"] < 1e-5, merged
     assert rendered(tmp_path / "run" / "gptq") == rendered(adapter)
+
+
+def test_trl_on_a_tied_base_with_lm_head_saved_is_refused(tmp_path, chat_bases, text_files, capsys):
+    """TRL adds lm_head to modules_to_save; on a tied base PEFT then wraps it in a tied token adapter it cannot run."""
+    from peft import get_peft_model
+
+    tokenizer = chat_tokenizer(chat_bases[True])
+    model = resized_base(chat_bases[True], len(tokenizer))
+    peft_model = get_peft_model(model, chat_lora_config("trl", True, tokenizer.convert_tokens_to_ids(CHAT_TOKENS)))
+    with pytest.raises(ValueError, match="TrainableTokensLayer wraps an unknown layer type"):
+        peft_model(input_ids=torch.tensor([[1, 2]]))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    config = write_config(tmp_path / "run.yaml", chat_bases[True], adapter, text_files, tmp_path / "run")
+    assert main(["validate", str(config)]) == EXIT_BAD_INPUT
+    assert (
+        f"{adapter / 'adapter_config.json'}: lm_head is in modules_to_save and, since the base ties its embeddings, "
+        "PEFT also gives it a token adapter tied to the embedding's"
+    ) in capsys.readouterr().err

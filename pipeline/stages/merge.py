@@ -47,6 +47,7 @@ from qlora_requant.quant.merge import (
     read_adapter_config,
     read_lora_adapter,
     restrict_to_targets,
+    with_token_rows,
 )
 from qlora_requant.quant.norms import relative_error
 
@@ -67,7 +68,7 @@ def load_adapter(
     for path, weight in section.weighted():
         adapter_config = read_adapter_config(path)
         try:
-            targets, parameter_targets = peft_targets(adapter_config, model_config)
+            targets = peft_targets(adapter_config, model_config)
         except (ValueError, re.error) as exc:  # PEFT's NoMatchingPeftModuleError and bad target patterns
             raise AdapterError(
                 f"{path}: {exc} (target_modules / target_parameters in {ADAPTER_CONFIG}); was the adapter trained "
@@ -78,8 +79,17 @@ def load_adapter(
                 f"{path / ADAPTER_CONFIG}: PEFT cannot apply it to the base ({type(exc).__name__}: {exc}); fix the "
                 "values PEFT did not expect, as PEFT writes them"
             ) from None
-        adapter = read_lora_adapter(path, allow_pickle, parameter_targets)
-        adapter, ignored = restrict_to_targets(adapter, targets)
+        if targets.tied_tokens_on_saved_modules:
+            layer = targets.tied_tokens_on_saved_modules[0]
+            raise AdapterError(
+                f"{path / ADAPTER_CONFIG}: {layer} is in modules_to_save and, since the base ties its embeddings, PEFT "
+                f"also gives it a token adapter tied to the embedding's (trainable_token_indices); PEFT cannot run "
+                "that model (its forward raises 'TrainableTokensLayer wraps an unknown layer type'), so there is no "
+                f"model as trained to reproduce: retrain without {layer} in modules_to_save (the tied token rows "
+                "train the new tokens' output rows too)"
+            )
+        adapter = read_lora_adapter(path, allow_pickle, targets)
+        adapter, ignored = restrict_to_targets(adapter, targets.modules)
         if ignored:
             log.warning(
                 "%s: ignoring LoRA weights of %d module(s) outside its target_modules, as PEFT does: %s",
@@ -225,9 +235,7 @@ def _adapted(key: str, adapter: LoraAdapter, reader: TensorSource, default: torc
                 "re-download or re-save it"
             )
     if key in adapter.token_rows:
-        indices, rows = adapter.token_rows[key]
-        tensor = tensor.clone()
-        tensor[indices] = rows.to(tensor.dtype)
+        tensor = with_token_rows(tensor, *adapter.token_rows[key])
     return tensor
 
 
@@ -290,10 +298,14 @@ def trained_on_another_base(section: AdapterSection, base_dir: Path, model_id: s
 
 
 def vocabulary_rows(adapter: LoraAdapter, reader: TensorSource, model_config: dict) -> int:
-    """Rows of the merged input embedding: the fine-tune's (resized) vocabulary."""
+    """Rows of the merged input embedding: the fine-tune's (resized) vocabulary, as saved, or as far as its
+    trainable token rows reach past the base's (a resized embedding saved without its layers)."""
     input_key, _ = embedding_weights(model_config)
     saved = adapter.replacements.get(input_key)
-    return saved.shape[0] if saved is not None else reader.shape(input_key)[0]
+    rows = saved.shape[0] if saved is not None else reader.shape(input_key)[0]
+    if input_key in adapter.token_rows:
+        rows = max(rows, int(adapter.token_rows[input_key][0].max()) + 1)
+    return rows
 
 
 def _check_against_base(adapter: LoraAdapter, reader: TensorSource, model_config: dict, where: str) -> None:
@@ -329,10 +341,19 @@ def _check_against_base(adapter: LoraAdapter, reader: TensorSource, model_config
                 "another base model?"
             )
     _check_parameters(adapter, reader, model_config, where)
-    for indices, _ in adapter.token_rows.values():
+    for key, (indices, _) in adapter.token_rows.items():
         if int(indices.max()) >= rows:
             raise AdapterError(
                 f"{where}: trainable_token_indices reach token {int(indices.max())}, but the vocabulary has {rows} rows"
+            )
+        saved = adapter.replacements.get(key)
+        held = saved.shape[0] if saved is not None else reader.shape(input_key if key == tied_head else key)[0]
+        unknown = sorted(set(range(held, rows)) - set(indices.tolist()))
+        if unknown:
+            raise AdapterError(
+                f"{where}: the fine-tune resized {key} to {rows} rows, but rows {unknown[0]}..{unknown[-1]} were "
+                "neither saved nor trained (trainable_token_indices), so they cannot be rebuilt; save the adapter "
+                "with the resized embeddings (PEFT: save_embedding_layers=True)"
             )
 
 
