@@ -279,3 +279,25 @@ def test_trl_on_a_tied_base_with_lm_head_saved_is_refused(tmp_path, chat_bases, 
         f"{adapter / 'adapter_config.json'}: lm_head is in modules_to_save and, since the base ties its embeddings, "
         "PEFT also gives it a token adapter tied to the embedding's"
     ) in capsys.readouterr().err
+
+
+def test_added_rows_neither_saved_nor_trained_are_refused(tmp_path, chat_bases, text_files, capsys):
+    """Saved without its embedding layers, a resized embedding is rebuilt from the trained rows only when they
+    cover every added row: here the first added token's row is neither saved nor trained."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = chat_adapter(
+        chat_bases[True], tmp_path / "adapter", "trainable_tokens_dict", True, save_embedding_layers=False
+    )
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    save_file({**tensors, key: tensors[key][1:].contiguous()}, weights)
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    adapter_config["trainable_token_indices"] = {"embed_tokens": [513]}
+    (adapter / "adapter_config.json").write_text(json.dumps(adapter_config))
+    config = write_config(tmp_path / "run.yaml", chat_bases[True], adapter, text_files, tmp_path / "run")
+    assert main(["validate", str(config)]) == EXIT_BAD_INPUT
+    assert (
+        "the fine-tune resized model.embed_tokens.weight to 514 rows, but rows 512..512 were neither saved nor trained"
+    ) in capsys.readouterr().err
