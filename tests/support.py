@@ -47,6 +47,18 @@ def tiny_llama(tokenizer, seed: int = 0, **overrides):
     return LlamaForCausalLM(config)
 
 
+def save_4bit(base_dir: Path, section, out_dir: Path) -> Path:
+    """The base as transformers saves it loaded in 4-bit with `section`'s bnb settings (bfloat16)."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_requant.pipeline.stages.dequantize import bnb_settings
+
+    AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=bnb_settings(section).to_transformers(), dtype=torch.bfloat16, device_map="cpu"
+    ).save_pretrained(out_dir)
+    return out_dir
+
+
 def random_adapter(model_dir: Path, out_dir: Path, seed: int = 0, **lora_kwargs) -> Path:
     """A PEFT LoRA adapter with random A and B (init_lora_weights=False), saved as safetensors."""
     from peft import LoraConfig, get_peft_model

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, __version__
+from transformers import __version__
 
 from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from qlora_requant.pipeline.config import BaseSection
 from qlora_requant.pipeline.safetensors_io import read_header
-from qlora_requant.pipeline.stages.dequantize import DequantizedBase, bnb_settings
+from qlora_requant.pipeline.stages.dequantize import DequantizedBase
 from qlora_requant.quant.errors import InputError
 
-from support import save_model, tiny_llama, write_config
+from support import save_4bit, save_model, tiny_llama, write_config
 
 
 def copy_base(tiny_base: Path, folder: Path, **changes) -> Path:
@@ -231,10 +231,7 @@ def test_every_base_shard_and_the_adapter_are_checked_in_preflight(
 
 def test_a_4bit_base_is_compared_through_its_recorded_shapes(tmp_path, tiny_base):
     section = BaseSection(path=tiny_base, dtype="bfloat16")
-    quantized = tmp_path / "bnb4bit"
-    AutoModelForCausalLM.from_pretrained(
-        tiny_base, quantization_config=bnb_settings(section).to_transformers(), dtype=torch.bfloat16, device_map="cpu"
-    ).save_pretrained(quantized)
+    quantized = save_4bit(tiny_base, section, tmp_path / "bnb4bit")
     assert DequantizedBase(BaseSection(path=quantized)).shape("model.layers.0.mlp.gate_proj.weight") == (256, 128)
     edit_config(quantized, intermediate_size=512)
     with pytest.raises(InputError) as refused:

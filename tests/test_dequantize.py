@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from qlora_requant.pipeline.config import BaseSection, BnbSection
-from qlora_requant.pipeline.stages.dequantize import DequantizedBase, bnb_settings
+from qlora_requant.pipeline.stages.dequantize import DequantizedBase
 from qlora_requant.quant.errors import InputError
 
-from support import dequantize_to, library_dequantized, save_model, tiny_llama
+from support import dequantize_to, library_dequantized, save_4bit, save_model, tiny_llama
 
 
 def dequantized_tensors(tmp_path, section: BaseSection) -> dict[str, torch.Tensor]:
@@ -92,11 +92,7 @@ def test_gpt2_conv1d_weights_are_transposed_for_quantization(tmp_path, tokenizer
 
 def test_prequantized_base_gives_the_same_weights(tmp_path, tiny_base):
     section = BaseSection(path=tiny_base, dtype="bfloat16")
-    quantized_dir = tmp_path / "bnb4bit"
-    model = AutoModelForCausalLM.from_pretrained(
-        tiny_base, quantization_config=bnb_settings(section).to_transformers(), dtype=torch.bfloat16, device_map="cpu"
-    )
-    model.save_pretrained(quantized_dir)
+    quantized_dir = save_4bit(tiny_base, section, tmp_path / "bnb4bit")
     from_16bit = dequantized_tensors(tmp_path, section)
     (tmp_path / "second").mkdir()
     from_4bit = dequantized_tensors(tmp_path / "second", BaseSection(path=quantized_dir))
@@ -107,10 +103,7 @@ def test_prequantized_base_gives_the_same_weights(tmp_path, tiny_base):
 
 def test_prequantized_base_refuses_contradicting_settings(tmp_path, tiny_base):
     section = BaseSection(path=tiny_base, dtype="bfloat16")
-    quantized_dir = tmp_path / "bnb4bit"
-    AutoModelForCausalLM.from_pretrained(
-        tiny_base, quantization_config=bnb_settings(section).to_transformers(), dtype=torch.bfloat16, device_map="cpu"
-    ).save_pretrained(quantized_dir)
+    quantized_dir = save_4bit(tiny_base, section, tmp_path / "bnb4bit")
     with pytest.raises(InputError, match="base.bnb.quant_type is 'fp4' but .*saved with 'nf4'"):
         dequantized_tensors(tmp_path, BaseSection(path=quantized_dir, bnb=BnbSection(quant_type="fp4")))
 
