@@ -3,6 +3,7 @@ code, and the libraries' own results (oracles) that ours are checked against."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -51,11 +52,19 @@ def save_4bit(base_dir: Path, section, out_dir: Path) -> Path:
     """The base as transformers saves it loaded in 4-bit with `section`'s bnb settings (bfloat16)."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_requant.pipeline.stages.dequantize import bnb_settings
-
     AutoModelForCausalLM.from_pretrained(
         base_dir, quantization_config=bnb_settings(section).to_transformers(), dtype=torch.bfloat16, device_map="cpu"
     ).save_pretrained(out_dir)
+    return out_dir
+
+
+def save_pickled(base_dir: Path, out_dir: Path) -> Path:
+    """A copy of the base whose weights are a PyTorch pickle (pytorch_model.bin), as older checkpoints are."""
+    from safetensors.torch import load_file
+
+    out_dir.mkdir()
+    shutil.copy(base_dir / "config.json", out_dir)
+    torch.save(load_file(base_dir / "model.safetensors"), out_dir / "pytorch_model.bin")
     return out_dir
 
 

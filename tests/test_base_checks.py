@@ -10,8 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 from transformers import __version__
 
 from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
@@ -20,7 +18,7 @@ from qlora_requant.pipeline.safetensors_io import read_header
 from qlora_requant.pipeline.stages.dequantize import DequantizedBase
 from qlora_requant.quant.errors import InputError
 
-from support import save_4bit, save_model, tiny_llama, write_config
+from support import save_4bit, save_model, save_pickled, tiny_llama, write_config
 
 
 def copy_base(tiny_base: Path, folder: Path, **changes) -> Path:
@@ -243,10 +241,7 @@ def test_a_4bit_base_is_compared_through_its_recorded_shapes(tmp_path, tiny_base
 
 
 def test_a_pickled_base_is_read_and_checked_against_its_config(tmp_path, tiny_base):
-    base = tmp_path / "pickled"
-    base.mkdir()
-    shutil.copy(tiny_base / "config.json", base)
-    torch.save(load_file(tiny_base / "model.safetensors"), base / "pytorch_model.bin")
+    base = save_pickled(tiny_base, tmp_path / "pickled")
     section = BaseSection(path=base, dtype="bfloat16")
     assert DequantizedBase(section, allow_pickle=True).shape("model.embed_tokens.weight") == (512, 128)
     edit_config(base, vocab_size=1024)

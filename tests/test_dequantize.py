@@ -13,7 +13,7 @@ from qlora_requant.pipeline.config import BaseSection, BnbSection
 from qlora_requant.pipeline.stages.dequantize import DequantizedBase
 from qlora_requant.quant.errors import InputError
 
-from support import dequantize_to, library_dequantized, save_4bit, save_model, tiny_llama
+from support import dequantize_to, library_dequantized, save_4bit, save_model, save_pickled, tiny_llama
 
 
 def dequantized_tensors(tmp_path, section: BaseSection) -> dict[str, torch.Tensor]:
@@ -109,10 +109,7 @@ def test_prequantized_base_refuses_contradicting_settings(tmp_path, tiny_base):
 
 
 def test_pickle_only_checkpoint_is_read_only_when_allowed(tmp_path, tiny_base):
-    base = tmp_path / "pickled"
-    base.mkdir()
-    shutil.copy(tiny_base / "config.json", base)
-    torch.save(load_file(tiny_base / "model.safetensors"), base / "pytorch_model.bin")
+    base = save_pickled(tiny_base, tmp_path / "pickled")
     section = BaseSection(path=base, dtype="bfloat16")
     with pytest.raises(
         InputError,
