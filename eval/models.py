@@ -30,6 +30,32 @@ class Placement:
         return {**options, "max_memory": self.max_memory} if self.max_memory else options
 
 
+def evaluation_placement(section, device: str, offload_folder: Path) -> Placement:
+    """Where the evaluation section (EvaluationSection) places each scored model."""
+    return Placement(device, section.device_map == "auto", section.accelerate_max_memory(), offload_folder)
+
+
+def plain_dtype(name: str, device: str) -> torch.dtype | str:
+    """The compute dtype of the merged and GPTQ models (see EvaluationSection.dtype)."""
+    if name != "auto":
+        return getattr(torch, name)
+    return torch.float32 if device == "cpu" else "auto"
+
+
+def resident(model) -> dict[str, float]:
+    """What a loaded model holds: its parameters' and buffers' bytes, and this process's resident memory now
+    (Linux), in MB."""
+    tensors = [*model.parameters(), *model.buffers()]
+    held = {"model_mb": round(sum(t.numel() * t.element_size() for t in tensors) / 2**20, 1)}
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+        held["rss_after_load_mb"] = round(rss / 1024, 1)
+    except (OSError, StopIteration):
+        pass
+    return held
+
+
 def placed(model, placement: Placement) -> dict[str, int]:
     """Device -> how many modules accelerate placed there (the whole model counts as one on a single device)."""
     device_map = getattr(model, "hf_device_map", None)
@@ -103,3 +129,8 @@ def load_plain(model_dir: Path, placement: Placement, dtype: torch.dtype | str =
         except (RuntimeError, IndexError, ValueError):
             pass
     raise RuntimeError(f"{model_dir}: no gptqmodel kernel runs this checkpoint")
+
+
+def load_checkpoint(model_dir: Path, placement: Placement, dtype: torch.dtype | str = "auto") -> tuple:
+    """A checkpoint of the run loaded as its users load it, and the loader's name."""
+    return load_plain(model_dir, placement, dtype), "transformers"

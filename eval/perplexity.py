@@ -12,8 +12,9 @@ Three window protocols, every model scored on the same windows:
 
 from __future__ import annotations
 
-import copy
+import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,18 @@ class Windows:
     def mask(self, rows: slice) -> torch.Tensor:
         """[rows, seq_len - 1] bool: which predictions of these windows are scored."""
         return self.scored[rows]
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"input_ids": self.input_ids.contiguous(), "scored": self.scored.contiguous()}, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Windows:
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+        return cls(tensors["input_ids"], tensors["scored"])
 
 
 def eval_windows(
@@ -164,8 +177,14 @@ class FullReference:
 
 class HiddenReference:
     """The reference model at every scored token, compact and exact: the final hidden states its output layer
-    reads, float32 on disk (tokens x hidden x 4 bytes: 16 KB per token at hidden 4096), and a copy of that output
-    layer, which recomputes its log-probabilities chunk by chunk while another model is scored."""
+    reads, float32 on disk (tokens x hidden x 4 bytes: 16 KB per token at hidden 4096), and that output layer as
+    one matrix, which recomputes its log-probabilities chunk by chunk while another model is scored.
+
+    Recorded into a folder by the reference stage (`write`, then `save_output_layer`), read by every scoring
+    stage (`HiddenReference.open`): HIDDEN, OUTPUT_LAYER and OUTPUT_CONFIG in that folder.
+    """
+
+    HIDDEN, OUTPUT_LAYER, OUTPUT_CONFIG = "hidden.npy", "output_layer.safetensors", "output_layer.json"
 
     def __init__(self, path: Path, tokens: int):
         self.path, self.tokens = path, tokens
@@ -181,15 +200,76 @@ class HiddenReference:
         self.array[start : start + len(hidden)] = hidden.float().cpu().numpy()
 
     def keep_output_layer(self, output: OutputLayer) -> None:
-        """Keep the reference's output layer when the rest of the reference model is freed: the module itself, or
-        a copy when PEFT layers are in it, which a later `disable_adapter()` on that model would switch off."""
-        adapted = any(type(module).__module__.startswith("peft.") for module in output.head.modules())
-        self.output = OutputLayer(copy.deepcopy(output.head) if adapted else output.head, output.config)
+        """Keep the reference's output layer as one matrix (a PEFT layer in it would be switched off by a later
+        `disable_adapter()` on that model, and is not needed to read it back)."""
+        weight = dense_weight(output.head)
+        head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype, device=weight.device)
+        head.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.output = OutputLayer(head, output.config)
+
+    def save_output_layer(self, folder: Path) -> None:
+        """The kept output layer and what follows it, beside the hidden states."""
+        from safetensors.torch import save_file
+
+        save_file({"weight": self.output.head.weight.detach().cpu().contiguous()}, folder / self.OUTPUT_LAYER)
+        config = {key: getattr(self.output.config, key, None) for key in LOGIT_TRANSFORMS}
+        (folder / self.OUTPUT_CONFIG).write_text(
+            json.dumps({**config, "hidden_dtype": str(self.dtype).removeprefix("torch.")}, indent=1) + "\n"
+        )
+
+    @classmethod
+    def open(cls, folder: Path, device: torch.device | str) -> HiddenReference:
+        """A recorded reference, read from `folder` (the hidden states memory-mapped), its output layer on
+        `device`."""
+        from types import SimpleNamespace
+
+        from safetensors.torch import load_file
+
+        config = json.loads((folder / cls.OUTPUT_CONFIG).read_text())
+        dtype = getattr(torch, config.pop("hidden_dtype"))
+        weight = load_file(folder / cls.OUTPUT_LAYER, device=str(device))["weight"]
+        head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype, device=weight.device)
+        head.weight = torch.nn.Parameter(weight, requires_grad=False)
+        reference = cls(folder / cls.HIDDEN, 0)
+        reference.array = np.load(folder / cls.HIDDEN, mmap_mode="r")
+        reference.tokens, reference.dtype = len(reference.array), dtype
+        reference.output = OutputLayer(head, SimpleNamespace(**config))
+        return reference
 
     def read(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
         head_device = next(self.output.head.parameters()).device
         hidden = torch.from_numpy(np.ascontiguousarray(self.array[start:stop])).to(head_device, self.dtype)
         return self.output.log_probs(hidden).to(device)
+
+
+# What an architecture applies to its output head's logits (see OutputLayer.logits), and the vocabulary size.
+LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "final_logit_softcapping", "vocab_size")
+IDENTITY_ROWS = 1024  # rows of the identity passed through an output head at once (see dense_weight)
+
+
+@torch.no_grad()
+def dense_weight(head: torch.nn.Module) -> torch.Tensor:
+    """The one matrix W with head(x) == x @ W.T, in the head's dtype and on its device.
+
+    A plain Linear head (or a PEFT module that holds one: modules_to_save, trainable token rows) gives its weight
+    bit for bit: each row is read back by passing rows of the identity through the head, one product with 1 and
+    additions of exact zeros. A head with LoRA or DoRA on it gives its effective matrix, equal to its own output
+    within rounding. A head with a bias is refused: no supported architecture has one.
+    """
+    if type(head) is torch.nn.Linear and head.bias is None:
+        return head.weight.detach()
+    parameter = next(head.parameters())
+    width = next(m.in_features for m in head.modules() if isinstance(m, torch.nn.Linear))
+    zero = head(torch.zeros(1, width, dtype=parameter.dtype, device=parameter.device))
+    if zero.abs().max() != 0:
+        raise RuntimeError(f"{type(head).__name__}: an output layer with a bias is not supported")
+    columns = []
+    for first in range(0, width, IDENTITY_ROWS):
+        count = min(IDENTITY_ROWS, width - first)
+        rows = torch.zeros(count, width, dtype=parameter.dtype, device=parameter.device)
+        rows[torch.arange(count), torch.arange(first, first + count)] = 1
+        columns.append(head(rows))
+    return torch.cat(columns).T.contiguous()
 
 
 Reference = FullReference | HiddenReference
@@ -202,10 +282,11 @@ def score_windows(
     batch_size: int,
     reference: Reference | None = None,
     record: bool = False,
+    on_windows: Callable[[int], None] | None = None,
 ) -> dict[str, list[float]]:
     """Per window: summed NLL of the scored tokens and, against `reference`, summed KL(reference ||
     model) and the count of tokens whose top-1 prediction agrees. With `record`, this model is written into
-    `reference` instead (it is the reference).
+    `reference` instead (it is the reference). `on_windows(done)` is called after each batch.
 
     The model's decoder runs once per batch; its output layer runs only at scored positions, in chunks of
     CHUNK_BYTES of log-probabilities. The first batch checks that this reproduces the model's own logits.
@@ -244,6 +325,8 @@ def score_windows(
         if reference is not None and not record:
             per_window["kl"] += sums["kl"].tolist()
             per_window["top1_agree"] += [int(count) for count in sums["top1_agree"].tolist()]
+        if on_windows is not None:
+            on_windows(min(start + batch_size, len(windows)))
     if record and reference is not None:
         reference.keep_output_layer(output)
     return {key: values for key, values in per_window.items() if values}

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from qlora_requant.pipeline.config import DEFAULT_MAX_SHARD_BYTES
 from qlora_requant.pipeline.progress import progress
 from qlora_requant.pipeline.safetensors_io import DTYPES, read_header, read_tensor, write_file
 from qlora_requant.quant.errors import InputError
@@ -155,7 +156,6 @@ class TensorSource(Protocol):
 
 
 TensorTransform = Callable[[str, TensorSource], dict[str, torch.Tensor]]
-DEFAULT_MAX_SHARD_BYTES = 10**9
 
 
 class ShardWriter:

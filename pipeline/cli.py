@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from qlora_requant.pipeline import console
 from qlora_requant.pipeline.interrupt import Interrupted, restore_signals, stop_on_signals
-from qlora_requant.pipeline.plan import STAGE_KINDS
+from qlora_requant.pipeline.plan import KIND_GROUPS, STAGE_KINDS
 
 if TYPE_CHECKING:
     from qlora_requant.eval.schema import Report
@@ -28,7 +28,10 @@ DEMO_FIXTURE = REPO_ROOT / "runs" / "demo-fixture"
 
 
 def _parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     parser = argparse.ArgumentParser(prog="qlora-requant", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"qlora-requant {version('qlora-requant')}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("run", "run every stage of a config, skipping those complete and unchanged"),
@@ -51,9 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                 action="append",
                 default=None,
                 metavar="KIND[,KIND...]",
-                help=f"run only these kinds of stage ({', '.join(STAGE_KINDS)}; repeatable, joined); the stages "
-                "whose outputs they read must be complete and unchanged. The report is written when the "
-                "evaluation is complete",
+                help=f"run only these kinds of stage ({', '.join(STAGE_KINDS)}; evaluate: reference and score; "
+                "repeatable, joined); the stages whose outputs they read must be complete and unchanged. The "
+                "report is written when every model is scored",
             )
             command.add_argument(
                 "--force",
@@ -61,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                 default=[],
                 metavar="STAGE",
                 help="re-run a stage even if complete (repeatable): its name as the console prints it "
-                f"(merge, requantize_w4g128, ...) or a kind, every stage of it ({', '.join(STAGE_KINDS)})",
+                f"(merge, requantize_w4g128, score_gptq_w4g128, ...) or a kind, every stage of it "
+                f"({', '.join([*STAGE_KINDS, *KIND_GROUPS])})",
             )
     report = commands.add_parser("report", help="rebuild a run's report files from its saved results")
     report.add_argument("run_dir", type=Path)
@@ -72,13 +76,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _stage_kinds(value: str) -> frozenset[str]:
     kinds = [kind.strip() for kind in value.split(",") if kind.strip()]
-    unknown = [kind for kind in kinds if kind not in STAGE_KINDS]
+    unknown = [kind for kind in kinds if kind not in (*STAGE_KINDS, *KIND_GROUPS)]
     if unknown or not kinds:
         raise argparse.ArgumentTypeError(
-            f"{unknown[0] if unknown else value!r} is not a stage; give one or more of {', '.join(STAGE_KINDS)}, "
-            "separated by commas"
+            f"{unknown[0] if unknown else value!r} is not a stage; give one or more of "
+            f"{', '.join([*STAGE_KINDS, *KIND_GROUPS])}, separated by commas"
         )
-    return frozenset(kinds)
+    return frozenset(kind for name in kinds for kind in KIND_GROUPS.get(name, (name,)))
 
 
 def _load(config_path: Path, overrides: list[str]):
@@ -91,9 +95,10 @@ def _load(config_path: Path, overrides: list[str]):
 
 
 def _run(config_path: Path, overrides: list[str], force: list[str], kinds: list[frozenset[str]] | None = None) -> int:
+    config = _load(config_path, overrides)
+    console.console.info("%s: checking the inputs (base, adapter, tokenizer, data) after loading torch", config_path)
     from qlora_requant.pipeline.runner import Run
 
-    config = _load(config_path, overrides)
     run = Run(config, set(force), frozenset().union(*kinds) if kinds else None)
     try:
         with run:
@@ -108,7 +113,7 @@ def _run(config_path: Path, overrides: list[str], force: list[str], kinds: list[
         )
         return exc.exit_code
     if report is None:
-        print(f"\nStages done: {', '.join(run.executed)}; the report is written when the evaluate stage has run.")
+        print(f"\nStages done: {', '.join(run.executed)}; the report is written when every model is scored.")
         return EXIT_OK
     return _print_report(report, run.layout.root)
 

@@ -23,7 +23,6 @@ from pydantic import (
     model_validator,
 )
 
-from qlora_requant.pipeline.checkpoint import DEFAULT_MAX_SHARD_BYTES
 from qlora_requant.quant.errors import InputError
 
 if TYPE_CHECKING:
@@ -31,6 +30,7 @@ if TYPE_CHECKING:
 
 # bitsandbytes' Params4bit default, which BitsAndBytesConfig offers no way to change.
 TRANSFORMERS_BNB_BLOCKSIZE = 64
+DEFAULT_MAX_SHARD_BYTES = 10**9  # of the checkpoints this tool writes (max_shard_size)
 DTypeName = Literal["float16", "bfloat16", "float32"]
 
 
@@ -369,8 +369,9 @@ class ChatMessage(Section):
 
 
 class EvaluationSection(Section):
-    # Used by the checks or the report only: changing them re-scores nothing.
-    not_settings: ClassVar[frozenset[str]] = frozenset({"bootstrap_samples", "seed", "overlap"})
+    # Used by the checks, the plan or the report only: changing them re-scores nothing (`models` chooses which
+    # scoring stages there are).
+    not_settings: ClassVar[frozenset[str]] = frozenset({"bootstrap_samples", "seed", "overlap", "models"})
 
     text: TextSource
     seq_len: int = Field(512, gt=1)

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 # A stage's outputs are every file it wrote; only the model card, which the report writes into the GPTQ
 # folder afterwards, is not one. (Later stages' inputs also leave out gptqmodel's log: see layout.py.)
 OUTPUT_NOT_CONTENT = (MODEL_CARD,)
+MEMORY = ("rss_start_mb", "peak_rss_mb", "peak_gpu_mb")  # of the measures of a step (pipeline/metrics.py)
 
 
 class StageExecutor:
@@ -61,9 +62,9 @@ class StageExecutor:
         """Run `stages` in order; forget records of stages the plan (default: `stages`) no longer has."""
         self.layout.stage_records.mkdir(exist_ok=True)
         planned = {stage.name for stage in stages} if planned is None else planned
-        for record in self.layout.stage_records.glob("*.json"):
+        for record in sorted(self.layout.stage_records.glob("*.json")):
             if record.stem not in planned:
-                record.unlink()
+                self._remove_unplanned(record)
         for stage in stages:
             self.run_stage(stage, context)
 
@@ -109,7 +110,7 @@ class StageExecutor:
         require_free_space(self.layout.root, stage.needed_bytes(context), f"the {stage.name} stage")
         tmp = self.layout.partial(stage.output)
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp.mkdir(parents=True)
         self.current = stage.name
         try:
             with measure() as measured:
@@ -122,6 +123,8 @@ class StageExecutor:
             raise InputError(describe_write_failure(failure, self.layout.root, f"the {stage.name} stage")) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        if "process" in summary:  # the stage's work ran in a process of its own: its memory is that process's
+            measured.update({key: summary["process"][key] for key in MEMORY if key in summary["process"]})
         outputs = file_records(stage.output, relative_to=self.layout.root, skip=OUTPUT_NOT_CONTENT)
         self._remember(stage, outputs)
         record = {
@@ -195,6 +198,30 @@ class StageExecutor:
         """The stage's outputs, as later stages will find them among their inputs."""
         self.files.update(outputs)
         self._producers.update(dict.fromkeys(outputs, stage.name))
+
+    def _remove_unplanned(self, record_path: Path) -> None:
+        """Forget a stage the plan no longer has (a variant or a scored model removed from the config): delete its
+        record and the files it wrote (with the model card the report wrote beside them), and the folders left
+        empty. Anything else in its folder is kept."""
+        try:
+            record = read_record(record_path)
+        except RecordError:
+            record = {"outputs": {}}
+        written = [self.layout.root / name for name in record.get("outputs", {})]
+        folders = {path.parent for path in written}
+        cards = [folder / name for folder in folders for name in OUTPUT_NOT_CONTENT]
+        for path in [*written, *cards]:
+            path.unlink(missing_ok=True)
+        for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
+            while folder != self.layout.root and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+                folder = folder.parent
+        record_path.unlink()
+        if written:
+            top = {self.layout.relative(path).split("/")[0] for path in written}
+            console.info(
+                "stage %s: no longer in the plan; removed what it wrote (%s)", record_path.stem, ", ".join(sorted(top))
+            )
 
     def _previous_record(self, stage: Stage) -> dict | None:
         path = self.layout.stage_record(stage.name)

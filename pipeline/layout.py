@@ -9,7 +9,9 @@ RUN_DIR/
   merged/ gptq/         the merged 16-bit and the GPTQ checkpoints (merged_<base>/, gptq_<base>/ for
                         the other merge base); a GPTQ folder also holds README.md (the model card)
                         and quant_log.csv (gptqmodel's per-module loss log)
-  evaluation/results.json   per model and window: the scores the report is computed from
+  evaluation/reference/ the reference stage's: the windows, the baseline's hidden states at the scored tokens
+                        and its output layer, the prompts, scores.json of baseline and base_nf4
+  evaluation/<model>/   each score_<model> stage's scores.json: per window its NLL, KL and top-1 agreement
   logs/                 gptqmodel's own log files
   report.json report.md report.html
   .<folder>.partial/ .<folder>.old/   a stage's output while it is written or replaced
@@ -26,9 +28,10 @@ MODEL_CARD = "README.md"
 GPTQ_LOSS_LOG = "quant_log.csv"
 NOT_CONTENT = (MODEL_CARD, GPTQ_LOSS_LOG)
 
-RESULTS = "results.json"  # in the evaluation folder
-BASELINE_REFERENCE = ".baseline_hidden.npy"  # in the evaluation's temporary folder, deleted with it
-OFFLOAD = ".offload"  # there too: accelerate's offload folder of the model being scored (device_map: auto)
+SCORES = "scores.json"  # in each scoring stage's folder, the reference's included: see eval/scoring.py
+WINDOWS = "windows.safetensors"  # in the reference's folder: every model is scored on these
+REFERENCE_PROTOCOL = "reference.json"  # there too: the window protocol and the prompts as rendered
+OFFLOAD = ".offload"  # in a scoring stage's temporary folder: accelerate's offload folder (device_map: auto)
 REPORT_FILES = ("report.json", "report.md", "report.html")
 
 
@@ -70,8 +73,12 @@ class RunLayout:
         return self.root / "evaluation"
 
     @property
-    def results(self) -> Path:
-        return self.evaluation / RESULTS
+    def reference(self) -> Path:
+        return self.evaluation / "reference"
+
+    def scores(self, model: str) -> Path:
+        """The folder of a model's scoring stage."""
+        return self.evaluation / model
 
     @property
     def gptq_logs(self) -> Path:
@@ -81,8 +88,8 @@ class RunLayout:
         return self.root / name
 
     def partial(self, output: Path) -> Path:
-        """Where a stage writes `output` until it is complete."""
-        return self.root / f".{output.name}.partial"
+        """Where a stage writes `output` until it is complete: beside it."""
+        return output.with_name(f".{output.name}.partial")
 
     def leftovers(self, outputs: list[Path]) -> list[Path]:
         """What an interrupted run may have left of `outputs` (stage folders, records, reports): their

@@ -18,13 +18,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from qlora_requant.pipeline.checkpoint import dtype_of
 from qlora_requant.pipeline.config import ConfigError, GptqSection, RunConfig
 from qlora_requant.pipeline.context import StageContext
 from qlora_requant.pipeline.layout import RunLayout
 
 # The kinds of stage, in the order they run; `--force KIND` re-runs every stage of a kind.
-STAGE_KINDS = ("dequantize", "merge", "requantize", "evaluate")
+STAGE_KINDS = ("dequantize", "merge", "requantize", "reference", "score")
+# Names that stand for several kinds (`--stages evaluate`: the reference and every scoring stage).
+KIND_GROUPS = {"evaluate": ("reference", "score")}
 
 
 def _no_disk(context: StageContext) -> int:
@@ -46,7 +47,8 @@ class Stage:
 
 def plan(config: RunConfig) -> list[Stage]:
     """The stages `config` asks for, in order: the dequantized base if it is to be saved; per merge base, the
-    merge and one requantize stage per GPTQ variant; the evaluation of every model they made."""
+    merge and one requantize stage per GPTQ variant; the reference (the model as trained, scored); one scoring
+    stage per model to evaluate."""
     layout = RunLayout(config.output_dir)
     stages = [dequantize_stage(config, layout)] if config.base.save_dequantized else []
     models = []
@@ -60,7 +62,8 @@ def plan(config: RunConfig) -> list[Stage]:
             stage = requantize_stage_name(gptq)
             stages.append(requantize_stage(config, layout, settings, variant, name=stage, merged=merged, model=gptq))
             models.append(gptq)
-    stages.append(evaluate_stage(config, layout, models=scored_models(config, models)))
+    stages.append(reference_stage(config, layout))
+    stages += [score_stage(config, layout, model) for model in scored_models(config, models)]
     return stages
 
 
@@ -136,25 +139,46 @@ def requantize_stage(
     )
 
 
-def evaluate_stage(config: RunConfig, layout: RunLayout, *, models: list[str]) -> Stage:
-    from qlora_requant.pipeline.stages import evaluate
+def reference_stage(config: RunConfig, layout: RunLayout) -> Stage:
+    from qlora_requant.pipeline.stages import reference
 
-    arguments = dict(evaluation=config.evaluation, adapter=config.adapter, models=models)
+    arguments = dict(evaluation=config.evaluation, adapter=config.adapter)
     eval_text = config.evaluation.text.path
     return Stage(
-        name="evaluate",
-        kind="evaluate",
-        output=layout.evaluation,
+        name="reference",
+        kind="reference",
+        output=layout.reference,
         settings=_json(base=config.base, **arguments),
         inputs=(
             config.base.path,
             *_adapter_folders(config),
-            *(layout.model_dir(model) for model in models),
             *([eval_text] if eval_text else []),
-            *(task.path for task in config.evaluation.tasks if task.path),
+            *_task_folders(config),
         ),
-        work=partial(evaluate.run, **arguments),
+        work=partial(reference.run, **arguments),
     )
+
+
+def score_stage(config: RunConfig, layout: RunLayout, model: str) -> Stage:
+    from qlora_requant.pipeline.stages import score
+
+    return Stage(
+        name=score_stage_name(model),
+        kind="score",
+        output=layout.scores(model),
+        settings=_json(evaluation=config.evaluation, model=model),
+        inputs=(layout.reference, layout.model_dir(model), *_task_folders(config)),
+        work=partial(score.run, evaluation=config.evaluation, model=model),
+    )
+
+
+def score_stage_name(model: str) -> str:
+    """The stage that scores the run's model `model`: score_merged, score_gptq_w4g128, ..."""
+    return f"score_{model}"
+
+
+def _task_folders(config: RunConfig) -> list[Path]:
+    return [task.path for task in config.evaluation.tasks if task.path]
 
 
 def _adapter_folders(config: RunConfig) -> list[Path]:
@@ -167,6 +191,8 @@ def _adapter_folders(config: RunConfig) -> list[Path]:
 
 def _base_bytes(context: StageContext, dtype: str | None) -> int:
     """Bytes of the base's tensors written in `dtype` (default: the base's load dtype)."""
+    from qlora_requant.pipeline.checkpoint import dtype_of
+
     base = context.inputs.base
     size = dtype_of(dtype).itemsize if dtype else base.dtype.itemsize
     return sum(base.shape(key).numel() * size for key in base.keys())

@@ -22,8 +22,8 @@ from qlora_requant.pipeline.plan import STAGE_KINDS
 from qlora_requant.pipeline.run_record import require_run
 from qlora_requant.pipeline.safetensors_io import read_header
 from qlora_requant.pipeline.stages.dequantize import DequantizedBase, check_base
-from qlora_requant.pipeline.stages.evaluate import evaluation_windows
 from qlora_requant.pipeline.stages.merge import load_adapter, trained_on_another_base, vocabulary_rows
+from qlora_requant.pipeline.stages.reference import evaluation_windows
 from qlora_requant.pipeline.tokenizer import load_tokenizer, tokenizer_folder
 from qlora_requant.quant.calibration import Corpus, calibration_samples, check_held_out, require_tokens
 from qlora_requant.quant.chat import render_prompt, require_chat_template
@@ -48,7 +48,7 @@ def preflight(config: RunConfig, device: str, kinds: frozenset[str] = frozenset(
     check_output_dir(config.output_dir)
     base_config = read_model_config(config.base.path)
     check_base(config.base, base_config)
-    if kinds & {"requantize", "evaluate"}:
+    if kinds & {"requantize", "score"}:
         _refuse_gptq_of_fused_experts(config.base.path, base_config)
     base = DequantizedBase(config.base, device, config.allow_pickle)  # reads the file headers
     if device == "cpu":

@@ -21,7 +21,7 @@ from qlora_requant.pipeline.context import StageContext
 from qlora_requant.pipeline.executor import StageExecutor
 from qlora_requant.pipeline.layout import RunLayout
 from qlora_requant.pipeline.lock import RunLock
-from qlora_requant.pipeline.plan import STAGE_KINDS, Stage, plan
+from qlora_requant.pipeline.plan import KIND_GROUPS, STAGE_KINDS, Stage, plan
 from qlora_requant.pipeline.preflight import preflight, resolve_device
 from qlora_requant.pipeline.run_record import write_run_record
 from qlora_requant.pipeline.stages.report import write_reports
@@ -37,7 +37,7 @@ def library_versions() -> dict[str, str]:
 
 
 class Run:
-    """preflight -> stages (dequantize, merge, requantize, evaluate) -> report, for one RunConfig."""
+    """preflight -> stages (dequantize, merge, requantize, reference, score) -> report, for one RunConfig."""
 
     def __init__(self, config: RunConfig, force: set[str] | None = None, kinds: frozenset[str] | None = None):
         self.config = config
@@ -45,7 +45,8 @@ class Run:
         self.kinds = frozenset(STAGE_KINDS) if kinds is None else kinds  # the kinds of stage to run
         self.stages: list[Stage] = []  # every stage of the plan
         self.executed: list[str] = []  # the stages run (or skipped as complete) in this invocation
-        self.executor = StageExecutor(self.layout, library_versions(), force or set(), config.verify)
+        forced = {kind for name in force or () for kind in KIND_GROUPS.get(name, (name,))}
+        self.executor = StageExecutor(self.layout, library_versions(), forced, config.verify)
         self.context: StageContext | None = None
         self._held = ExitStack()  # given back on exit: the standard streams, the lock, the log
         self._step = "the input checks"  # what the run is doing outside a stage, for an interruption's message
@@ -107,7 +108,7 @@ class Run:
         if unknown:
             raise InputError(
                 f"--force {unknown[0]}: not a stage of this run; give a stage as the console names it "
-                f"({', '.join(names)}) or a kind of stage ({', '.join(STAGE_KINDS)})"
+                f"({', '.join(names)}) or a kind of stage ({', '.join([*STAGE_KINDS, *KIND_GROUPS])})"
             )
 
     def _upstream(self) -> list[Stage]:
@@ -129,8 +130,8 @@ class Run:
 
     def save(self) -> Report | None:
         """Write report.json, report.md, report.html and the GPTQ model card; return the report. Without
-        the evaluate stage among the chosen kinds, write nothing and return None."""
-        if "evaluate" not in self.kinds:
+        the scoring stages among the chosen kinds, write nothing and return None."""
+        if "score" not in self.kinds:
             return None
         self._step = "the report"
         report = write_reports(self.layout)

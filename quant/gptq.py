@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,12 +71,14 @@ def gptq_quantize(
     log_dir: Path,
     trust_remote_code: bool = False,
     offload_to_disk: bool = True,
+    on_layer: Callable[[int, int], None] | None = None,
 ) -> None:
     """Quantize the 16-bit checkpoint in `model_dir` on `calibration` windows and save it to `out_dir`.
 
     gptqmodel's per-module logs (GPTQ loss per layer) go to `log_dir` instead of ./logs. With
     `offload_to_disk` (gptqmodel's default), layers wait on disk rather than in memory; its loader finds
     them only under the model's own tensor names, not under legacy names a checkpoint may use.
+    `on_layer(k, n)` is called when gptqmodel's layer loop reaches decoder layer k (1-based) of n.
     """
     # gptqmodel sizes its CPU worker pool at import; with 2 cores or fewer it refuses to start without this.
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
@@ -92,8 +96,36 @@ def gptq_quantize(
         # batches of samples of unequal length do not line up (a shape error): one sample per batch.
         batch_size = 1
     model = GPTQModel.load(str(model_dir), config, device=device, trust_remote_code=trust_remote_code)
-    model.quantize(calibration, batch_size=batch_size)
+    with _layer_progress(model, on_layer):
+        model.quantize(calibration, batch_size=batch_size)
     model.save(str(out_dir))
+
+
+@contextmanager
+def _layer_progress(model, on_layer: Callable[[int, int], None] | None) -> Iterator[None]:
+    """Call `on_layer(k, n)` the first time gptqmodel's loop runs decoder layer k of n (it quantizes layer by
+    layer, each to the end before the next starts)."""
+    if on_layer is None:
+        yield
+        return
+    from gptqmodel.utils.model import get_layers_with_prefixes
+
+    layers = get_layers_with_prefixes(model.model, model.extract_layers_node())[0]
+    reached = [0]
+
+    def entered(index: int) -> None:
+        if index + 1 > reached[0]:
+            reached[0] = index + 1
+            on_layer(index + 1, len(layers))
+
+    hooks = [
+        layer.register_forward_pre_hook(lambda *_, index=index: entered(index)) for index, layer in enumerate(layers)
+    ]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def uses_model_names(model_config: dict, tensor_names: list[str]) -> bool:

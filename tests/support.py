@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_requant.pipeline.checkpoint import DEFAULT_MAX_SHARD_BYTES
-from qlora_requant.pipeline.config import BaseSection
+from qlora_requant.pipeline.config import DEFAULT_MAX_SHARD_BYTES, BaseSection
 from qlora_requant.pipeline.context import Inputs, StageContext
 from qlora_requant.pipeline.layout import RunLayout
 from qlora_requant.pipeline.stages import dequantize
@@ -116,6 +115,27 @@ def write_config(
     config.update(sections)
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def started_and_skipped(log_text: str) -> tuple[list[str], list[str]]:
+    """Stages started and stages skipped, from run.log lines."""
+    started = [line.split("stage ")[1].split(":")[0] for line in log_text.splitlines() if ": start (" in line]
+    skipped = [line.split("stage ")[1].split(":")[0] for line in log_text.splitlines() if ": skipped," in line]
+    return started, skipped
+
+
+def scores_file(run_dir: Path, model: str) -> Path:
+    """The scores.json holding `model`'s scores: the reference's for baseline and base_nf4, else its own stage's."""
+    layout = RunLayout(run_dir)
+    folder = layout.reference if model in ("baseline", "base_nf4") else layout.scores(model)
+    return folder / "scores.json"
+
+
+def model_scores(run_dir: Path, model: str) -> dict:
+    """A model's per-window scores as its scoring stage wrote them."""
+    import json
+
+    return json.loads(scores_file(run_dir, model).read_text())["models"][model]
 
 
 def stage_context(section: BaseSection, run_dir: Path, device: str = "cpu") -> StageContext:

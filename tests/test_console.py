@@ -8,7 +8,11 @@ import sys
 
 from support import write_config
 
-STAGE_LINE = re.compile(r"^\d\d:\d\d:\d\d (run |stage |(merge|dequantize): \d+/\d+ tensors \(\d+%\))")
+STAGE_LINE = re.compile(
+    r"^\d\d:\d\d:\d\d (run |stage |\S+: checking the inputs |(merge|dequantize): \d+/\d+ tensors \(100%\)$"
+    r"|requantize: \d+/\d+ layers|requantize: checking that the GPTQ checkpoint loads|reference: loading the NF4 base "
+    r"|score_\w+: loading |(reference: \w+|score_\w+): \d+/\d+ windows)"
+)
 
 
 def test_a_run_prints_stage_lines_and_the_table_and_logs_library_output(tmp_path, tiny_base, tiny_adapter, text_files):
@@ -22,15 +26,24 @@ def test_a_run_prints_stage_lines_and_the_table_and_logs_library_output(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     console = done.stderr.splitlines()
     assert [line for line in console if not STAGE_LINE.match(line)] == []
-    for stage in ("merge", "requantize", "evaluate"):
+    assert console[0].endswith("run.yaml: checking the inputs (base, adapter, tokenizer, data) after loading torch")
+    for stage in ("merge", "requantize", "reference", "score_merged", "score_gptq"):
         assert sum(f"stage {stage}: start (not run before)" in line for line in console) == 1
         assert sum(f"stage {stage}: done in" in line for line in console) == 1
-    merge_progress = [line for line in console if "merge: " in line and "tensors (" in line]
-    assert len(merge_progress) >= 10 and merge_progress[-1].endswith("(100%)")  # a line every 10%
+    # progress: not a terminal, so a line every 30 s and at the end (this run takes less)
+    assert sum("merge: " in line and "tensors (" in line for line in console) == 1
+    assert [line.split(" ", 1)[1] for line in console if "windows" in line] == [
+        "reference: baseline: 24/24 windows (100%)",
+        "reference: base_nf4: 24/24 windows (100%)",
+        "score_merged: 24/24 windows (100%)",
+        "score_gptq: 24/24 windows (100%)",
+    ]
+    assert sum(line.endswith("requantize: 2/2 layers (100%)") for line in console) == 1
     assert done.stdout.lstrip().startswith("model     what it is")
     assert "Release gate: none configured" in done.stdout
 
     log = (tmp_path / "run" / "run.log").read_text()
-    assert all(line.split(" ", 1)[1] in log for line in console)  # the log has every console line too
+    # the log has every console line too, but the first: it is printed before the run directory is taken
+    assert all(line.split(" ", 1)[1] in log for line in console[1:])
     gptqmodel_lines = [line for line in log.splitlines() if "gptq" in line.lower() and "stage " not in line]
     assert len(gptqmodel_lines) > 20, log[-3000:]

@@ -69,17 +69,18 @@ def test_a_folder_that_is_not_a_run_is_refused_untouched(tmp_path, tiny_base, ti
 
 def test_an_edited_result_is_refused_by_report_and_recomputed_by_run(run_copy, capsys):
     config, run_dir = run_copy
-    results = json.loads((run_dir / "evaluation" / "results.json").read_text())
-    results["models"]["gptq"]["window_nll"] = [n * 0.9 for n in results["models"]["gptq"]["window_nll"]]
-    (run_dir / "evaluation" / "results.json").write_text(json.dumps(results))
+    scores_file = run_dir / "evaluation" / "gptq" / "scores.json"
+    scores = json.loads(scores_file.read_text())
+    scores["models"]["gptq"]["window_nll"] = [n * 0.9 for n in scores["models"]["gptq"]["window_nll"]]
+    scores_file.write_text(json.dumps(scores))
     assert main(["report", str(run_dir)]) == EXIT_BAD_INPUT
     assert (
-        f"{run_dir / 'evaluation' / 'results.json'}: not the file the evaluate stage wrote (its SHA-256 differs from "
-        "the one in evaluate.json); re-run that stage: qlora-requant run CONFIG --force evaluate"
+        f"{scores_file}: not the file the score_gptq stage wrote (its SHA-256 differs from the one in "
+        "score_gptq.json); re-run that stage: qlora-requant run CONFIG --force score_gptq"
     ) in capsys.readouterr().err
     log = (run_dir / "run.log").read_text()
     assert main(["run", str(config)]) == EXIT_OK
-    assert started(run_dir, log) == ["evaluate"]
+    assert started(run_dir, log) == ["score_gptq"]
     assert main(["report", str(run_dir)]) == EXIT_OK
 
 
@@ -449,7 +450,8 @@ def test_stages_by_name_and_repeated_stage_flags(run_copy, capsys):
     assert main(["run", str(config), "--force", "requantize_w4"]) == EXIT_BAD_INPUT
     assert (
         "--force requantize_w4: not a stage of this run; give a stage as the console names it (merge, requantize, "
-        "evaluate) or a kind of stage (dequantize, merge, requantize, evaluate)"
+        "reference, score_merged, score_gptq) or a kind of stage (dequantize, merge, requantize, reference, score, "
+        "evaluate)"
     ) in capsys.readouterr().err
 
 

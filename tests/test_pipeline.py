@@ -16,7 +16,7 @@ import torch
 from qlora_requant.eval.compare import judge_gates
 from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, main
 
-from support import base_section, random_adapter, save_model, tiny_llama, write_config
+from support import base_section, model_scores, random_adapter, save_model, tiny_llama, write_config
 
 MODELS = ("base_nf4", "baseline", "merged", "gptq")
 LINEARS = (
@@ -52,10 +52,9 @@ def report(run_dir) -> dict:
 
 def test_report_scores_every_model_on_the_same_windows(report, run_dir, tokenizer):
     assert report["protocol"]["windows"] == 24 and report["protocol"]["tokens"] == 24 * 63
-    results = json.loads((run_dir / "evaluation" / "results.json").read_text())
     vocab = len(tokenizer)
     for name in MODELS:
-        scores = results["models"][name]
+        scores = model_scores(run_dir, name)
         assert report["models"][name]["tokens"] == 24 * 63 and scores["window_tokens"] == [63] * 24
         assert len(scores["window_nll"]) == 24
         assert report["models"][name]["ppl"] == pytest.approx(math.exp(sum(scores["window_nll"]) / (24 * 63)))
@@ -65,7 +64,18 @@ def test_report_scores_every_model_on_the_same_windows(report, run_dir, tokenize
         assert 0.98 * vocab < report["models"][name]["ppl"] < 1.08 * vocab, (name, report["models"][name]["ppl"])
     for name, path in report["artifacts"].items():  # folders named relative to the run directory
         assert path == name and (run_dir / name / "config.json").is_file()
-    assert not list((run_dir / "evaluation").glob("*.npy"))  # the baseline's log-probs are not kept
+    # the baseline is kept as its hidden states at the scored tokens (float32) and its output layer, no log-probs
+    kept = {path.name: path.stat().st_size for path in (run_dir / "evaluation" / "reference").iterdir()}
+    assert kept["hidden.npy"] == 24 * 63 * 128 * 4 + 128  # tokens x hidden x 4 bytes + the .npy header
+    assert set(kept) == {
+        "hidden.npy",
+        "output_layer.safetensors",
+        "output_layer.json",
+        "windows.safetensors",
+        "reference.json",
+        "scores.json",
+    }
+    assert sorted(p.name for p in (run_dir / "evaluation").iterdir()) == ["gptq", "merged", "reference"]
 
 
 def test_merged_nll_matches_an_independent_computation(run_dir, tokenizer, text_files):
@@ -85,7 +95,7 @@ def test_merged_nll_matches_an_independent_computation(run_dir, tokenizer, text_
     with torch.no_grad():
         logits = model(input_ids=windows).logits[:, :-1].double()
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none").sum(dim=1)
-    recorded = json.loads((run_dir / "evaluation" / "results.json").read_text())["models"]["merged"]["window_nll"]
+    recorded = model_scores(run_dir, "merged")["window_nll"]
     assert nll.tolist() == pytest.approx(recorded, rel=1e-4)  # measured: equal to 1e-8
 
 
@@ -161,7 +171,7 @@ def test_run_directory_holds_reports_log_and_no_partial_output(run_dir, report):
     assert "<img alt='GPTQ error per layer' src='data:image/png;base64," in (run_dir / "report.html").read_text()
     assert "stage requantize: done" in (run_dir / "run.log").read_text()
     assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == [".lock"]  # kept: see pipeline/lock.py
-    assert set(report["stages"]) == {"dequantize", "merge", "requantize", "evaluate"}
+    assert list(report["stages"]) == ["dequantize", "merge", "requantize", "reference", "score_merged", "score_gptq"]
     assert report["stages"]["merge"]["base"]["quantized"] == 14
     # NF4 in blocks of 64 keeps ~0.09 of the norm of Gaussian weights as error (exact values: see
     # test_report_says_where_the_loss_comes_from).
@@ -236,10 +246,10 @@ def test_report_command_on_an_interrupted_run_exits_2(run_dir, tmp_path, capsys)
 
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    (copy / "stages" / "evaluate.json").unlink()  # as when a re-run of the evaluation was killed
+    (copy / "stages" / "score_gptq.json").unlink()  # as when a re-run of its scoring was killed
     assert main(["report", str(copy)]) == EXIT_BAD_INPUT
     assert (
-        f"{copy}: the evaluate stage has no completed record (the run was interrupted or failed)"
+        f"{copy}: the score_gptq stage has no completed record (the run was interrupted or failed)"
         in capsys.readouterr().err
     )
 

@@ -13,20 +13,25 @@ def stage_table(config) -> list[tuple]:
     return [(s.name, s.kind, s.output, s.settings, s.inputs) for s in plan(config)]
 
 
-def test_the_default_plan_merges_requantizes_and_evaluates(tmp_path, tiny_base, tiny_adapter, text_files):
+def test_the_default_plan_merges_requantizes_and_scores_each_model(tmp_path, tiny_base, tiny_adapter, text_files):
     config = load_config(write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, tmp_path / "run"))
     stages = plan(config)
     run = tmp_path / "run"
     assert [(s.name, s.kind, s.output) for s in stages] == [
         ("merge", "merge", run / "merged"),
         ("requantize", "requantize", run / "gptq"),
-        ("evaluate", "evaluate", run / "evaluation"),
+        ("reference", "reference", run / "evaluation" / "reference"),
+        ("score_merged", "score", run / "evaluation" / "merged"),
+        ("score_gptq", "score", run / "evaluation" / "gptq"),
     ]
-    merge, requantize, evaluate = stages
+    merge, requantize, reference, score_merged, score_gptq = stages
     assert merge.inputs == (tiny_base, tiny_adapter)
     assert requantize.inputs == (run / "merged", text_files["calibration"])
-    assert evaluate.inputs == (tiny_base, tiny_adapter, run / "merged", run / "gptq", text_files["eval"])
-    assert evaluate.settings["models"] == ["merged", "gptq"]
+    # the reference reads none of the run's checkpoints: a new variant or a re-run merge leaves it standing
+    assert reference.inputs == (tiny_base, tiny_adapter, text_files["eval"])
+    assert score_merged.inputs == (run / "evaluation" / "reference", run / "merged")
+    assert score_gptq.inputs == (run / "evaluation" / "reference", run / "gptq")
+    assert score_gptq.settings["model"] == "gptq" and "models" not in score_gptq.settings["evaluation"]
     assert set(merge.settings) == {"base", "adapter", "dtype", "merge_base", "max_shard_size"}
     assert merge.settings["merge_base"] == "nf4" and merge.settings["dtype"] == "float16"
     assert requantize.settings["gptq"]["bits"] == 4 and requantize.settings["variant"] == ""
@@ -56,7 +61,10 @@ def test_keys_no_output_depends_on_are_not_settings(tmp_path, tiny_base, tiny_ad
     )
     assert changed == plain
     rescored = stage_table(load_config(path, ["evaluation.max_windows=3"]))
-    assert [a == b for a, b in zip(rescored, plain)] == [True, True, False]
+    assert [a == b for a, b in zip(rescored, plain)] == [True, True, False, False, False]
+    # which models are scored chooses the scoring stages, and changes none of them
+    narrowed = stage_table(load_config(path, ["evaluation.models=[gptq]"]))
+    assert narrowed == [row for row in plain if row[0] != "score_merged"]
 
 
 def test_saving_the_dequantized_base_and_both_merge_bases(tmp_path, tiny_base, tiny_adapter, text_files):
@@ -70,10 +78,20 @@ def test_saving_the_dequantized_base_and_both_merge_bases(tmp_path, tiny_base, t
         merge={"merge_base": "original", "compare_merge_bases": True},
     )
     stages = plan(load_config(path))
-    assert [s.name for s in stages] == ["dequantize", "merge", "requantize", "merge_nf4", "requantize_nf4", "evaluate"]
+    assert [s.name for s in stages] == [
+        "dequantize",
+        "merge",
+        "requantize",
+        "merge_nf4",
+        "requantize_nf4",
+        "reference",
+        "score_merged",
+        "score_gptq",
+        "score_merged_nf4",
+        "score_gptq_nf4",
+    ]
     assert [s.settings.get("merge_base") for s in stages[1:4:2]] == ["original", "nf4"]
     assert stages[4].inputs[0] == tmp_path / "run" / "merged_nf4"
-    assert stages[-1].settings["models"] == ["merged", "gptq", "merged_nf4", "gptq_nf4"]
 
 
 def test_each_gptq_variant_is_its_own_stage(tmp_path, tiny_base, tiny_adapter, text_files):
@@ -86,7 +104,11 @@ def test_each_gptq_variant_is_its_own_stage(tmp_path, tiny_base, tiny_adapter, t
         ("requantize_w4g128", run / "gptq_w4g128"),
         ("requantize_w3", run / "gptq_w3"),
         ("requantize_w4pc", run / "gptq_w4pc"),
-        ("evaluate", run / "evaluation"),
+        ("reference", run / "evaluation" / "reference"),
+        ("score_merged", run / "evaluation" / "merged"),
+        ("score_gptq_w4g128", run / "evaluation" / "gptq_w4g128"),
+        ("score_gptq_w3", run / "evaluation" / "gptq_w3"),
+        ("score_gptq_w4pc", run / "evaluation" / "gptq_w4pc"),
     ]
     settings = [stage.settings["gptq"] for stage in stages[1:4]]
     assert [(s["bits"], s["group_size"], s["gptaq"]) for s in settings] == [
@@ -94,7 +116,6 @@ def test_each_gptq_variant_is_its_own_stage(tmp_path, tiny_base, tiny_adapter, t
         (3, 64, False),
         (4, -1, True),
     ]
-    assert stages[-1].settings["models"] == ["merged", "gptq_w4g128", "gptq_w3", "gptq_w4pc"]
-    # a change to one variant changes that variant's settings only (the evaluation re-runs on its new output)
+    # a change to one variant changes that variant's settings only (its scoring re-runs on its new output)
     changed = plan(load_config(path, [variants.replace("bits: 3", "bits: 2")]))
-    assert [a.settings == b.settings for a, b in zip(stages, changed)] == [True, True, False, True, True]
+    assert [a.settings == b.settings for a, b in zip(stages, changed)] == [True, True, False, True, *[True] * 5]

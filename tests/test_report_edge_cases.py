@@ -273,7 +273,7 @@ def test_a_failed_report_leaves_no_previous_report_behind(run_with_old_reports, 
     layout = run_with_old_reports
 
     def unreadable(_layout):
-        raise InputError("the evaluate stage has no completed record")
+        raise InputError("the score_gptq stage has no completed record")
 
     monkeypatch.setattr(report_stage, "build_report", unreadable)
     with pytest.raises(InputError):

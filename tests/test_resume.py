@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
 
-from support import write_config
+from support import started_and_skipped, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 RELEASE_FILES = ("merged/model.safetensors", "gptq/model.safetensors")
@@ -27,13 +27,6 @@ RELEASE_FILES = ("merged/model.safetensors", "gptq/model.safetensors")
 
 def digests(run_dir: Path) -> dict[str, str]:
     return {name: hashlib.sha256((run_dir / name).read_bytes()).hexdigest() for name in RELEASE_FILES}
-
-
-def started_and_skipped(log_text: str) -> tuple[list[str], list[str]]:
-    """Stages started and stages skipped, from run.log lines."""
-    started = [line.split("stage ")[1].split(":")[0] for line in log_text.splitlines() if ": start (" in line]
-    skipped = [line.split("stage ")[1].split(":")[0] for line in log_text.splitlines() if ": skipped," in line]
-    return started, skipped
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +49,7 @@ def rerun(config: Path, run_dir: Path, *args: str) -> tuple[list[str], list[str]
 def test_a_repeated_run_skips_every_stage_and_changes_nothing(reference):
     config, run_dir = reference
     before = digests(run_dir)
-    assert rerun(config, run_dir) == ([], ["merge", "requantize", "evaluate"])
+    assert rerun(config, run_dir) == ([], ["merge", "requantize", "reference", "score_merged", "score_gptq"])
     assert digests(run_dir) == before
     report = json.loads((run_dir / "report.json").read_text())
     assert report["output_sha256"]["merge"]["merged/model.safetensors"] == before["merged/model.safetensors"]
@@ -66,29 +59,49 @@ def test_changed_settings_rerun_that_stage_and_what_depends_on_it(reference):
     config, run_dir = reference
     before = digests(run_dir)
     started, skipped = rerun(config, run_dir, "--set", "requantize.damp_percent=0.02")
-    assert (started, skipped) == (["requantize", "evaluate"], ["merge"])
+    assert (started, skipped) == (["requantize", "score_gptq"], ["merge", "reference", "score_merged"])
     changed = digests(run_dir)  # the new setting took effect: another GPTQ checkpoint from the same merge
     assert changed["merged/model.safetensors"] == before["merged/model.safetensors"]
     assert changed["gptq/model.safetensors"] != before["gptq/model.safetensors"]
     started, _ = rerun(config, run_dir)  # back to the original settings
-    assert started == ["requantize", "evaluate"]
+    assert started == ["requantize", "score_gptq"]
     assert digests(run_dir) == before
 
 
 def test_force_reruns_one_stage_and_identical_output_keeps_the_rest(reference):
     config, run_dir = reference
     before = digests(run_dir)
-    assert rerun(config, run_dir, "--force", "merge") == (["merge"], ["requantize", "evaluate"])
+    assert rerun(config, run_dir, "--force", "merge") == (
+        ["merge"],
+        ["requantize", "reference", "score_merged", "score_gptq"],
+    )
     assert "stage merge: start (--force merge)" in (run_dir / "run.log").read_text()
     assert digests(run_dir) == before
+
+
+def test_one_model_is_rescored_by_name_and_every_model_by_kind(reference):
+    config, run_dir = reference
+    scores = run_dir / "evaluation" / "merged" / "scores.json"
+    merged, record = scores.read_bytes(), (run_dir / "stages" / "score_merged.json").read_bytes()
+    before = (run_dir / "report.json").stat().st_mtime_ns
+    assert rerun(config, run_dir, "--force", "score_gptq") == (
+        ["score_gptq"],
+        ["merge", "requantize", "reference", "score_merged"],
+    )
+    assert (scores.read_bytes(), (run_dir / "stages" / "score_merged.json").read_bytes()) == (merged, record)
+    assert (run_dir / "report.json").stat().st_mtime_ns > before  # the report is rebuilt from every record
+    assert rerun(config, run_dir, "--stages", "score", "--force", "score") == (["score_merged", "score_gptq"], [])
+    assert scores.read_bytes() != merged  # written again (its time differs) ...
+    recorded, again = (json.loads(text)["models"]["merged"] for text in (merged, scores.read_text()))
+    assert {**recorded, "seconds": 0} == {**again, "seconds": 0}  # ... with the same scores
 
 
 def test_a_damaged_output_is_rebuilt(reference):
     config, run_dir = reference
     before = digests(run_dir)
     (run_dir / "gptq" / "model.safetensors").write_bytes(b"damaged")
-    # The rebuilt GPTQ checkpoint is byte-identical, so the evaluation of it still stands.
-    assert rerun(config, run_dir) == (["requantize"], ["merge", "evaluate"])
+    # The rebuilt GPTQ checkpoint is byte-identical, so its scores still stand.
+    assert rerun(config, run_dir) == (["requantize"], ["merge", "reference", "score_merged", "score_gptq"])
     assert "stage requantize: start (outputs missing or modified)" in (run_dir / "run.log").read_text()
     assert digests(run_dir) == before
 
@@ -102,7 +115,7 @@ def test_a_job_split_into_steps_writes_the_same_bytes_as_one_run(tmp_path, refer
     def step(kinds: str) -> int:
         return main(["run", str(config), "--set", f"output_dir={split}", "--stages", kinds])
 
-    assert step("evaluate") == EXIT_BAD_INPUT
+    assert step("score") == EXIT_BAD_INPUT
     assert "the merge stage is not complete and unchanged (not run before)" in capsys.readouterr().err
     assert not split.exists()
     assert step("merge") == EXIT_OK
@@ -110,13 +123,20 @@ def test_a_job_split_into_steps_writes_the_same_bytes_as_one_run(tmp_path, refer
     assert step("evaluate") == EXIT_BAD_INPUT
     assert "the requantize stage is not complete" in capsys.readouterr().err
     assert step("requantize") == EXIT_OK
-    assert step("evaluate") == EXIT_OK
+    assert step("reference") == EXIT_OK and not (split / "report.json").exists()
+    assert step("score") == EXIT_OK
     assert digests(split) == digests(run_dir)
     ours, theirs = (json.loads((folder / "report.json").read_text()) for folder in (split, run_dir))
     assert {name: model["ppl"] for name, model in ours["models"].items()} == {
         name: model["ppl"] for name, model in theirs["models"].items()
     }
-    assert started_and_skipped((split / "run.log").read_text())[0] == ["merge", "requantize", "evaluate"]
+    assert started_and_skipped((split / "run.log").read_text())[0] == [
+        "merge",
+        "requantize",
+        "reference",
+        "score_merged",
+        "score_gptq",
+    ]
 
 
 def test_a_second_run_on_the_same_directory_is_refused_while_the_first_holds_it(reference, capsys):
@@ -148,7 +168,7 @@ def test_a_second_run_on_the_same_directory_is_refused_while_the_first_holds_it(
         holder.wait()
     # The holder died without unlocking: its lock file is stale, and the next run takes it over.
     assert json.loads((run_dir / ".lock").read_text())["pid"] == holder.pid
-    assert rerun(config, run_dir) == ([], ["merge", "requantize", "evaluate"])
+    assert rerun(config, run_dir) == ([], ["merge", "requantize", "reference", "score_merged", "score_gptq"])
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -167,27 +187,66 @@ def test_killed_inside_each_stage_then_rerun_gives_identical_outputs(
     config = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, run_dir)
     command = [sys.executable, "-m", "qlora_requant.pipeline.cli", "run", str(config)]
     completed_before_kill = []
-    for stage, partial in (
-        ("merge", ".merged.partial"),
-        ("requantize", ".gptq.partial"),
-        ("evaluate", ".evaluation.partial"),
-    ):
+    stage_folders = {
+        "merge": "merged",
+        "requantize": "gptq",
+        "reference": "evaluation/reference",
+        "score_merged": "evaluation/merged",
+        "score_gptq": "evaluation/gptq",
+    }
+    for stage in ("merge", "requantize", "score_gptq"):
+        folder = run_dir / stage_folders[stage]
         process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(run_dir / partial, process)
+        wait_for(folder.with_name(f".{folder.name}.partial"), process)
+        workers = descendants(process.pid)
         process.send_signal(signal.SIGKILL)
         process.wait()
+        assert_gone(workers)  # the scoring process dies with the run: nothing writes into the run directory after
         # Nothing half-written is visible: each stage folder present is complete and has its record.
-        for name, folder in (("merge", "merged"), ("requantize", "gptq"), ("evaluate", "evaluation")):
-            assert (run_dir / folder).is_dir() == (run_dir / "stages" / f"{name}.json").is_file()
+        for name, output in stage_folders.items():
+            assert (run_dir / output).is_dir() == (run_dir / "stages" / f"{name}.json").is_file()
         completed_before_kill.append([p.stem for p in (run_dir / "stages").glob("*.json")])
         assert stage not in completed_before_kill[-1]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == EXIT_OK, done.stderr[-3000:]
-    assert sorted(completed_before_kill[-1]) == ["merge", "requantize"]
+    # killed while scoring the last model: the run before it scored the others, the re-run scores only that one
+    assert sorted(completed_before_kill[-1]) == ["merge", "reference", "requantize", "score_merged"]
     last_run = (run_dir / "run.log").read_text().split("run " + str(run_dir))[-1]
-    assert started_and_skipped(last_run) == (["evaluate"], ["merge", "requantize"])
+    assert started_and_skipped(last_run) == (["score_gptq"], ["merge", "requantize", "reference", "score_merged"])
     assert digests(run_dir) == digests(reference_dir)
-    assert not [p.name for p in run_dir.iterdir() if p.name.endswith((".partial", ".old"))]
+    leftovers = [p for p in run_dir.rglob(".*") if p.name.endswith((".partial", ".old"))]
+    assert not leftovers
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process started by `pid`, and by those, recursively (Linux)."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(child) for child in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            queue += children
+    return found
+
+
+def assert_gone(pids: list[int], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)]
+        time.sleep(0.1)
+    assert not alive, f"still running after the run was killed: {alive}"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
 
 
 @pytest.fixture
@@ -378,12 +437,17 @@ def test_missing_weights_and_a_missing_shard_exit_2(tmp_path, tiny_base, tiny_ad
         assert expected in capsys.readouterr().err
 
 
-def test_progress_is_logged_every_tenth_when_not_on_a_terminal(caplog):
+def test_progress_is_a_line_every_30_seconds_when_not_on_a_terminal(caplog, monkeypatch):
+    import itertools
     import logging
 
-    from qlora_requant.pipeline.progress import progress
+    from qlora_requant.pipeline import progress as progress_module
 
-    caplog.set_level(logging.INFO, logger="qlora_requant.pipeline.progress")
-    assert list(progress(list(range(20)), "merge", "tensors")) == list(range(20))
+    clock = itertools.count(0, 10)  # each item takes 10 s
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(clock))
+    caplog.set_level(logging.INFO, logger="qlora_requant.console")
+    assert list(progress_module.progress(list(range(20)), "merge", "tensors")) == list(range(20))
     lines = [r.getMessage() for r in caplog.records]
-    assert lines[0] == "merge: 2/20 tensors (10%)" and lines[-1] == "merge: 20/20 tensors (100%)" and len(lines) == 10
+    assert lines[0] == "merge: 3/20 tensors (15%), 0.1 tensors/s, about 170 s left"
+    assert lines[-1] == "merge: 20/20 tensors (100%)"
+    assert [line.split("/")[0] for line in lines] == [f"merge: {n}" for n in (3, 6, 9, 12, 15, 18, 20)]

@@ -13,7 +13,7 @@ import torch
 
 from qlora_requant.pipeline.cli import EXIT_OK, main
 
-from support import random_adapter, save_model, tiny_llama, write_config
+from support import random_adapter, save_model, started_and_skipped, tiny_llama, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,10 +114,14 @@ def test_a_run_with_accelerate_placement_records_where_each_model_ran(tmp_path, 
     assert main(["run", str(config), "--set", "evaluation.models=[gptq]"]) == EXIT_OK
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert list(report["models"]) == ["base_nf4", "baseline", "gptq"]  # the merged model was not scored
+    log = (tmp_path / "run" / "run.log").read_text()
     assert main(["run", str(config)]) == EXIT_OK
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert "disk" in report["models"]["merged"]["placement"]
-    assert not list((tmp_path / "run" / "evaluation").iterdir())[1:]  # results.json alone: no offload left
+    # adding a model to evaluation.models scores that model alone
+    assert started_and_skipped((tmp_path / "run" / "run.log").read_text()[len(log) :])[0] == ["score_merged"]
+    evaluation = tmp_path / "run" / "evaluation"
+    assert sorted(p.name for p in evaluation.rglob(".*")) == []  # no offload folder or partial output left
 
 
 def test_the_scheduler_examples_run_as_written(tmp_path, tiny_base, tiny_adapter, text_files):

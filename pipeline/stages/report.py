@@ -1,10 +1,10 @@
 """Stage 5, report: the quality-loss report, built only from what earlier stages saved in the run directory.
 
 Reads run.json (resolved config, device, library versions), stages/<name>.json (each stage's summary,
-time and memory), evaluation/results.json (per-window scores and generations) and gptqmodel's
-quant_log.csv in the GPTQ folder. Nothing is used unverified: every stage record carries a checksum,
-results.json and quant_log.csv must have the SHA-256 their stage recorded, and every file of the run a
-stage read must be the one its producing stage recorded (no stage re-ran since). Writes report.json,
+time and memory), the reference's and every scoring stage's scores.json under evaluation/ (per-window scores,
+generations, tasks) and gptqmodel's quant_log.csv in the GPTQ folder. Nothing is used unverified: every stage
+record carries a checksum, the scores and quant_log.csv must have the SHA-256 their stage recorded, and every
+file of the run a stage read must be the one its producing stage recorded (no stage re-ran since). Writes report.json,
 report.md, report.html and the GPTQ folder's README.md (model card), after deleting the previous ones.
 report.json is the dump of a validated `Report` (eval/schema.py), which every other file is rendered
 from. `qlora-requant report RUN_DIR` runs this alone, without loading a model.
@@ -25,8 +25,9 @@ from qlora_requant.eval.compare import change, compare_tasks, compare_to_baselin
 from qlora_requant.eval.model_card import render_model_card
 from qlora_requant.eval.report import render_reports
 from qlora_requant.eval.schema import SCHEMA_VERSION, GptqLoss, Report
+from qlora_requant.eval.scoring import joined
 from qlora_requant.pipeline.files import fsync_path, write_atomically
-from qlora_requant.pipeline.layout import GPTQ_LOSS_LOG, MODEL_CARD, REPORT_FILES, RunLayout
+from qlora_requant.pipeline.layout import GPTQ_LOSS_LOG, MODEL_CARD, REFERENCE_PROTOCOL, REPORT_FILES, SCORES, RunLayout
 from qlora_requant.pipeline.plan import gptq_model, requantize_stage_name
 from qlora_requant.pipeline.public import public_config, public_text
 from qlora_requant.pipeline.records import RecordError, read_record
@@ -111,10 +112,7 @@ def build_report(layout: RunLayout) -> tuple[Report, dict]:
             "interrupted or failed); run `qlora-requant run` with the run's config to finish it"
         )
     try:
-        results = json.loads(verified_bytes(layout, stages["evaluate"], layout.results))
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{layout.results}: not valid JSON ({exc}); {_rerun_hint('evaluate')}") from None
-    try:
+        results = evaluation_results(layout, stages)
         return _assemble(layout, run, results, stages), results
     except (KeyError, TypeError, ValidationError) as exc:
         raise InputError(
@@ -122,6 +120,33 @@ def build_report(layout: RunLayout) -> tuple[Report, dict]:
             f"({type(exc).__name__}: {str(exc).splitlines()[0]}); they were written by another "
             "version or edited: re-run `qlora-requant run` with the run's config"
         ) from None
+
+
+def evaluation_results(layout: RunLayout, stages: dict[str, dict]) -> dict:
+    """Every model's scores as one: the reference's protocol and prompts, then per model (base_nf4, baseline,
+    then each scoring stage's, in plan order) its per-window scores, continuations and task scores."""
+    reference = stages["reference"]
+    protocol = _verified_json(layout, reference, layout.reference / REFERENCE_PROTOCOL)
+    parts = [_verified_json(layout, reference, layout.reference / SCORES)]
+    for record in stages.values():
+        if record["kind"] == "score":
+            parts.append(_verified_json(layout, record, layout.scores(record["summary"]["model"]) / SCORES))
+    scores = joined(*parts)
+    models = {"base_nf4": scores["models"].pop("base_nf4"), **scores["models"]}  # display order: base_nf4 first
+    generations = {"prompts": protocol["prompts"], "max_new_tokens": protocol["max_new_tokens"]}
+    return {
+        "protocol": protocol["protocol"],
+        "models": models,
+        "generations": {**generations, "outputs": scores["generations"]},
+        "tasks": scores["tasks"],
+    }
+
+
+def _verified_json(layout: RunLayout, record: dict, path: Path) -> dict:
+    try:
+        return json.loads(verified_bytes(layout, record, path))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc}); {_rerun_hint(record['stage'])}") from None
 
 
 def variant_models(config: dict) -> dict[str, str]:

@@ -24,7 +24,9 @@ from qlora_requant.pipeline.checkpoint import (
     side_files,
 )
 from qlora_requant.pipeline.config import CalibrationSection, GptqSection
+from qlora_requant.pipeline.console import console
 from qlora_requant.pipeline.context import StageContext
+from qlora_requant.pipeline.progress import Progress
 from qlora_requant.pipeline.tokenizer import GENERATION_CONFIG, copy_tokenizer
 from qlora_requant.quant.calibration import calibration_samples
 from qlora_requant.quant.errors import InputError
@@ -61,6 +63,7 @@ def run(
         tokenizer, context.inputs.calibration, calibration.n_samples, calibration.seq_len, calibration.seed
     )
     settings = GptqSettings(**gptq.model_dump(exclude={"rotation"}))
+    layers = Progress(f"requantize{'_' + variant if variant else ''}", _layer_count(merged_dir), "layers")
     gptq_quantize(
         merged_dir,
         windows,
@@ -70,12 +73,16 @@ def run(
         log_dir=context.layout.gptq_logs,
         trust_remote_code=context.trust_remote_code,
         offload_to_disk=uses_model_names(read_model_config(merged_dir), CheckpointReader(merged_dir).keys()),
+        on_layer=lambda reached, total: layers.update(reached - 1, total),
     )
+    layers.update(layers.total)
+    layers.close()
     for name in ("config.json", "quantize_config.json"):
         _drop_run_specific_keys(out / name)
     copy_tokenizer(merged_dir, out)  # byte for byte: gptqmodel re-saves the tokenizer in its own way
     shutil.copy2(merged_dir / GENERATION_CONFIG, out / GENERATION_CONFIG)
     fused = _fuse_split_layers(out, merged_dir)
+    console.info("%s: checking that the GPTQ checkpoint loads and runs like the merged model", layers.what)
     check = _check_runs(out, merged_dir, windows[0]["input_ids"][0].tolist(), context.device, section.bits)
     _keep_newest_logs(context.layout.gptq_logs)
     log.info(
@@ -176,6 +183,12 @@ def _keep_newest_logs(log_dir: Path) -> None:
     logs = sorted(log_dir.glob("gpt*_log_*.log"), key=lambda path: path.stat().st_mtime_ns)
     for old in logs[:-KEPT_GPTQ_LOGS]:
         old.unlink()
+
+
+def _layer_count(merged_dir: Path) -> int:
+    """Decoder layers of the merged model, as its config.json counts them."""
+    config = read_model_config(merged_dir)
+    return int(config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers") or 1)
 
 
 def estimate_gptq_bytes(merged_dir: Path, bits: int) -> int:

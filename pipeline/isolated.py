@@ -1,0 +1,127 @@
+"""A stage's model work in a process of its own: the memory of a 70B model is fully returned when it ends, and a
+model may be loaded by the loader it needs (gptqmodel's patches transformers for the whole process).
+
+The process is forked from a server that has already imported torch, transformers and peft (seconds each
+time otherwise). It writes library output and its own log records to the run's log, and sends the parent
+what a person should see (a line, progress) and, at the end, its result or its error, through a pipe. The
+parent alone talks to the console. It is killed if the parent is interrupted, and dies with the server,
+which ends with the parent, if the parent is killed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from qlora_requant.pipeline.console import console
+from qlora_requant.pipeline.files import describe_write_failure, write_failure
+from qlora_requant.pipeline.metrics import measure
+from qlora_requant.pipeline.progress import Progress
+from qlora_requant.quant.errors import InputError
+
+log = logging.getLogger(__name__)
+
+_SERVER = multiprocessing.get_context("forkserver")
+_SERVER.set_forkserver_preload(["torch", "transformers", "peft", "qlora_requant.pipeline.isolated"])
+_PR_SET_PDEATHSIG = 1
+
+
+class Reporter:
+    """What the work in the child process tells the parent's console."""
+
+    def __init__(self, connection):
+        self._connection = connection
+
+    def say(self, text: str) -> None:
+        """One console line."""
+        self._connection.send(("say", text))
+
+    def progress(self, what: str, done: int, total: int, unit: str) -> None:
+        self._connection.send(("progress", (what, done, total, unit)))
+
+
+def run_isolated(work: Callable[[dict, Reporter], dict], spec: dict, log_file: Path) -> dict:
+    """`work(spec, reporter)` in a fresh process; its result, with `process` (its time and peak memory) added.
+    An InputError or a failed write in the child is raised here as InputError; any other failure as
+    RuntimeError naming it (its traceback is in `log_file`)."""
+    receive, send = _SERVER.Pipe(duplex=False)
+    child = _SERVER.Process(target=_child, args=(work, spec, send, str(log_file)), daemon=True)
+    child.start()
+    send.close()
+    bars: dict[str, Progress] = {}
+    outcome: tuple[str, object] = ("failure", "the process ended without a result")
+    try:
+        while True:
+            try:
+                kind, payload = receive.recv()
+            except EOFError:
+                break
+            if kind == "say":
+                console.info("%s", payload)
+            elif kind == "progress":
+                what, done, total, unit = payload
+                bar = bars.get(what) or bars.setdefault(what, Progress(what, total, unit))
+                bar.update(done)
+            else:
+                outcome = (kind, payload)
+        child.join()
+    finally:
+        for bar in bars.values():
+            bar.close()
+        if child.is_alive():
+            child.kill()
+            child.join()
+        receive.close()
+    kind, payload = outcome
+    if kind == "done":
+        return payload
+    if kind == "input":
+        raise InputError(payload)
+    code = child.exitcode
+    ended = f"killed by signal {-code}" if code and code < 0 else f"exit code {code}"
+    raise RuntimeError(f"{payload} ({ended}; see {log_file})")
+
+
+def _child(work: Callable[[dict, Reporter], dict], spec: dict, connection, log_file: str) -> None:
+    """The child's side: output to the log, work, one final message."""
+    _die_with_parent()
+    descriptor = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(descriptor, 1)
+    os.dup2(descriptor, 2)
+    os.close(descriptor)
+    handler = logging.FileHandler(log_file, mode="a")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    for noisy in ("transformers", "datasets", "accelerate", "peft", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        with measure() as measured:
+            result = work(spec, Reporter(connection))
+        connection.send(("done", {**result, "process": {**result.get("process", {}), **measured}}))
+    except InputError as exc:
+        connection.send(("input", str(exc)))
+    except BaseException as exc:
+        failure = write_failure(exc)
+        if failure is not None:
+            connection.send(("input", describe_write_failure(failure, Path(spec["out"]), spec["what"])))
+            return
+        log.error("%s failed:\n%s", spec["what"], traceback.format_exc())
+        connection.send(("failure", f"{spec['what']} failed: {type(exc).__name__}: {exc}"))
+    finally:
+        connection.close()
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this process when the fork server that started it ends (it ends with the run's process)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the child ends at its next message to a parent that is gone
