@@ -84,6 +84,29 @@ def render_model_card(report: Report, variant: Variant) -> str:
         "",
         "## How to load",
         "",
+        *_how_to_load(variant),
+        "",
+        f"Made with qlora-requant on {report.created}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _how_to_load(variant: Variant) -> list[str]:
+    if variant.loader == "gptqmodel":
+        return [
+            "```python",
+            "from gptqmodel import GPTQModel",
+            "from transformers import AutoTokenizer",
+            "",
+            f'model = GPTQModel.load("{variant.model}").model  # a transformers model',
+            f'tokenizer = AutoTokenizer.from_pretrained("{variant.model}")',
+            "```",
+            "",
+            "Its experts are quantized one by one: transformers' own `from_pretrained` would leave them unloaded "
+            "(randomly initialised), so load it with gptqmodel's loader, as above.",
+        ]
+    return [
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
@@ -92,8 +115,4 @@ def render_model_card(report: Report, variant: Variant) -> str:
         "```",
         "",
         "Loading needs `gptqmodel` (or another GPTQ kernel provider supported by transformers) and `optimum`.",
-        "",
-        f"Made with qlora-requant on {report.created}.",
-        "",
     ]
-    return "\n".join(lines)

@@ -131,6 +131,18 @@ def load_plain(model_dir: Path, placement: Placement, dtype: torch.dtype | str =
     raise RuntimeError(f"{model_dir}: no gptqmodel kernel runs this checkpoint")
 
 
-def load_checkpoint(model_dir: Path, placement: Placement, dtype: torch.dtype | str = "auto") -> tuple:
-    """A checkpoint of the run loaded as its users load it, and the loader's name."""
-    return load_plain(model_dir, placement, dtype), "transformers"
+def load_checkpoint(model_dir: Path, placement: Placement, dtype: torch.dtype | str, loader: str):
+    """A checkpoint of the run loaded as its users load it: by plain transformers (see load_plain), or a GPTQ
+    mixture-of-experts checkpoint by gptqmodel's loader (`loader`: see pipeline/model_checks.gptq_loader), on the
+    run's device (accelerate's placement does not apply to it)."""
+    if loader == "transformers":
+        return load_plain(model_dir, placement, dtype)
+    import os
+
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel refuses to start on one or two cores without it
+    from gptqmodel import GPTQModel
+
+    device = "cuda:0" if placement.device == "cuda" else "cpu"
+    model = GPTQModel.load(str(model_dir), device=device, dtype=dtype if isinstance(dtype, torch.dtype) else None).model
+    model.generation_config.do_sample = False  # gptqmodel's loader turns sampling on; continuations are greedy
+    return model.eval()

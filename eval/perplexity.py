@@ -200,18 +200,19 @@ class HiddenReference:
         self.array[start : start + len(hidden)] = hidden.float().cpu().numpy()
 
     def keep_output_layer(self, output: OutputLayer) -> None:
-        """Keep the reference's output layer as one matrix (a PEFT layer in it would be switched off by a later
+        """Keep the reference's output layer as one Linear layer (a PEFT layer in it would be switched off by a later
         `disable_adapter()` on that model, and is not needed to read it back)."""
-        weight = dense_weight(output.head)
-        head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype, device=weight.device)
-        head.weight = torch.nn.Parameter(weight, requires_grad=False)
-        self.output = OutputLayer(head, output.config)
+        self.output = OutputLayer(plain_linear(*dense_layer(output.head)), output.config)
 
     def save_output_layer(self, folder: Path) -> None:
         """The kept output layer and what follows it, beside the hidden states."""
         from safetensors.torch import save_file
 
-        save_file({"weight": self.output.head.weight.detach().cpu().contiguous()}, folder / self.OUTPUT_LAYER)
+        head = self.output.head
+        tensors = {"weight": head.weight, **({"bias": head.bias} if head.bias is not None else {})}
+        save_file(
+            {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}, folder / self.OUTPUT_LAYER
+        )
         config = {key: getattr(self.output.config, key, None) for key in LOGIT_TRANSFORMS}
         (folder / self.OUTPUT_CONFIG).write_text(
             json.dumps({**config, "hidden_dtype": str(self.dtype).removeprefix("torch.")}, indent=1) + "\n"
@@ -227,13 +228,11 @@ class HiddenReference:
 
         config = json.loads((folder / cls.OUTPUT_CONFIG).read_text())
         dtype = getattr(torch, config.pop("hidden_dtype"))
-        weight = load_file(folder / cls.OUTPUT_LAYER, device=str(device))["weight"]
-        head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype, device=weight.device)
-        head.weight = torch.nn.Parameter(weight, requires_grad=False)
+        tensors = load_file(folder / cls.OUTPUT_LAYER, device=str(device))
         reference = cls(folder / cls.HIDDEN, 0)
         reference.array = np.load(folder / cls.HIDDEN, mmap_mode="r")
         reference.tokens, reference.dtype = len(reference.array), dtype
-        reference.output = OutputLayer(head, SimpleNamespace(**config))
+        reference.output = OutputLayer(plain_linear(tensors["weight"], tensors.get("bias")), SimpleNamespace(**config))
         return reference
 
     def read(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
@@ -248,28 +247,37 @@ IDENTITY_ROWS = 1024  # rows of the identity passed through an output head at on
 
 
 @torch.no_grad()
-def dense_weight(head: torch.nn.Module) -> torch.Tensor:
-    """The one matrix W with head(x) == x @ W.T, in the head's dtype and on its device.
+def dense_layer(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight W and bias b with head(x) == x @ W.T + b, in the head's dtype and on its device.
 
-    A plain Linear head (or a PEFT module that holds one: modules_to_save, trainable token rows) gives its weight
-    bit for bit: each row is read back by passing rows of the identity through the head, one product with 1 and
-    additions of exact zeros. A head with LoRA or DoRA on it gives its effective matrix, equal to its own output
-    within rounding. A head with a bias is refused: no supported architecture has one.
+    A plain Linear head gives its own tensors. A PEFT module that holds one matrix (modules_to_save, trainable token
+    rows) gives it bit for bit: each row is read back by passing rows of the identity through the head, one product
+    with 1 and additions of exact zeros. A head with LoRA or DoRA on it gives its effective matrix, equal to its own
+    output within rounding.
     """
-    if type(head) is torch.nn.Linear and head.bias is None:
-        return head.weight.detach()
+    if type(head) is torch.nn.Linear:
+        return head.weight.detach(), None if head.bias is None else head.bias.detach()
     parameter = next(head.parameters())
     width = next(m.in_features for m in head.modules() if isinstance(m, torch.nn.Linear))
-    zero = head(torch.zeros(1, width, dtype=parameter.dtype, device=parameter.device))
-    if zero.abs().max() != 0:
-        raise RuntimeError(f"{type(head).__name__}: an output layer with a bias is not supported")
+    bias = head(torch.zeros(1, width, dtype=parameter.dtype, device=parameter.device))[0]
     columns = []
     for first in range(0, width, IDENTITY_ROWS):
         count = min(IDENTITY_ROWS, width - first)
         rows = torch.zeros(count, width, dtype=parameter.dtype, device=parameter.device)
         rows[torch.arange(count), torch.arange(first, first + count)] = 1
         columns.append(head(rows))
-    return torch.cat(columns).T.contiguous()
+    if not bias.any():
+        return torch.cat(columns).T.contiguous(), None
+    return (torch.cat(columns) - bias).T.contiguous(), bias
+
+
+def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
+    """A Linear layer holding exactly these tensors."""
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        layer.bias = torch.nn.Parameter(bias, requires_grad=False)
+    return layer
 
 
 Reference = FullReference | HiddenReference

@@ -161,6 +161,12 @@ class Requantize(_Closed):
         description="||logits - merged logits|| / ||merged logits - mean|| on one calibration window, in a fresh "
         "process: the check that the checkpoint loads and runs like the merged model."
     )
+    model_type: str | None = Field(None, description="The model's model_type (config.json).")
+    loader: Literal["transformers", "gptqmodel"] = Field(
+        "transformers",
+        description="What loaded it for the check and the evaluation: transformers' from_pretrained, or (a "
+        "mixture-of-experts model, its experts quantized one by one) gptqmodel's GPTQModel.load.",
+    )
 
 
 class Variant(_Closed):
@@ -188,6 +194,11 @@ class Variant(_Closed):
     serves_on: dict[str, str] = Field(
         description="Runtimes that load this checkpoint, with the kernel each serves it with (from their documented "
         "constraints; see quant/serving.py); a runtime that cannot is absent."
+    )
+    loader: Literal["transformers", "gptqmodel"] = Field(
+        "transformers",
+        description="How transformers loads it: from_pretrained, or (a mixture-of-experts model, its experts "
+        "quantized one by one) only gptqmodel's GPTQModel.load.",
     )
 
 

@@ -10,6 +10,7 @@ folder and renamed into place only when complete. The caller holds the run direc
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -218,10 +219,8 @@ class StageExecutor:
                 folder = folder.parent
         record_path.unlink()
         if written:
-            top = {self.layout.relative(path).split("/")[0] for path in written}
-            console.info(
-                "stage %s: no longer in the plan; removed what it wrote (%s)", record_path.stem, ", ".join(sorted(top))
-            )
+            folder = self.layout.relative(Path(os.path.commonpath([path.parent for path in written])))
+            console.info("stage %s: no longer in the plan; removed what it wrote (%s)", record_path.stem, folder)
 
     def _previous_record(self, stage: Stage) -> dict | None:
         path = self.layout.stage_record(stage.name)

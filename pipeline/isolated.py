@@ -1,11 +1,11 @@
 """A stage's model work in a process of its own: the memory of a 70B model is fully returned when it ends, and a
-model may be loaded by the loader it needs (gptqmodel's patches transformers for the whole process).
+model may be loaded by the loader it needs (gptqmodel's patches transformers' model classes for the process).
 
-The process is forked from a server that has already imported torch, transformers and peft (seconds each
-time otherwise). It writes library output and its own log records to the run's log, and sends the parent
-what a person should see (a line, progress) and, at the end, its result or its error, through a pipe. The
-parent alone talks to the console. It is killed if the parent is interrupted, and dies with the server,
-which ends with the parent, if the parent is killed.
+The GPTQ stages and the scoring stages run there. The process is forked from a server that has already imported
+torch, transformers and peft (seconds each time otherwise). It writes library output and its own log records to
+the run's log, and sends the parent what a person should see (a line, progress) and, at the end, its result or
+its error, through a pipe: the parent alone talks to the console. It is killed if the parent is interrupted, and
+dies with the server, which ends with the parent, if the parent is killed.
 """
 
 from __future__ import annotations
@@ -28,7 +28,11 @@ from qlora_requant.quant.errors import InputError
 log = logging.getLogger(__name__)
 
 _SERVER = multiprocessing.get_context("forkserver")
-_SERVER.set_forkserver_preload(["torch", "transformers", "peft", "qlora_requant.pipeline.isolated"])
+# What every stage process imports anyway; lm_eval (evaluation.tasks) only where it is installed. Not gptqmodel: it
+# starts threads at import, which a forked process would not have.
+_SERVER.set_forkserver_preload(
+    ["torch", "transformers", "peft", "lm_eval", "qlora_requant.pipeline.stages.reference", "qlora_requant.eval.models"]
+)
 _PR_SET_PDEATHSIG = 1
 
 

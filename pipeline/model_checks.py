@@ -221,3 +221,12 @@ def sizing_keys(
             if shape == held and (key, value, scaled) not in found:
                 found.append((key, value, scaled))
     return found
+
+
+def gptq_loader(model_config: dict) -> str:
+    """How a GPTQ checkpoint of this model loads: transformers, or (mixture-of-experts models whose experts
+    transformers fuses into 3-D parameters: Mixtral, Qwen-MoE) gptqmodel, whose loader defuses them back into the
+    per-expert layers gptqmodel quantized. Plain `from_pretrained` leaves those experts randomly initialised."""
+    from qlora_requant.pipeline.parameter_slices import fused_expert_parameters
+
+    return "gptqmodel" if fused_expert_parameters(model_config) else "transformers"

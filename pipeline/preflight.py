@@ -17,8 +17,6 @@ from qlora_requant.pipeline.checkpoint import is_bnb_4bit, read_model_config
 from qlora_requant.pipeline.config import RunConfig
 from qlora_requant.pipeline.context import Inputs
 from qlora_requant.pipeline.layout import RunLayout
-from qlora_requant.pipeline.parameter_slices import fused_expert_parameters
-from qlora_requant.pipeline.plan import STAGE_KINDS
 from qlora_requant.pipeline.run_record import require_run
 from qlora_requant.pipeline.safetensors_io import read_header
 from qlora_requant.pipeline.stages.dequantize import DequantizedBase, check_base
@@ -41,15 +39,13 @@ def resolve_device(config: RunConfig) -> str:
     return "cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 
-def preflight(config: RunConfig, device: str, kinds: frozenset[str] = frozenset(STAGE_KINDS)) -> Inputs:
-    """Check every input of `config` for a run of the stages of `kinds`; return what was read. Raises
+def preflight(config: RunConfig, device: str) -> Inputs:
+    """Check every input of `config`; return what was read. Raises
     InputError naming the file or key."""
     _refuse_output_inside_inputs(config)
     check_output_dir(config.output_dir)
     base_config = read_model_config(config.base.path)
     check_base(config.base, base_config)
-    if kinds & {"requantize", "score"}:
-        _refuse_gptq_of_fused_experts(config.base.path, base_config)
     base = DequantizedBase(config.base, device, config.allow_pickle)  # reads the file headers
     if device == "cpu":
         _refuse_cpu_4bit_shapes(base)
@@ -140,21 +136,6 @@ def _check_adapter_headers(config: RunConfig) -> None:
     for _, folder in config.adapter.keyed_paths():
         if (folder / ADAPTER_WEIGHTS).is_file():
             read_header(folder / ADAPTER_WEIGHTS)
-
-
-def _refuse_gptq_of_fused_experts(base_dir: Path, model_config: dict) -> None:
-    """transformers 5 loads a GPTQ checkpoint of a mixture-of-experts model whose experts it fuses into 3-D
-    parameters (Mixtral, Qwen-MoE) only after gptqmodel's defuser has patched its model classes for the
-    whole process; the requantize stage could write it, but neither check it nor score it."""
-    fused = fused_expert_parameters(model_config)
-    if fused:
-        architecture = (model_config.get("architectures") or [model_config.get("model_type")])[0]
-        raise InputError(
-            f"{base_dir}: GPTQ of {architecture} is not supported: transformers loads the GPTQ experts of its "
-            f"{len(fused)} fused expert parameters (e.g. {fused[0]}) only through gptqmodel's defuser, which "
-            "patches transformers for the whole process, so the GPTQ model cannot be checked or scored here; "
-            "the merge is supported: run only it with `qlora-requant run CONFIG --stages merge`"
-        )
 
 
 def _require_lm_eval() -> None:

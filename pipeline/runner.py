@@ -64,7 +64,7 @@ class Run:
         self.stages = plan(config)
         self._check_forced()
         device = resolve_device(config)
-        inputs = preflight(config, device, self.kinds)
+        inputs = preflight(config, device)
         self.context = StageContext(
             device=device,
             layout=layout,

@@ -166,43 +166,54 @@ def join_tensors(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 _PROBE = r"""
-import json, sys, torch
+import json, os, sys, torch
 from transformers import AutoModelForCausalLM, GPTQConfig
-gptq_dir, merged_dir, ids, device, backend = sys.argv[1:6]
+gptq_dir, merged_dir, ids, device, backend, loader = sys.argv[1:7]
 ids = torch.tensor(json.loads(ids)).unsqueeze(0)
 place = {"": 0 if device == "cuda" else "cpu"}
 dtype = torch.float32 if device == "cpu" else "auto"
-options = {}
-if backend:
-    quantization = json.load(open(gptq_dir + "/config.json"))["quantization_config"]
-    options["quantization_config"] = GPTQConfig(bits=quantization["bits"], group_size=quantization["group_size"],
-        desc_act=quantization["desc_act"], sym=quantization["sym"], backend=backend)
-model, info = AutoModelForCausalLM.from_pretrained(gptq_dir, dtype=dtype, device_map=place, output_loading_info=True,
-                                                   **options)
-missing = sorted(info["missing_keys"])
-if missing:
-    print(json.dumps({"missing": missing}))
-    sys.exit(0)
+with torch.no_grad():  # the merged model first: gptqmodel's loader patches transformers' expert blocks for good
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, device_map=place)
+    reference = merged(ids.to(merged.device)).logits.float().cpu()
+    del merged
+if loader == "gptqmodel":
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    from gptqmodel import GPTQModel
+    model = GPTQModel.load(gptq_dir, device="cuda:0" if device == "cuda" else "cpu",
+                           dtype=torch.float32 if device == "cpu" else None).model
+else:
+    options = {}
+    if backend:
+        quantization = json.load(open(gptq_dir + "/config.json"))["quantization_config"]
+        options["quantization_config"] = GPTQConfig(bits=quantization["bits"], group_size=quantization["group_size"],
+            desc_act=quantization["desc_act"], sym=quantization["sym"], backend=backend)
+    model, info = AutoModelForCausalLM.from_pretrained(gptq_dir, dtype=dtype, device_map=place,
+                                                       output_loading_info=True, **options)
+    missing = sorted(info["missing_keys"])
+    if missing:
+        print(json.dumps({"missing": missing}))
+        sys.exit(0)
 kernel = next(type(m).__name__ for m in model.modules() if hasattr(m, "qweight"))
 with torch.no_grad():
     logits = model(ids.to(model.device)).logits.float().cpu()
-    del model
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, device_map=place)
-    reference = merged(ids.to(merged.device)).logits.float().cpu()
 error = ((logits - reference).norm() / (reference - reference.mean()).norm()).item()
 print(json.dumps({"kernel": kernel, "finite": bool(torch.isfinite(logits).all()), "relative_error": error}))
 """
 
 
-def probe(gptq_dir: Path, merged_dir: Path, input_ids: list[int], device: str, backend: str = "") -> dict:
-    """Load the GPTQ checkpoint in a fresh process as the evaluation loads it (plain transformers; with
-    `backend`, that gptqmodel kernel) and compare its logits on `input_ids` with the merged model's.
+def probe(
+    gptq_dir: Path, merged_dir: Path, input_ids: list[int], device: str, backend: str = "", loader: str = "transformers"
+) -> dict:
+    """Load the GPTQ checkpoint in a fresh process as the evaluation loads it (`loader`: plain transformers, with
+    `backend` that gptqmodel kernel; or gptqmodel's own loader) and compare its logits on `input_ids` with the
+    merged model's.
 
     Returns {kernel, finite, relative_error} (||logits - merged|| / ||merged - mean(merged)||), {missing}
     when weights did not load, or {failed: the end of the process's output} when loading or running
     crashed. A fresh process, because a failing kernel may abort the interpreter.
     """
-    done = run_python(_PROBE, [str(gptq_dir), str(merged_dir), json.dumps(input_ids), device, backend], 1800)
+    arguments = [str(gptq_dir), str(merged_dir), json.dumps(input_ids), device, backend, loader]
+    done = run_python(_PROBE, arguments, 1800)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         return {"failed": (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit {done.returncode}"]}

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from qlora_requant.pipeline.checkpoint import CheckpointReader
+from qlora_requant.pipeline.cli import EXIT_OK, main
 from qlora_requant.pipeline.config import AdapterSection, BaseSection
-from qlora_requant.pipeline.records import read_record
 from qlora_requant.pipeline.stages.dequantize import DequantizedBase
 from qlora_requant.pipeline.stages.merge import load_adapter, merge_checkpoint
 
@@ -43,7 +43,7 @@ ARCHITECTURES = {
     "qwen3-moe": (
         "Qwen3MoeConfig",
         "Qwen3MoeForCausalLM",
-        dict(num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+        dict(num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64),
         4,
     ),
 }
@@ -160,21 +160,29 @@ def test_a_whole_run_from_each_architecture(tmp_path, tokenizer, text_files, arc
 
 @pytest.mark.parametrize("form", ["16-bit", "bnb-4bit"])
 @pytest.mark.parametrize("architecture", EXPERT_PARAMETERS)
-def test_a_mixture_of_experts_fine_tune_is_merged_alone(tmp_path, tokenizer, text_files, capsys, architecture, form):
-    """GPTQ of fused experts is refused before the run directory exists; `--stages merge` merges the experts."""
+def test_a_mixture_of_experts_fine_tune_runs_end_to_end_through_gptqmodels_loader(
+    tmp_path, tokenizer, text_files, architecture, form
+):
+    """LoRA on attention and on the fused experts: merged, quantized by gptqmodel one expert at a time, checked and
+    scored through gptqmodel's loader in processes of their own (transformers' from_pretrained leaves the GPTQ
+    experts unloaded), to the same bar as a dense model."""
     from transformers import AutoModelForCausalLM
 
     config = whole_run_config(tmp_path, tokenizer, text_files, architecture, form)
-    assert main(["run", str(config)]) == EXIT_BAD_INPUT
-    error = capsys.readouterr().err
-    assert "fused expert parameters" in error and "--stages merge" in error
-    assert not (tmp_path / "run").exists()
-
-    assert main(["run", str(config), "--stages", "merge"]) == EXIT_OK
-    summary = read_record(tmp_path / "run" / "stages" / "merge.json")["summary"]
-    assert summary["parameters_merged"] == 2 * EXPERT_PARAMETERS[architecture]
-    assert sorted(path.name for path in (tmp_path / "run").iterdir() if path.is_dir()) == ["merged", "stages"]
-    changed = [key for key, change in summary["relative_change"].items() if ".experts." in key and change > 0]
-    assert len(changed) == 2 * 4 * 3  # layers x experts x (gate, up, down), each in its own checkpoint tensor
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged", dtype=torch.float32)
-    assert len([name for name, parameter in merged.named_parameters() if parameter.dim() == 3]) == 2 * 2
+    assert main(["run", str(config)]) == EXIT_OK
+    run = tmp_path / "run"
+    report = json.loads((run / "report.json").read_text())
+    merged, gptq = report["models"]["merged"], report["models"]["gptq"]
+    assert abs(merged["delta_pct"]) < 0.5 and merged["kl"] < 1e-3, merged
+    assert gptq["kl"] > merged["kl"] and report["requantize"]["check_relative_error"] < 0.5
+    assert report["stages"]["merge"]["parameters_merged"] == 2 * EXPERT_PARAMETERS[architecture]
+    assert report["requantize"]["loader"] == report["stages"]["score_gptq"]["loader"] == "gptqmodel"
+    experts = [key for key in CheckpointReader(run / "gptq").keys() if ".experts." in key and key.endswith("qweight")]
+    assert len(experts) == 2 * 4 * 3  # layers x experts x (gate, up, down), each its own GPTQ layer
+    variant = report["variants"][0]
+    assert variant["loader"] == "gptqmodel" and "GPTQModel.load" in (run / "gptq" / "README.md").read_text()
+    assert ("vLLM" in variant["serves_on"]) == (architecture == "qwen3-moe")  # vLLM's Mixtral reads w1/w2/w3
+    assert "TGI" not in variant["serves_on"] and "ExLlamaV2" not in variant["serves_on"]
+    # what the loader is for: transformers alone finds the fused experts missing and leaves them random
+    _, info = AutoModelForCausalLM.from_pretrained(run / "gptq", output_loading_info=True, device_map="cpu")
+    assert any(".experts." in key for key in info["missing_keys"])

@@ -47,3 +47,20 @@ def test_a_run_prints_stage_lines_and_the_table_and_logs_library_output(tmp_path
     assert all(line.split(" ", 1)[1] in log for line in console[1:])
     gptqmodel_lines = [line for line in log.splitlines() if "gptq" in line.lower() and "stage " not in line]
     assert len(gptqmodel_lines) > 20, log[-3000:]
+
+
+def test_help_and_version_answer_without_loading_the_model_libraries():
+    """--help and --version import no torch, transformers, peft or gptqmodel (which take seconds to import)."""
+    from importlib.metadata import version
+
+    for flag in ("--help", "--version"):
+        probe = (
+            "import sys\nfrom qlora_requant.pipeline.cli import main\n"
+            f"try:\n    main([{flag!r}])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'gptqmodel') if m in sys.modules))"
+        )
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+        lines = done.stdout.splitlines()
+        assert lines[-1] == "[]", (flag, done.stdout, done.stderr)
+        assert lines[0] == (f"qlora-requant {version('qlora-requant')}" if flag == "--version" else lines[0])
+        assert flag != "--help" or lines[0].startswith("usage: qlora-requant")

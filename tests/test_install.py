@@ -48,4 +48,4 @@ def test_the_wheel_installs_only_the_qlora_requant_namespace(tmp_path):
     done = run(python, "-c", probe, cwd=tmp_path, env=env)
     assert done.stdout.splitlines() == [str(purelib / "qlora_requant" / "pipeline" / "cli.py"), "[None, None, None]"]
     usage = run(tmp_path / "venv" / "bin" / "qlora-requant", "--help", cwd=tmp_path, env=env).stdout
-    assert usage.startswith("usage: qlora-requant [-h] {run,validate,report,demo}")
+    assert usage.startswith("usage: qlora-requant [-h] [--version] {run,validate,report,demo}")

@@ -8,7 +8,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qlora_requant.eval.perplexity import FullReference, HiddenReference, eval_windows, perplexity, score_windows
+from qlora_requant.eval.perplexity import (
+    FullReference,
+    HiddenReference,
+    dense_layer,
+    eval_windows,
+    perplexity,
+    plain_linear,
+    score_windows,
+)
 from qlora_requant.eval.statistics import bootstrap_ppl_change
 from qlora_requant.quant.calibration import calibration_windows, check_held_out, load_texts, token_stream
 from qlora_requant.quant.errors import InputError
@@ -185,3 +193,20 @@ def test_the_compact_reference_gives_the_full_distributions_kl_and_top1(tmp_path
     assert hidden["nll"] == full["nll"] and len(recorded["nll"]) == 12
     sizes = {kind: (tmp_path / f"{kind.__name__}.npy").stat().st_size for kind in scores}
     assert sizes[HiddenReference] < sizes[FullReference] * 128 / len(tokenizer) * 1.1  # hidden 128 vs vocab 512
+
+
+def test_the_reference_output_layer_is_kept_as_one_matrix():
+    """A plain head is kept as it is; a head with LoRA on it (PEFT) as its effective matrix, equal within rounding."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(16, 40, bias=False)
+    weight, bias = dense_layer(plain)
+    assert torch.equal(weight, plain.weight) and bias is None
+    holder = torch.nn.Module()
+    holder.head = torch.nn.Linear(16, 40, bias=True)
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=["head"], init_lora_weights=False), holder)
+    weight, bias = dense_layer(holder.head)
+    x = torch.randn(8, 16)
+    assert torch.allclose(plain_linear(weight, bias)(x), holder.head(x), atol=1e-5)
+    assert torch.equal(bias, holder.head.base_layer.bias.detach())

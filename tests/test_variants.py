@@ -13,7 +13,7 @@ from qlora_requant.pipeline.records import read_record
 from qlora_requant.quant.chat import render_conversation
 from qlora_requant.quant.errors import InputError
 
-from support import chat_adapter, chat_tokenizer, validate_report, write_config
+from support import chat_adapter, chat_tokenizer, started_and_skipped, validate_report, write_config
 
 # Four variants that cover every value of every GPTQ setting: bits 2/3/4/8, group_size -1/32/64/128, desc_act and
 # sym true/false, and GPTAQ (the issue's five release candidates run on the demo; see the closing note).
@@ -135,6 +135,27 @@ def test_chat_data_and_every_gptq_setting_run_and_the_smallest_passing_variant_i
     assert report["release_candidate"] == expected
     assert code == (EXIT_OK if passing else EXIT_GATE_FAILED)
     assert "release candidate" in capsys.readouterr().out
+
+    # a variant removed from the config: its checkpoint and scores leave the run, which says so; added back, only
+    # its GPTQ and its scoring run
+    removed, fewer = VARIANTS[-1]["name"], json.dumps(VARIANTS[:-1]).replace('"', "")
+    log = (run / "run.log").read_text()
+    assert main(["run", str(config), "--set", f"requantize.variants={fewer}"]) in (EXIT_OK, EXIT_GATE_FAILED)
+    console = capsys.readouterr().err
+    for stage, folder in (
+        (f"requantize_{removed}", f"gptq_{removed}"),
+        (f"score_gptq_{removed}", f"evaluation/gptq_{removed}"),
+    ):
+        assert f"stage {stage}: no longer in the plan; removed what it wrote ({folder})" in console
+        assert not (run / folder).exists()
+    assert started_and_skipped((run / "run.log").read_text()[len(log) :])[0] == []
+    assert [v["name"] for v in json.loads((run / "report.json").read_text())["variants"]] == [
+        v["name"] for v in VARIANTS[:-1]
+    ]
+    log = (run / "run.log").read_text()
+    assert main(["run", str(config), "--set", f"requantize.variants={variants}"]) == code
+    started = started_and_skipped((run / "run.log").read_text()[len(log) :])[0]
+    assert started == [f"requantize_{removed}", f"score_gptq_{removed}"]
 
     # chat data: one conversation per window, the assistant turns scored; scoring all tokens scores more
     protocol = report["protocol"]

@@ -165,6 +165,7 @@ def _variants(layout: RunLayout, config: dict, compared: dict, tasks: dict, stag
         settings, row = record["summary"], compared[model]
         gate = judge_gates(compared, config["gate"], model, tasks)
         format_settings = {key: settings[key] for key in ("bits", "group_size", "desc_act", "sym")}
+        loader = settings.get("loader", "transformers")
         variants.append(
             {
                 "name": name,
@@ -179,7 +180,8 @@ def _variants(layout: RunLayout, config: dict, compared: dict, tasks: dict, stag
                 **{key: row[key] for key in ("ppl", "delta_pct", "delta_pct_ci95", "kl", "top1_agreement")},
                 "gates_passed": gate["passed"],
                 "gate": gate,
-                "serves_on": serving_runtimes(**format_settings),
+                "serves_on": serving_runtimes(**format_settings, model_type=settings.get("model_type"), loader=loader),
+                "loader": loader,
             }
         )
     return variants
@@ -216,7 +218,7 @@ def _assemble(layout: RunLayout, run: dict, results: dict, stages: dict[str, dic
             "variants": variants,
             "release_candidate": candidate["name"] if candidate else None,
             "merge_base": config["merge"]["merge_base"],
-            "requantize": requantize["summary"],
+            "requantize": {key: value for key, value in requantize["summary"].items() if key != "process"},
             "loss_sources": {
                 "gptq_error": gptq_losses(layout, requantize, release["model"]),
                 "nf4_roundtrip_error": merge.get("base", {}).get("roundtrip_error", {}),

@@ -26,7 +26,8 @@ from qlora_requant.pipeline.checkpoint import (
 from qlora_requant.pipeline.config import CalibrationSection, GptqSection
 from qlora_requant.pipeline.console import console
 from qlora_requant.pipeline.context import StageContext
-from qlora_requant.pipeline.progress import Progress
+from qlora_requant.pipeline.isolated import Reporter, run_isolated
+from qlora_requant.pipeline.model_checks import gptq_loader
 from qlora_requant.pipeline.tokenizer import GENERATION_CONFIG, copy_tokenizer
 from qlora_requant.quant.calibration import calibration_samples
 from qlora_requant.quant.errors import InputError
@@ -62,28 +63,29 @@ def run(
     windows = calibration_samples(
         tokenizer, context.inputs.calibration, calibration.n_samples, calibration.seq_len, calibration.seed
     )
-    settings = GptqSettings(**gptq.model_dump(exclude={"rotation"}))
-    layers = Progress(f"requantize{'_' + variant if variant else ''}", _layer_count(merged_dir), "layers")
-    gptq_quantize(
-        merged_dir,
-        windows,
-        settings,
-        context.device,
-        out,
-        log_dir=context.layout.gptq_logs,
-        trust_remote_code=context.trust_remote_code,
-        offload_to_disk=uses_model_names(read_model_config(merged_dir), CheckpointReader(merged_dir).keys()),
-        on_layer=lambda reached, total: layers.update(reached - 1, total),
-    )
-    layers.update(layers.total)
-    layers.close()
+    what = f"requantize{'_' + variant if variant else ''}"
+    merged_config = read_model_config(merged_dir)
+    spec = {
+        "what": f"the {what} stage",
+        "progress": what,
+        "out": out,
+        "model_dir": merged_dir,
+        "calibration": windows,
+        "settings": GptqSettings(**gptq.model_dump(exclude={"rotation"})),
+        "device": context.device,
+        "log_dir": context.layout.gptq_logs,
+        "trust_remote_code": context.trust_remote_code,
+        "offload_to_disk": uses_model_names(merged_config, CheckpointReader(merged_dir).keys()),
+    }
+    quantized = run_isolated(quantize, spec, context.layout.log)
     for name in ("config.json", "quantize_config.json"):
         _drop_run_specific_keys(out / name)
     copy_tokenizer(merged_dir, out)  # byte for byte: gptqmodel re-saves the tokenizer in its own way
     shutil.copy2(merged_dir / GENERATION_CONFIG, out / GENERATION_CONFIG)
     fused = _fuse_split_layers(out, merged_dir)
-    console.info("%s: checking that the GPTQ checkpoint loads and runs like the merged model", layers.what)
-    check = _check_runs(out, merged_dir, windows[0]["input_ids"][0].tolist(), context.device, section.bits)
+    console.info("%s: checking that the GPTQ checkpoint loads and runs like the merged model", what)
+    loader = gptq_loader(merged_config)
+    check = _check_runs(out, merged_dir, windows[0]["input_ids"][0].tolist(), context.device, section.bits, loader)
     _keep_newest_logs(context.layout.gptq_logs)
     log.info(
         "requantize: GPTQ %d-bit g%d on %d samples of up to %d tokens",
@@ -99,8 +101,35 @@ def run(
         "calibration_seq_len": calibration.seq_len,
         "calibration_format": "chat" if context.inputs.calibration.chat else "text",
         "fused_layers": fused,
+        "process": quantized["process"],
+        "model_type": merged_config.get("model_type"),
+        "loader": loader,
         **check,
     }
+
+
+def quantize(spec: dict, reporter: Reporter) -> dict:
+    """In the stage's own process (gptqmodel's loader may patch transformers' model classes for the process):
+    GPTQ of the merged model, its progress shown layer by layer."""
+    total = [0]
+
+    def reached(layer: int, layers: int) -> None:
+        total[0] = layers
+        reporter.progress(spec["progress"], layer - 1, layers, "layers")
+
+    gptq_quantize(
+        spec["model_dir"],
+        spec["calibration"],
+        spec["settings"],
+        spec["device"],
+        spec["out"],
+        log_dir=spec["log_dir"],
+        trust_remote_code=spec["trust_remote_code"],
+        offload_to_disk=spec["offload_to_disk"],
+        on_layer=reached,
+    )
+    reporter.progress(spec["progress"], total[0], total[0], "layers")
+    return {}
 
 
 # Largest relative logit error ||GPTQ - merged|| / ||merged - mean|| on a calibration window for a checkpoint
@@ -140,13 +169,14 @@ def _fuse_split_layers(out: Path, merged_dir: Path) -> int:
     return len(joins)
 
 
-def _check_runs(out: Path, merged_dir: Path, input_ids: list[int], device: str, bits: int) -> dict:
-    """Refuse to complete with a checkpoint that does not load and run like the merged model; returns the
-    kernel, the gptqmodel backend (auto: the one transformers picks) and the logit error."""
+def _check_runs(out: Path, merged_dir: Path, input_ids: list[int], device: str, bits: int, loader: str) -> dict:
+    """Refuse to complete with a checkpoint that does not load (by `loader`) and run like the merged model; returns
+    the kernel, the gptqmodel backend (auto: the one the loader picks) and the logit error."""
     limit = LOGIT_ERROR_LIMIT[bits]
     tried = []
-    for backend in ("", *(CPU_BACKENDS if device == "cpu" else ())):
-        result = probe(out, merged_dir, input_ids, device, backend)
+    backends = CPU_BACKENDS if device == "cpu" and loader == "transformers" else ()
+    for backend in ("", *backends):
+        result = probe(out, merged_dir, input_ids, device, backend, loader)
         if result.get("finite") and result["relative_error"] <= limit:
             if backend:
                 log.warning(
@@ -161,8 +191,9 @@ def _check_runs(out: Path, merged_dir: Path, input_ids: list[int], device: str, 
             }
         tried.append(f"{backend or 'default'}: {_describe(result, limit)}")
     architecture = json.loads((merged_dir / "config.json").read_text()).get("architectures", ["?"])[0]
+    how = "plain transformers" if loader == "transformers" else "gptqmodel's loader"
     raise InputError(
-        f"{out}: the GPTQ checkpoint of this {architecture} model does not run in plain transformers on {device} "
+        f"{out}: the GPTQ checkpoint of this {architecture} model does not run in {how} on {device} "
         f"with any gptqmodel kernel ({'; '.join(tried)}); this architecture cannot be released as GPTQ with "
         "these versions: try other requantize settings or report it"
     )
@@ -183,12 +214,6 @@ def _keep_newest_logs(log_dir: Path) -> None:
     logs = sorted(log_dir.glob("gpt*_log_*.log"), key=lambda path: path.stat().st_mtime_ns)
     for old in logs[:-KEPT_GPTQ_LOGS]:
         old.unlink()
-
-
-def _layer_count(merged_dir: Path) -> int:
-    """Decoder layers of the merged model, as its config.json counts them."""
-    config = read_model_config(merged_dir)
-    return int(config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers") or 1)
 
 
 def estimate_gptq_bytes(merged_dir: Path, bits: int) -> int:

@@ -13,16 +13,19 @@ import shutil
 from pathlib import Path
 
 from qlora_requant.eval.models import evaluation_placement, plain_dtype
+from qlora_requant.pipeline.checkpoint import read_model_config
 from qlora_requant.pipeline.config import EvaluationSection
 from qlora_requant.pipeline.context import StageContext
 from qlora_requant.pipeline.isolated import Reporter, run_isolated
 from qlora_requant.pipeline.layout import OFFLOAD, REFERENCE_PROTOCOL, SCORES, WINDOWS
+from qlora_requant.pipeline.model_checks import gptq_loader
 from qlora_requant.pipeline.stages.reference import scoring_settings
 
 
 def run(context: StageContext, out: Path, *, evaluation: EvaluationSection, model: str) -> dict:
     """Score the run's checkpoint `model` on the reference's windows into `out`."""
     layout = context.layout
+    model_config = read_model_config(layout.model_dir(model))
     prompts = json.loads((layout.reference / REFERENCE_PROTOCOL).read_text())["prompts"]
     spec = {
         "what": f"the score_{model} stage",
@@ -31,6 +34,7 @@ def run(context: StageContext, out: Path, *, evaluation: EvaluationSection, mode
         "model_dir": layout.model_dir(model),
         "reference": layout.reference,
         "dtype": plain_dtype(evaluation.dtype, context.device),
+        "loader": gptq_loader(model_config) if "quantization_config" in model_config else "transformers",
         "placement": evaluation_placement(evaluation, context.device, out / OFFLOAD),
         "settings": scoring_settings(evaluation, prompts),
         "trust_remote_code": context.trust_remote_code,
@@ -47,7 +51,7 @@ def score_checkpoint(spec: dict, reporter: Reporter) -> dict:
 
     name, out, where = spec["name"], spec["out"], spec["placement"]
     reporter.say(f"score_{name}: loading {spec['model_dir'].name}")
-    model, loader = load_checkpoint(spec["model_dir"], where, spec["dtype"])
+    model = load_checkpoint(spec["model_dir"], where, spec["dtype"], spec["loader"])
     memory = resident(model)
     windows = Windows.load(spec["reference"] / WINDOWS)
     reference = HiddenReference.open(spec["reference"], input_device(model))
@@ -65,4 +69,4 @@ def score_checkpoint(spec: dict, reporter: Reporter) -> dict:
     shutil.rmtree(out / OFFLOAD, ignore_errors=True)
     (out / SCORES).write_text(json.dumps(scores, indent=1) + "\n")
     entry = scores["models"][name]
-    return {"model": name, "loader": loader, "ppl": entry["ppl"], "process": memory}
+    return {"model": name, "loader": spec["loader"], "ppl": entry["ppl"], "process": memory}
