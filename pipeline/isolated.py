@@ -10,11 +10,15 @@ dies with the server, which ends with the parent, if the parent is killed.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import os
+import shutil
 import signal
+import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +38,7 @@ _SERVER.set_forkserver_preload(
     ["torch", "transformers", "peft", "lm_eval", "qlora_requant.pipeline.stages.reference", "qlora_requant.eval.models"]
 )
 _PR_SET_PDEATHSIG = 1
+_server_folder: str | None = None  # the fork server's working directory: empty, its own
 
 
 class Reporter:
@@ -50,10 +55,29 @@ class Reporter:
         self._connection.send(("progress", (what, done, total, unit)))
 
 
+def start_server() -> None:
+    """Start the fork server if it is not running: early in a run, its imports overlap the first stages.
+
+    It starts in an empty folder of its own: it starts as `python -c`, which puts the working directory first on
+    sys.path, where a user's random.py or queue.py beside the run would replace the standard library's.
+    """
+    global _server_folder
+    if _server_folder is None:
+        _server_folder = tempfile.mkdtemp(prefix="qlora-requant-server-")
+        atexit.register(shutil.rmtree, _server_folder, True)
+    here = os.getcwd()
+    os.chdir(_server_folder)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        os.chdir(here)
+
+
 def run_isolated(work: Callable[[dict, Reporter], dict], spec: dict, log_file: Path) -> dict:
     """`work(spec, reporter)` in a fresh process; its result, with `process` (its time and peak memory) added.
     An InputError or a failed write in the child is raised here as InputError; any other failure as
     RuntimeError naming it (its traceback is in `log_file`)."""
+    start_server()
     receive, send = _SERVER.Pipe(duplex=False)
     child = _SERVER.Process(target=_child, args=(work, spec, send, str(log_file)), daemon=True)
     child.start()

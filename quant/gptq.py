@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -165,68 +162,44 @@ def join_tensors(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts, dim=0 if name.endswith(".bias") else -1).contiguous()
 
 
-_PROBE = r"""
-import json, os, sys, torch
-from transformers import AutoModelForCausalLM, GPTQConfig
-gptq_dir, merged_dir, ids, device, backend, loader = sys.argv[1:7]
-ids = torch.tensor(json.loads(ids)).unsqueeze(0)
-place = {"": 0 if device == "cuda" else "cpu"}
-dtype = torch.float32 if device == "cpu" else "auto"
-with torch.no_grad():  # the merged model first: gptqmodel's loader patches transformers' expert blocks for good
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, device_map=place)
-    reference = merged(ids.to(merged.device)).logits.float().cpu()
-    del merged
-if loader == "gptqmodel":
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-    from gptqmodel import GPTQModel
-    model = GPTQModel.load(gptq_dir, device="cuda:0" if device == "cuda" else "cpu",
-                           dtype=torch.float32 if device == "cpu" else None).model
-else:
-    options = {}
-    if backend:
-        quantization = json.load(open(gptq_dir + "/config.json"))["quantization_config"]
-        options["quantization_config"] = GPTQConfig(bits=quantization["bits"], group_size=quantization["group_size"],
-            desc_act=quantization["desc_act"], sym=quantization["sym"], backend=backend)
-    model, info = AutoModelForCausalLM.from_pretrained(gptq_dir, dtype=dtype, device_map=place,
-                                                       output_loading_info=True, **options)
-    missing = sorted(info["missing_keys"])
-    if missing:
-        print(json.dumps({"missing": missing}))
-        sys.exit(0)
-kernel = next(type(m).__name__ for m in model.modules() if hasattr(m, "qweight"))
-with torch.no_grad():
-    logits = model(ids.to(model.device)).logits.float().cpu()
-error = ((logits - reference).norm() / (reference - reference.mean()).norm()).item()
-print(json.dumps({"kernel": kernel, "finite": bool(torch.isfinite(logits).all()), "relative_error": error}))
-"""
+def check_checkpoint(spec: dict, reporter=None) -> dict:
+    """Load a GPTQ checkpoint as the evaluation loads it and compare its logits on some tokens with the merged
+    model's. Meant for a fresh process of its own (a failing kernel may abort the interpreter).
 
-
-def probe(
-    gptq_dir: Path, merged_dir: Path, input_ids: list[int], device: str, backend: str = "", loader: str = "transformers"
-) -> dict:
-    """Load the GPTQ checkpoint in a fresh process as the evaluation loads it (`loader`: plain transformers, with
-    `backend` that gptqmodel kernel; or gptqmodel's own loader) and compare its logits on `input_ids` with the
-    merged model's.
-
-    Returns {kernel, finite, relative_error} (||logits - merged|| / ||merged - mean(merged)||), {missing}
-    when weights did not load, or {failed: the end of the process's output} when loading or running
-    crashed. A fresh process, because a failing kernel may abort the interpreter.
+    `spec`: gptq_dir, merged_dir, input_ids, device, backend (a gptqmodel kernel for transformers to use; empty:
+    the one it picks) and loader (transformers, or gptqmodel's own loader for mixture-of-experts checkpoints).
+    Returns {kernel, finite, relative_error} (||logits - merged|| / ||merged - mean(merged)||), or {missing} when
+    weights did not load.
     """
-    arguments = [str(gptq_dir), str(merged_dir), json.dumps(input_ids), device, backend, loader]
-    done = run_python(_PROBE, arguments, 1800)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        return {"failed": (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit {done.returncode}"]}
-    return json.loads(lines[-1])
+    from transformers import AutoModelForCausalLM, GPTQConfig
 
+    ids = torch.tensor(spec["input_ids"]).unsqueeze(0)
+    device = spec["device"]
+    place = {"": 0 if device == "cuda" else "cpu"}
+    with torch.no_grad():  # the merged model first: gptqmodel's loader patches transformers' expert blocks for good
+        merged = AutoModelForCausalLM.from_pretrained(spec["merged_dir"], dtype=torch.float32, device_map=place)
+        reference = merged(ids.to(merged.device)).logits.float().cpu()
+        del merged
+    if spec["loader"] == "gptqmodel":
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+        from gptqmodel import GPTQModel
 
-def run_python(code: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """Run `code` in a fresh Python process that no file beside the run can shadow: the working directory
-    (first on sys.path for `-c`) is an empty folder of its own, and -P (Python 3.11+) leaves it off sys.path.
-    A user's random.py or queue.py in the folder the run started from would otherwise replace the standard
-    library's in the child."""
-    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
-    with tempfile.TemporaryDirectory(prefix="qlora-requant-child-") as empty:
-        return subprocess.run(
-            [sys.executable, *safe_path, "-c", code, *args], capture_output=True, text=True, timeout=timeout, cwd=empty
+        dtype = torch.float32 if device == "cpu" else None
+        model = GPTQModel.load(str(spec["gptq_dir"]), device="cuda:0" if device == "cuda" else "cpu", dtype=dtype).model
+    else:
+        options = {}
+        if spec["backend"]:
+            quantization = json.loads((spec["gptq_dir"] / "config.json").read_text())["quantization_config"]
+            keys = ("bits", "group_size", "desc_act", "sym")
+            options["quantization_config"] = GPTQConfig(**{k: quantization[k] for k in keys}, backend=spec["backend"])
+        dtype = torch.float32 if device == "cpu" else "auto"
+        model, info = AutoModelForCausalLM.from_pretrained(
+            spec["gptq_dir"], dtype=dtype, device_map=place, output_loading_info=True, **options
         )
+        if info["missing_keys"]:
+            return {"missing": sorted(info["missing_keys"])}
+    kernel = next(type(m).__name__ for m in model.modules() if hasattr(m, "qweight"))
+    with torch.no_grad():
+        logits = model(ids.to(model.device)).logits.float().cpu()
+    error = ((logits - reference).norm() / (reference - reference.mean()).norm()).item()
+    return {"kernel": kernel, "finite": bool(torch.isfinite(logits).all()), "relative_error": error}

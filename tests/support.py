@@ -4,6 +4,7 @@ code, and the libraries' own results (oracles) that ours are checked against."""
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -353,3 +354,34 @@ def peft_merged_resized(base_dir: Path, adapter_dir: Path, pad_to_multiple_of: i
     """PEFT's merge_and_unload of the same model. Beware: with tie_word_embeddings and LoRA on embed_tokens, PEFT
     merges the embedding delta into the shared matrix, so lm_head changes too and this no longer matches the logits."""
     return peft_chat_model(base_dir, adapter_dir, pad_to_multiple_of).merge_and_unload()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process started by `pid`, and by those, recursively (Linux)."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(child) for child in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            queue += children
+    return found
+
+
+def assert_gone(pids: list[int], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)]
+        time.sleep(0.1)
+    assert not alive, f"still running after the run was killed: {alive}"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"

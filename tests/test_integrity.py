@@ -17,7 +17,7 @@ import yaml
 from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from qlora_requant.quant.errors import InputError
 
-from support import save_model, tiny_llama, write_config
+from support import assert_gone, descendants, save_model, tiny_llama, write_config
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -430,15 +430,24 @@ def test_a_merge_that_overflows_float16_is_exit_2_and_publishes_nothing(
     assert main(["run", str(config), "--stages", "merge", "--set", "merge.dtype=float32"]) == EXIT_OK
 
 
-def test_the_gptq_check_is_not_shadowed_by_files_beside_the_run(finished, tmp_path, monkeypatch):
-    from qlora_requant.quant.gptq import probe
-
+def test_the_stage_processes_are_not_shadowed_by_files_beside_the_run(finished, tmp_path):
+    """The stages' processes come from a server started as `python -c`, which puts its working directory first on
+    sys.path: it starts in an empty folder, so a user's random.py beside the run does not replace the standard
+    library's (the run's own process starts as a console script, here as `python -P`)."""
     for module in ("random", "queue", "concurrent", "json"):
         (tmp_path / f"{module}.py").write_text("raise SystemExit('a user module was imported')\n")
-    monkeypatch.chdir(tmp_path)
     run_dir = finished[1]
-    result = probe(run_dir / "gptq", run_dir / "merged", [1, 5, 9, 20, 33], "cpu")
-    assert result["finite"] and result["relative_error"] < 0.5, result
+    check = (
+        "import json, sys\nfrom pathlib import Path\nfrom qlora_requant.pipeline.stages.requantize import probe\n"
+        "print(json.dumps(probe(Path(sys.argv[1]), Path(sys.argv[2]), [1, 5, 9, 20, 33], 'cpu', '', 'transformers', "
+        "Path(sys.argv[3]))))"
+    )
+    arguments = [str(run_dir / "gptq"), str(run_dir / "merged"), str(tmp_path / "check.log")]
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", check, *arguments], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["finite"] and result["relative_error"] < 0.5, (result, done.stderr[-2000:])
 
 
 def test_stages_by_name_and_repeated_stage_flags(run_copy, capsys):
@@ -455,34 +464,21 @@ def test_stages_by_name_and_repeated_stage_flags(run_copy, capsys):
     ) in capsys.readouterr().err
 
 
-def gptq_checks(pid: int) -> list[int]:
-    """The GPTQ output checks (child processes) of process `pid`."""
-    children = [int(child) for child in proc_file(f"{pid}/task/{pid}/children").split()]
-    return [child for child in children if "gptq_dir" in proc_file(f"{child}/cmdline")]
-
-
-def proc_file(name: str) -> str:
-    """A /proc file's text; empty when its process has ended since it was listed."""
-    try:
-        return Path("/proc", name).read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
-
-
 def test_sigterm_to_the_main_process_stops_its_children_and_leaves_a_resumable_run(run_copy):
-    """As `kill PID` and Kubernetes stop a job: the GPTQ output check (a child process) goes with the run."""
+    """As `kill PID` and Kubernetes stop a job: the GPTQ output check (a process of its own) goes with the run."""
     import signal
     import time
 
     config, run_dir = run_copy
     before = snapshot(run_dir / "gptq")
     command = [sys.executable, "-m", "qlora_requant.pipeline.cli", "run", str(config), "--force", "requantize"]
+    logged = len((run_dir / "run.log").read_text(errors="replace"))
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not gptq_checks(process.pid):
+    while "checking that the GPTQ checkpoint loads" not in (run_dir / "run.log").read_text(errors="replace")[logged:]:
         assert process.poll() is None and time.monotonic() < deadline, "the run never started its check"
         time.sleep(0.05)
-    children = gptq_checks(process.pid)
+    children = descendants(process.pid)  # the stages' process server and the check it runs
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 143, err[-2000:]
@@ -491,7 +487,7 @@ def test_sigterm_to_the_main_process_stops_its_children_and_leaves_a_resumable_r
         "stand: run the same command again to resume"
     ) in err
     assert "Traceback" not in err
-    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    assert_gone(children)
     assert snapshot(run_dir / "gptq") == before and not (run_dir / ".gptq.partial").exists()
     assert main(["report", str(run_dir)]) == EXIT_OK  # the lock is free and the finished run whole
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
 
-from support import started_and_skipped, write_config
+from support import assert_gone, descendants, started_and_skipped, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 RELEASE_FILES = ("merged/model.safetensors", "gptq/model.safetensors")
@@ -216,37 +216,6 @@ def test_killed_inside_each_stage_then_rerun_gives_identical_outputs(
     assert digests(run_dir) == digests(reference_dir)
     leftovers = [p for p in run_dir.rglob(".*") if p.name.endswith((".partial", ".old"))]
     assert not leftovers
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process started by `pid`, and by those, recursively (Linux)."""
-    found, queue = [], [pid]
-    while queue:
-        parent = queue.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                children = [int(child) for child in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found += children
-            queue += children
-    return found
-
-
-def assert_gone(pids: list[int], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    alive = pids
-    while alive and time.monotonic() < deadline:
-        alive = [pid for pid in alive if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)]
-        time.sleep(0.1)
-    assert not alive, f"still running after the run was killed: {alive}"
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "Z"
 
 
 @pytest.fixture

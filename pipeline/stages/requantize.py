@@ -34,10 +34,10 @@ from qlora_requant.quant.errors import InputError
 from qlora_requant.quant.gptq import (
     CPU_BACKENDS,
     GptqSettings,
+    check_checkpoint,
     fuse_split_layers,
     gptq_quantize,
     join_tensors,
-    probe,
     uses_model_names,
 )
 
@@ -85,7 +85,8 @@ def run(
     fused = _fuse_split_layers(out, merged_dir)
     console.info("%s: checking that the GPTQ checkpoint loads and runs like the merged model", what)
     loader = gptq_loader(merged_config)
-    check = _check_runs(out, merged_dir, windows[0]["input_ids"][0].tolist(), context.device, section.bits, loader)
+    first = windows[0]["input_ids"][0].tolist()
+    check = _check_runs(out, merged_dir, first, context.device, section.bits, loader, context.layout.log)
     _keep_newest_logs(context.layout.gptq_logs)
     log.info(
         "requantize: GPTQ %d-bit g%d on %d samples of up to %d tokens",
@@ -169,14 +170,16 @@ def _fuse_split_layers(out: Path, merged_dir: Path) -> int:
     return len(joins)
 
 
-def _check_runs(out: Path, merged_dir: Path, input_ids: list[int], device: str, bits: int, loader: str) -> dict:
+def _check_runs(
+    out: Path, merged_dir: Path, input_ids: list[int], device: str, bits: int, loader: str, log_file: Path
+) -> dict:
     """Refuse to complete with a checkpoint that does not load (by `loader`) and run like the merged model; returns
     the kernel, the gptqmodel backend (auto: the one the loader picks) and the logit error."""
     limit = LOGIT_ERROR_LIMIT[bits]
     tried = []
     backends = CPU_BACKENDS if device == "cpu" and loader == "transformers" else ()
     for backend in ("", *backends):
-        result = probe(out, merged_dir, input_ids, device, backend, loader)
+        result = probe(out, merged_dir, input_ids, device, backend, loader, log_file)
         if result.get("finite") and result["relative_error"] <= limit:
             if backend:
                 log.warning(
@@ -197,6 +200,26 @@ def _check_runs(out: Path, merged_dir: Path, input_ids: list[int], device: str, 
         f"with any gptqmodel kernel ({'; '.join(tried)}); this architecture cannot be released as GPTQ with "
         "these versions: try other requantize settings or report it"
     )
+
+
+def probe(
+    gptq_dir: Path, merged_dir: Path, input_ids: list[int], device: str, backend: str, loader: str, log_file: Path
+) -> dict:
+    """quant.gptq.check_checkpoint in a process of its own; {failed: [why]} when that process failed or crashed."""
+    spec = {
+        "what": f"the check of {gptq_dir.name}",
+        "out": gptq_dir,
+        "gptq_dir": gptq_dir,
+        "merged_dir": merged_dir,
+        "input_ids": input_ids,
+        "device": device,
+        "backend": backend,
+        "loader": loader,
+    }
+    try:
+        return run_isolated(check_checkpoint, spec, log_file)
+    except RuntimeError as exc:
+        return {"failed": [str(exc).split(" failed: ", 1)[-1]]}
 
 
 def _describe(result: dict, limit: float) -> str:
