@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qlora_requant.pipeline.console import console
-from qlora_requant.pipeline.files import describe_write_failure, write_failure
+from qlora_requant.pipeline.files import write_failure
 from qlora_requant.pipeline.metrics import measure
 from qlora_requant.pipeline.progress import Progress
 from qlora_requant.quant.errors import InputError
@@ -75,8 +75,8 @@ def start_server() -> None:
 
 def run_isolated(work: Callable[[dict, Reporter], dict], spec: dict, log_file: Path) -> dict:
     """`work(spec, reporter)` in a fresh process; its result, with `process` (its time and peak memory) added.
-    An InputError or a failed write in the child is raised here as InputError; any other failure as
-    RuntimeError naming it (its traceback is in `log_file`)."""
+    An InputError in the child is raised here as InputError, a failed write as the OSError it was (the caller
+    names the stage), any other failure as RuntimeError naming it (its traceback is in `log_file`)."""
     start_server()
     receive, send = _SERVER.Pipe(duplex=False)
     child = _SERVER.Process(target=_child, args=(work, spec, send, str(log_file)), daemon=True)
@@ -111,6 +111,8 @@ def run_isolated(work: Callable[[dict, Reporter], dict], spec: dict, log_file: P
         return payload
     if kind == "input":
         raise InputError(payload)
+    if kind == "write":
+        raise OSError(*payload)
     code = child.exitcode
     ended = f"killed by signal {-code}" if code and code < 0 else f"exit code {code}"
     raise RuntimeError(f"{payload} ({ended}; see {log_file})")
@@ -138,8 +140,8 @@ def _child(work: Callable[[dict, Reporter], dict], spec: dict, connection, log_f
         connection.send(("input", str(exc)))
     except BaseException as exc:
         failure = write_failure(exc)
-        if failure is not None:
-            connection.send(("input", describe_write_failure(failure, Path(spec["out"]), spec["what"])))
+        if failure is not None:  # described by the parent, as every failed write of a stage
+            connection.send(("write", (failure.errno, failure.strerror, failure.filename)))
             return
         log.error("%s failed:\n%s", spec["what"], traceback.format_exc())
         connection.send(("failure", f"{spec['what']} failed: {type(exc).__name__}: {exc}"))

@@ -385,3 +385,8 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "Z"
+
+
+def failing_work(spec: dict, reporter) -> dict:
+    """A stage's work that fails with spec["failure"], in the stage's own process (see pipeline/isolated.py)."""
+    raise spec["failure"]

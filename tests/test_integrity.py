@@ -15,9 +15,10 @@ import pytest
 import yaml
 
 from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from qlora_requant.pipeline.isolated import run_isolated
 from qlora_requant.quant.errors import InputError
 
-from support import assert_gone, descendants, save_model, tiny_llama, write_config
+from support import assert_gone, descendants, failing_work, save_model, tiny_llama, write_config
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -300,10 +301,10 @@ def test_a_failed_write_inside_a_stage_is_exit_2_and_keeps_earlier_stages(
     config, run_dir = run_copy
     before = snapshot(run_dir / "gptq")
 
-    def write_fails(*args, **kwargs):
-        raise failure
+    def gptq_fails(work, spec, log_file):  # the write fails in the GPTQ stage's own process
+        return run_isolated(failing_work, {**spec, "failure": failure}, log_file)
 
-    monkeypatch.setattr(requantize, "gptq_quantize", write_fails)
+    monkeypatch.setattr(requantize, "run_isolated", gptq_fails)
     assert main(["run", str(config), "--force", "requantize"]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert expected.format(run_dir=run_dir) in err and "Traceback" not in err
@@ -363,15 +364,15 @@ def test_a_gptq_checkpoint_the_default_kernel_cannot_run_gets_another_or_exit_2(
         "gptq_torch_fused": {"missing": ["model.layers.0.mlp.gate_up_proj.qweight"]},
         "gptq_torch_int8": {"kernel": "TorchInt8Linear", "finite": True, "relative_error": 0.12},
     }
-    monkeypatch.setattr(requantize, "probe", lambda out, merged, ids, device, backend="": outcomes[backend])
-    check = requantize._check_runs(tmp_path, tmp_path, [1, 2, 3], "cpu", bits=4)
+    monkeypatch.setattr(requantize, "probe", lambda out, merged, ids, device, backend, loader, log: outcomes[backend])
+    check = requantize._check_runs(tmp_path, tmp_path, [1, 2, 3], "cpu", 4, "transformers", tmp_path / "run.log")
     assert check == {"kernel": "TorchInt8Linear", "backend": "gptq_torch_int8", "check_relative_error": 0.12}
     assert "the default GPTQ kernel did not run this checkpoint" in caplog.text
 
     outcomes["gptq_torch_int8"] = {"kernel": "TorchInt8Linear", "finite": False, "relative_error": float("nan")}
     outcomes["gptq_torch"] = {"kernel": "TorchLinear", "finite": True, "relative_error": 1.41}
     with pytest.raises(InputError) as refused:
-        requantize._check_runs(tmp_path, tmp_path, [1, 2, 3], "cpu", bits=4)
+        requantize._check_runs(tmp_path, tmp_path, [1, 2, 3], "cpu", 4, "transformers", tmp_path / "run.log")
     assert str(refused.value) == (
         f"{tmp_path}: the GPTQ checkpoint of this Phi3ForCausalLM model does not run in plain transformers on cpu "
         "with any gptqmodel kernel (default: failed: IndexError: index 529575936 is out of bounds for dimension 0 "
