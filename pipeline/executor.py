@@ -18,6 +18,7 @@ from pathlib import Path
 from qlora_requant.pipeline.console import console
 from qlora_requant.pipeline.context import StageContext
 from qlora_requant.pipeline.files import describe_write_failure, publish_dir, require_free_space, write_failure
+from qlora_requant.pipeline.isolated import start_server
 from qlora_requant.pipeline.layout import MODEL_CARD, RunLayout
 from qlora_requant.pipeline.manifest import file_records, hashes, sha256
 from qlora_requant.pipeline.metrics import measure
@@ -106,6 +107,7 @@ class StageExecutor:
                 )  # refreshed file times
             return
         console.info("stage %s: start (%s)", stage.name, reason)
+        start_server()  # for the stages whose work runs in a process of its own: its imports overlap this stage
         if self.verify == "fast":
             self._rehash_run_files(input_files)
         require_free_space(self.layout.root, stage.needed_bytes(context), f"the {stage.name} stage")

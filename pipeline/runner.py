@@ -19,7 +19,6 @@ from qlora_requant.pipeline.config import RunConfig
 from qlora_requant.pipeline.console import LibraryOutput, console
 from qlora_requant.pipeline.context import StageContext
 from qlora_requant.pipeline.executor import StageExecutor
-from qlora_requant.pipeline.isolated import start_server
 from qlora_requant.pipeline.layout import RunLayout
 from qlora_requant.pipeline.lock import RunLock
 from qlora_requant.pipeline.plan import KIND_GROUPS, STAGE_KINDS, Stage, plan
@@ -85,7 +84,6 @@ class Run:
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         self._held.callback(console_output.stop_logging, console_output.log_to(layout.log))
         library_output.into(layout.log)
-        start_server()  # the stages' processes' server: its imports overlap the first stages
         console.info("run %s on %s: %s", layout.root, device, ", ".join(stage.name for stage in self.stages))
         if not layout.run_record.is_file():  # marks the folder as a run; a finished run's record stays until
             self._write_run_record()  # this run finishes, so that a failed re-run leaves it reportable
