@@ -12,7 +12,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 from qlora_requant.pipeline.demo import split_docstrings, stdlib_corpus, train_tokenizer  # noqa: E402
 
-from support import random_adapter, save_model, tiny_llama  # noqa: E402
+from support import random_adapter, save_model, tiny_llama, write_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +45,15 @@ def text_files(tmp_path_factory, corpus) -> dict[str, Path]:
         files[part] = folder / f"{part}.txt"
         files[part].write_text("\n\n".join(corpus[part]) + "\n")
     return files
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, tiny_base, tiny_adapter, text_files) -> tuple[Path, Path]:
+    """One complete run of the default config on the tiny base, shared: (config, run directory). Tests that change
+    it work on a copy (see copy_run)."""
+    from qlora_requant.pipeline.cli import EXIT_OK, main
+
+    folder = tmp_path_factory.mktemp("finished")
+    config = write_config(folder / "run.yaml", tiny_base, tiny_adapter, text_files, folder / "run")
+    assert main(["run", str(config)]) == EXIT_OK
+    return config, folder / "run"

@@ -390,3 +390,16 @@ def _state(pid: int) -> str:
 def failing_work(spec: dict, reporter) -> dict:
     """A stage's work that fails with spec["failure"], in the stage's own process (see pipeline/isolated.py)."""
     raise spec["failure"]
+
+
+def copy_run(run: tuple[Path, Path], folder: Path) -> tuple[Path, Path]:
+    """A copy of a run directory in `folder`, and its config pointing there: (config, run directory)."""
+    import yaml
+
+    config, run_dir = run
+    copy = folder / "run"
+    shutil.copytree(run_dir, copy)
+    tree = yaml.safe_load(config.read_text())
+    tree["output_dir"] = str(copy)
+    (folder / "run.yaml").write_text(yaml.safe_dump(tree))
+    return folder / "run.yaml", copy

@@ -18,7 +18,7 @@ from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from qlora_requant.pipeline.isolated import run_isolated
 from qlora_requant.quant.errors import InputError
 
-from support import assert_gone, descendants, failing_work, save_model, tiny_llama, write_config
+from support import assert_gone, copy_run, descendants, failing_work, save_model, tiny_llama, write_config
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -31,25 +31,10 @@ def started(run_dir: Path, before: str) -> list[str]:
     return [line.split("stage ")[1].split(":")[0] for line in new.splitlines() if ": start (" in line]
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_base, tiny_adapter, text_files) -> tuple[Path, Path]:
-    """A complete run: (config, run directory)."""
-    folder = tmp_path_factory.mktemp("finished")
-    config = write_config(folder / "run.yaml", tiny_base, tiny_adapter, text_files, folder / "run")
-    assert main(["run", str(config)]) == EXIT_OK
-    return config, folder / "run"
-
-
 @pytest.fixture
-def run_copy(finished, tmp_path) -> tuple[Path, Path]:
+def run_copy(finished_run, tmp_path) -> tuple[Path, Path]:
     """A copy of the finished run to damage: (its config, its run directory)."""
-    config, run_dir = finished
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
-    tree = yaml.safe_load(config.read_text())
-    tree["output_dir"] = str(copy)
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(tree))
-    return tmp_path / "run.yaml", copy
+    return copy_run(finished_run, tmp_path)
 
 
 def test_a_folder_that_is_not_a_run_is_refused_untouched(tmp_path, tiny_base, tiny_adapter, text_files, capsys):
@@ -401,10 +386,10 @@ def test_a_folder_with_another_tools_run_json_is_refused_untouched(
     assert snapshot(users) == before and sorted(p.name for p in users.iterdir()) == ["merged", "run.json"]
 
 
-def test_a_run_json_of_this_tool_carries_its_marker(finished):
+def test_a_run_json_of_this_tool_carries_its_marker(finished_run):
     from qlora_requant.pipeline.run_record import RUN_FORMAT
 
-    record = json.loads((finished[1] / "run.json").read_text())
+    record = json.loads((finished_run[1] / "run.json").read_text())
     assert (record["tool"], record["run_format"]) == ("qlora-requant", RUN_FORMAT)
     assert record["tool_version"] == record["versions"]["qlora-requant"]
 
@@ -431,13 +416,13 @@ def test_a_merge_that_overflows_float16_is_exit_2_and_publishes_nothing(
     assert main(["run", str(config), "--stages", "merge", "--set", "merge.dtype=float32"]) == EXIT_OK
 
 
-def test_the_stage_processes_are_not_shadowed_by_files_beside_the_run(finished, tmp_path):
+def test_the_stage_processes_are_not_shadowed_by_files_beside_the_run(finished_run, tmp_path):
     """The stages' processes come from a server started as `python -c`, which puts its working directory first on
     sys.path: it starts in an empty folder, so a user's random.py beside the run does not replace the standard
     library's (the run's own process starts as a console script, here as `python -P`)."""
     for module in ("random", "queue", "concurrent", "json"):
         (tmp_path / f"{module}.py").write_text("raise SystemExit('a user module was imported')\n")
-    run_dir = finished[1]
+    run_dir = finished_run[1]
     check = (
         "import json, sys\nfrom pathlib import Path\nfrom qlora_requant.pipeline.stages.requantize import probe\n"
         "print(json.dumps(probe(Path(sys.argv[1]), Path(sys.argv[2]), [1, 5, 9, 20, 33], 'cpu', '', 'transformers', "
@@ -490,7 +475,7 @@ def test_sigterm_to_the_main_process_stops_its_children_and_leaves_a_resumable_r
     assert "Traceback" not in err
     assert_gone(children)
     assert snapshot(run_dir / "gptq") == before and not (run_dir / ".gptq.partial").exists()
-    assert main(["report", str(run_dir)]) == EXIT_OK  # the lock is free and the finished run whole
+    assert main(["report", str(run_dir)]) == EXIT_OK  # the lock is free and the finished_run run whole
 
 
 def test_ctrl_c_during_the_merge_exits_130_without_a_traceback(run_copy, monkeypatch, capsys):

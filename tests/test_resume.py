@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
 
-from support import assert_gone, descendants, started_and_skipped, write_config
+from support import assert_gone, copy_run, descendants, started_and_skipped, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 RELEASE_FILES = ("merged/model.safetensors", "gptq/model.safetensors")
@@ -30,12 +30,9 @@ def digests(run_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_base, tiny_adapter, text_files) -> tuple[Path, Path]:
-    """One uninterrupted run; returns (config, run directory)."""
-    folder = tmp_path_factory.mktemp("reference")
-    config = write_config(folder / "run.yaml", tiny_base, tiny_adapter, text_files, folder / "run")
-    assert main(["run", str(config)]) == EXIT_OK
-    return config, folder / "run"
+def reference(finished_run, tmp_path_factory) -> tuple[Path, Path]:
+    """One uninterrupted run, this module's own copy (tests re-run and damage it): (config, run directory)."""
+    return copy_run(finished_run, tmp_path_factory.mktemp("reference"))
 
 
 def rerun(config: Path, run_dir: Path, *args: str) -> tuple[list[str], list[str]]:
@@ -90,10 +87,11 @@ def test_one_model_is_rescored_by_name_and_every_model_by_kind(reference):
     )
     assert (scores.read_bytes(), (run_dir / "stages" / "score_merged.json").read_bytes()) == (merged, record)
     assert (run_dir / "report.json").stat().st_mtime_ns > before  # the report is rebuilt from every record
+    finished = json.loads(record)["finished"]
     assert rerun(config, run_dir, "--stages", "score", "--force", "score") == (["score_merged", "score_gptq"], [])
-    assert scores.read_bytes() != merged  # written again (its time differs) ...
+    assert json.loads((run_dir / "stages" / "score_merged.json").read_text())["finished"] > finished  # re-scored ...
     recorded, again = (json.loads(text)["models"]["merged"] for text in (merged, scores.read_text()))
-    assert {**recorded, "seconds": 0} == {**again, "seconds": 0}  # ... with the same scores
+    assert {**recorded, "seconds": 0} == {**again, "seconds": 0}  # ... to the same scores
 
 
 def test_a_damaged_output_is_rebuilt(reference):
