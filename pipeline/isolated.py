@@ -94,8 +94,9 @@ def run_isolated(work: Callable[[dict, Reporter], dict], spec: dict, log_file: P
                 console.info("%s", payload)
             elif kind == "progress":
                 what, done, total, unit = payload
-                bar = bars.get(what) or bars.setdefault(what, Progress(what, total, unit))
-                bar.update(done)
+                if what not in bars:
+                    bars[what] = Progress(what, total, unit)
+                bars[what].update(done, total)
             else:
                 outcome = (kind, payload)
         child.join()
