@@ -148,6 +148,7 @@ def _child(work: Callable[[dict, Reporter], dict], spec: dict, connection, log_f
         connection.send(("failure", f"{spec['what']} failed: {type(exc).__name__}: {exc}"))
     finally:
         connection.close()
+        atexit._run_exitfuncs()  # a forked child ends without them: temporary folders libraries made, among others
 
 
 def _die_with_parent() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,16 +87,24 @@ def gptq_quantize(
     if hasattr(loop_processor, "_PROJECT_LOG_DIR"):
         loop_processor._PROJECT_LOG_DIR = log_dir
 
-    config = QuantizeConfig(**settings.quantize_config(offload_to_disk))
+    # gptqmodel's own offload folder is a TemporaryDirectory removed only when the interpreter exits normally, which
+    # a stage's process does not (it ends as a forked child): the layers it offloads go to a folder removed here.
+    offload = tempfile.TemporaryDirectory(prefix="qlora-requant-gptq-offload-") if offload_to_disk else None
+    extra = {"offload_to_disk_path": offload.name} if offload else {}
+    config = QuantizeConfig(**settings.quantize_config(offload_to_disk), **extra)
     batch_size = settings.batch_size
     if settings.gptaq and len({sample["input_ids"].shape[-1] for sample in calibration}) > 1:
         # gptqmodel 7.6's GPTAQ pairs each batch's unquantized inputs with its quantized ones, and padded
         # batches of samples of unequal length do not line up (a shape error): one sample per batch.
         batch_size = 1
-    model = GPTQModel.load(str(model_dir), config, device=device, trust_remote_code=trust_remote_code)
-    with _layer_progress(model, on_layer):
-        model.quantize(calibration, batch_size=batch_size)
-    model.save(str(out_dir))
+    try:
+        model = GPTQModel.load(str(model_dir), config, device=device, trust_remote_code=trust_remote_code)
+        with _layer_progress(model, on_layer):
+            model.quantize(calibration, batch_size=batch_size)
+        model.save(str(out_dir))
+    finally:
+        if offload is not None:
+            offload.cleanup()
 
 
 @contextmanager

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from support import write_config
 
@@ -17,6 +19,7 @@ STAGE_LINE = re.compile(
 
 def test_a_run_prints_stage_lines_and_the_table_and_logs_library_output(tmp_path, tiny_base, tiny_adapter, text_files):
     config = write_config(tmp_path / "run.yaml", tiny_base, tiny_adapter, text_files, tmp_path / "run")
+    temporary = set(Path(tempfile.gettempdir()).glob("gptqmodel_*")) | set(Path(tempfile.gettempdir()).glob("qlora-*"))
     done = subprocess.run(
         [sys.executable, "-m", "qlora_requant.pipeline.cli", "run", str(config)],
         capture_output=True,
@@ -24,6 +27,9 @@ def test_a_run_prints_stage_lines_and_the_table_and_logs_library_output(tmp_path
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    # the stages' processes remove their temporary folders (gptqmodel's offload among them) before they end
+    left = set(Path(tempfile.gettempdir()).glob("gptqmodel_*")) | set(Path(tempfile.gettempdir()).glob("qlora-*"))
+    assert left <= temporary, sorted(left - temporary)
     console = done.stderr.splitlines()
     assert [line for line in console if not STAGE_LINE.match(line)] == []
     assert console[0].endswith("run.yaml: checking the inputs (base, adapter, tokenizer, data) after loading torch")
