@@ -42,20 +42,6 @@ def plain_dtype(name: str, device: str) -> torch.dtype | str:
     return torch.float32 if device == "cpu" else "auto"
 
 
-def resident(model) -> dict[str, float]:
-    """What a loaded model holds: its parameters' and buffers' bytes, and this process's resident memory now
-    (Linux), in MB."""
-    tensors = [*model.parameters(), *model.buffers()]
-    held = {"model_mb": round(sum(t.numel() * t.element_size() for t in tensors) / 2**20, 1)}
-    try:
-        status = Path("/proc/self/status").read_text().splitlines()
-        rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-        held["rss_after_load_mb"] = round(rss / 1024, 1)
-    except (OSError, StopIteration):
-        pass
-    return held
-
-
 def placed(model, placement: Placement) -> dict[str, int]:
     """Device -> how many modules accelerate placed there (the whole model counts as one on a single device)."""
     device_map = getattr(model, "hf_device_map", None)

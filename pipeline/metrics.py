@@ -64,3 +64,14 @@ def measure() -> Iterator[dict]:
         record["peak_rss_mb"] = round(_peak_rss_mb(), 1)
         if torch.cuda.is_available():
             record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+def model_memory(model) -> dict[str, float]:
+    """What a loaded model holds: its parameters' and buffers' bytes, and this process's resident memory now
+    (Linux), in MB."""
+    tensors = [*model.parameters(), *model.buffers()]
+    held = {"model_mb": round(sum(t.numel() * t.element_size() for t in tensors) / 2**20, 1)}
+    resident = _proc_status_mb("VmRSS")
+    if resident is not None:
+        held["rss_after_load_mb"] = round(resident, 1)
+    return held

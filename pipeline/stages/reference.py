@@ -26,6 +26,7 @@ from qlora_requant.pipeline.context import StageContext
 from qlora_requant.pipeline.files import require_free_space
 from qlora_requant.pipeline.isolated import Reporter, run_isolated
 from qlora_requant.pipeline.layout import OFFLOAD, REFERENCE_PROTOCOL, SCORES, WINDOWS
+from qlora_requant.pipeline.metrics import model_memory
 from qlora_requant.pipeline.stages.merge import vocabulary_rows
 from qlora_requant.pipeline.tokenizer import load_tokenizer
 from qlora_requant.quant.calibration import Corpus, token_stream
@@ -84,7 +85,7 @@ def run(context: StageContext, out: Path, *, evaluation: EvaluationSection, adap
 def record_reference(spec: dict, reporter: Reporter) -> dict:
     """In the stage's own process: load the model as trained, score it into the reference, then with its adapter
     disabled; write scores.json."""
-    from qlora_requant.eval.models import load_separate_adapter, placed, resident
+    from qlora_requant.eval.models import load_separate_adapter, placed
     from qlora_requant.eval.scoring import joined, score_model
 
     out, where = spec["out"], spec["placement"]
@@ -100,7 +101,7 @@ def record_reference(spec: dict, reporter: Reporter) -> dict:
         spec["dtype"],
         where,
     )
-    memory = resident(separate)
+    memory = model_memory(separate)
     tokenizer = load_tokenizer(spec["tokenizer_dir"], spec["trust_remote_code"])
     reference = HiddenReference(out / HiddenReference.HIDDEN, int(windows.scored_tokens().sum()))
     placement = placed(separate.get_base_model(), where)

@@ -18,6 +18,7 @@ from qlora_requant.pipeline.config import EvaluationSection
 from qlora_requant.pipeline.context import StageContext
 from qlora_requant.pipeline.isolated import Reporter, run_isolated
 from qlora_requant.pipeline.layout import OFFLOAD, REFERENCE_PROTOCOL, SCORES, WINDOWS
+from qlora_requant.pipeline.metrics import model_memory
 from qlora_requant.pipeline.model_checks import gptq_loader
 from qlora_requant.pipeline.stages.reference import scoring_settings
 
@@ -44,7 +45,7 @@ def run(context: StageContext, out: Path, *, evaluation: EvaluationSection, mode
 
 def score_checkpoint(spec: dict, reporter: Reporter) -> dict:
     """In the stage's own process: load the checkpoint, score it, write scores.json."""
-    from qlora_requant.eval.models import load_checkpoint, placed, resident
+    from qlora_requant.eval.models import load_checkpoint, placed
     from qlora_requant.eval.perplexity import HiddenReference, Windows, input_device
     from qlora_requant.eval.scoring import score_model
     from qlora_requant.pipeline.tokenizer import load_tokenizer
@@ -52,7 +53,7 @@ def score_checkpoint(spec: dict, reporter: Reporter) -> dict:
     name, out, where = spec["name"], spec["out"], spec["placement"]
     reporter.say(f"score_{name}: loading {spec['model_dir'].name}")
     model = load_checkpoint(spec["model_dir"], where, spec["dtype"], spec["loader"])
-    memory = resident(model)
+    memory = model_memory(model)
     windows = Windows.load(spec["reference"] / WINDOWS)
     reference = HiddenReference.open(spec["reference"], input_device(model))
     tokenizer = load_tokenizer(spec["model_dir"], spec["trust_remote_code"])
