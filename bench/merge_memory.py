@@ -41,15 +41,16 @@ RANK = 64
 SHARD_BYTES = 500 * 10**6
 
 
-def make_checkpoint(out_dir: Path, layers: int) -> dict:
-    """A random-init bf16 LLaMA written shard by shard (never whole in memory) plus a rank-64 adapter."""
+def make_checkpoint(out_dir: Path, layers: int, **llama) -> dict:
+    """A random-init bf16 LLaMA written shard by shard (never whole in memory) plus a rank-64 adapter; `llama`
+    overrides the LLAMA shape (a smaller vocab_size, say)."""
     from peft import LoraConfig
     from transformers import LlamaConfig, LlamaForCausalLM
 
     base, adapter = out_dir / "base", out_dir / "adapter"
     if (base / "config.json").is_file() and (adapter / "adapter_config.json").is_file():
         return json.loads((out_dir / "sizes.json").read_text())
-    config = LlamaConfig(num_hidden_layers=layers, dtype="bfloat16", **LLAMA)
+    config = LlamaConfig(num_hidden_layers=layers, dtype="bfloat16", **{**LLAMA, **llama})
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in LlamaForCausalLM(config).named_parameters()}
     base.mkdir(parents=True, exist_ok=True)

@@ -62,11 +62,12 @@ sys.exit(code)
 """
 
 
-def prepare(work: Path, layers: int, windows: int) -> Path:
-    """The base, adapter, tokenizer, texts and a config whose merge and GPTQ stages have run; returns the config."""
+def prepare(work: Path, layers: int, windows: int, stages: str = "merge,requantize", **llama) -> Path:
+    """The base (`llama`: its shape's overrides), adapter, tokenizer, texts and a config whose `stages` have run;
+    returns the config."""
     from qlora_requant.pipeline.demo import split_docstrings, stdlib_corpus, train_tokenizer
 
-    sizes = make_checkpoint(work, layers)
+    sizes = make_checkpoint(work, layers, **llama)
     split = split_docstrings(list(stdlib_corpus()[1]))
     if not (work / "base" / "tokenizer.json").is_file():
         train_tokenizer(split["adapter"], vocab_size=8192).save_pretrained(work / "base")
@@ -97,13 +98,13 @@ def prepare(work: Path, layers: int, windows: int) -> Path:
     parameters = sizes["total_bytes"] // 2
     print(f"model: LLaMA, {layers} decoder layer(s), {parameters / 1e6:.0f}M parameters (bf16 base)")
     done = subprocess.run(
-        [sys.executable, "-m", "qlora_requant.pipeline.cli", "run", str(path), "--stages", "merge,requantize"],
+        [sys.executable, "-m", "qlora_requant.pipeline.cli", "run", str(path), "--stages", stages],
         cwd=REPO,
         capture_output=True,
         text=True,
     )
     if done.returncode != 0:
-        raise SystemExit(f"merge and requantize failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{stages} failed:\n{done.stderr[-3000:]}")
     return path
 
 

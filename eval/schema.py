@@ -276,7 +276,10 @@ class Report(_Closed):
     created: str = Field(
         description="When the report was built, ISO 8601 in UTC.", json_schema_extra={"format": "date-time"}
     )
-    device: str = Field(description="Device the run computed on, e.g. cpu or cuda.")
+    device: str = Field(
+        description="Device the run's stages computed on, e.g. cpu or cuda; several, in stage order and "
+        "comma-separated, when its stages ran as jobs on different machines (cpu, cuda)."
+    )
     protocol: Protocol
     models: dict[str, ModelScores] = Field(
         description="Per model, in the order scored: base_nf4 (NF4 base alone), baseline (the model as trained), "

@@ -8,7 +8,6 @@ scores.json: {"models": {name: per-window scores}, "generations": {name: [texts]
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,15 +42,14 @@ def score_model(
     outputs: bool = True,
 ) -> dict:
     """`model`'s scores.json entry. With `record`, it is the reference and is written into `reference`; with
-    `outputs`, its continuations of the prompts and its task scores are included."""
-    started = time.perf_counter()
+    `outputs`, its continuations of the prompts and its task scores are included. It holds no time (the stage's
+    record does), so that scoring the same model on the same windows writes the same bytes."""
     scores = score_windows(model, windows, settings.batch_size, reference, record, on_windows)
     tokens = windows.scored_tokens().tolist()
     entry = {
         "ppl": perplexity(scores["nll"], tokens),
         "tokens": sum(tokens),
         "windows": len(tokens),
-        "seconds": round(time.perf_counter() - started, 2),
         "placement": placement,
         "window_tokens": tokens,
         "window_nll": scores["nll"],

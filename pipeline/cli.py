@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from qlora_requant.pipeline import console
 from qlora_requant.pipeline.interrupt import Interrupted, restore_signals, stop_on_signals
-from qlora_requant.pipeline.plan import KIND_GROUPS, STAGE_KINDS
+from qlora_requant.pipeline.plan import KIND_GROUPS, MODEL_KINDS, REPORT_STEP, STAGE_KINDS
 
 if TYPE_CHECKING:
     from qlora_requant.eval.schema import Report
@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
             metavar="KEY.PATH=VALUE",
             help="override one config key (repeatable); the value is read as YAML",
         )
+        if name == "validate":
+            command.add_argument(
+                "--list-models",
+                action="store_true",
+                help="print only the models --models can name, one a line, in index order (for a job array)",
+            )
         if name == "run":
             command.add_argument(
                 "--stages",
@@ -55,8 +61,18 @@ def _parser() -> argparse.ArgumentParser:
                 default=None,
                 metavar="KIND[,KIND...]",
                 help=f"run only these kinds of stage ({', '.join(STAGE_KINDS)}; evaluate: reference and score; "
-                "repeatable, joined); the stages whose outputs they read must be complete and unchanged. The "
-                "report is written when every model is scored",
+                f"{REPORT_STEP}: write the report; repeatable, joined); the stages whose outputs they read must be "
+                "complete and unchanged. The report is written with score (without --models) or report",
+            )
+            command.add_argument(
+                "--models",
+                type=_names,
+                action="append",
+                default=None,
+                metavar="MODEL[,MODEL...]",
+                help=f"run the {' and '.join(MODEL_KINDS)} stages of these models only (the others' stages are left "
+                "to other jobs): a name (merged, gptq_w4g128, ...) or an index from 0, as `validate --list-models` "
+                "lists them; several jobs may work on one output_dir at once",
             )
             command.add_argument(
                 "--force",
@@ -75,14 +91,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _stage_kinds(value: str) -> frozenset[str]:
-    kinds = [kind.strip() for kind in value.split(",") if kind.strip()]
-    unknown = [kind for kind in kinds if kind not in (*STAGE_KINDS, *KIND_GROUPS)]
-    if unknown or not kinds:
+    kinds = _names(value)
+    known = (*STAGE_KINDS, *KIND_GROUPS, REPORT_STEP)
+    unknown = [kind for kind in kinds if kind not in known]
+    if unknown:
         raise argparse.ArgumentTypeError(
-            f"{unknown[0] if unknown else value!r} is not a stage; give one or more of "
-            f"{', '.join([*STAGE_KINDS, *KIND_GROUPS])}, separated by commas"
+            f"{unknown[0]!r} is not a stage; give one or more of {', '.join(known)}, separated by commas"
         )
     return frozenset(kind for name in kinds for kind in KIND_GROUPS.get(name, (name,)))
+
+
+def _names(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{value!r}: give one or more names, separated by commas")
+    return names
 
 
 def _load(config_path: Path, overrides: list[str]):
@@ -94,12 +117,19 @@ def _load(config_path: Path, overrides: list[str]):
     return config
 
 
-def _run(config_path: Path, overrides: list[str], force: list[str], kinds: list[frozenset[str]] | None = None) -> int:
+def _run(
+    config_path: Path,
+    overrides: list[str],
+    force: list[str],
+    kinds: list[frozenset[str]] | None = None,
+    models: list[list[str]] | None = None,
+) -> int:
     config = _load(config_path, overrides)
     console.console.info("%s: checking the inputs (base, adapter, tokenizer, data) after loading torch", config_path)
     from qlora_requant.pipeline.runner import Run
 
-    run = Run(config, set(force), frozenset().union(*kinds) if kinds else None)
+    chosen_models = [model for group in models for model in group] if models else None
+    run = Run(config, set(force), frozenset().union(*kinds) if kinds else None, chosen_models)
     try:
         with run:
             run.setup()
@@ -113,21 +143,30 @@ def _run(config_path: Path, overrides: list[str], force: list[str], kinds: list[
         )
         return exc.exit_code
     if report is None:
-        print(f"\nStages done: {', '.join(run.executed)}; the report is written when every model is scored.")
+        print(
+            f"\nStages done: {', '.join(run.executed) or 'none'}; the report is written by a run with --stages "
+            f"{REPORT_STEP} once every model is scored (or by one scoring them all)."
+        )
         return EXIT_OK
     return _print_report(report, run.layout.root)
 
 
-def _validate(config_path: Path, overrides: list[str]) -> int:
+def _validate(config_path: Path, overrides: list[str], list_models: bool = False) -> int:
     from qlora_requant.pipeline.console import LibraryOutput
-    from qlora_requant.pipeline.plan import plan
+    from qlora_requant.pipeline.plan import job_models, plan
     from qlora_requant.pipeline.preflight import preflight, resolve_device
 
     config = _load(config_path, overrides)
-    plan(config)  # refuses what only the plan can judge (evaluation.models)
+    stages = plan(config)  # refuses what only the plan can judge (evaluation.models)
     with LibraryOutput():
         preflight(config, resolve_device(config))
+    models = job_models(stages)
+    if list_models:
+        print("\n".join(models))
+        return EXIT_OK
     print(f"{config_path}: valid; output_dir {config.output_dir}")
+    print(f"stages: {', '.join(stage.name for stage in stages)}")
+    print(f"models (--models, by name or index): {', '.join(f'{i} {name}' for i, name in enumerate(models))}")
     return EXIT_OK
 
 
@@ -153,23 +192,32 @@ def _network_policy(config) -> None:
 
 
 def _report(run_dir: Path) -> int:
-    """Rebuild a run's reports under its lock, so that they never mix with a run in progress."""
+    """Rebuild a run's reports under its run lock; refused while a job runs one of its stages, whose results
+    would be mixed with the earlier ones."""
+    from contextlib import ExitStack
+
     from qlora_requant.pipeline.layout import RunLayout
-    from qlora_requant.pipeline.lock import RunLock
-    from qlora_requant.pipeline.run_record import require_run
+    from qlora_requant.pipeline.lock import RunLocks
+    from qlora_requant.pipeline.run_record import read_run_record, require_run
     from qlora_requant.pipeline.stages.report import write_reports
     from qlora_requant.quant.errors import InputError
 
     layout = RunLayout(run_dir)
     if not run_dir.is_dir():
         raise InputError(f"{run_dir}: not a folder; give the output_dir of a run")
-    require_run(layout)  # checked before taking the lock, which would leave a .lock behind
-    lock = RunLock(layout.lock)
-    lock.acquire()
-    try:
-        return _print_report(write_reports(layout), run_dir)
-    finally:
-        lock.release()
+    require_run(layout)  # checked before taking a lock, which would leave a .locks/ behind
+    locks = RunLocks(layout)
+    with ExitStack() as reading:
+        for stage in read_run_record(layout).get("stages", []):
+            lock = locks.stage_file(stage, shared=True)
+            if not lock.acquire(wait=False):
+                raise InputError(
+                    f"{run_dir}: the {stage} stage is running in another job ({lock.holder() or 'not named'}); "
+                    "run `qlora-requant report` when it has finished"
+                )
+            reading.callback(lock.release)
+        with locks.run():
+            return _print_report(write_reports(layout), run_dir)
 
 
 def _print_report(report: Report, run_dir: Path) -> int:
@@ -192,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     stop_on_signals()
     try:
         if args.command == "validate":
-            return _validate(args.config, args.overrides)
+            return _validate(args.config, args.overrides, args.list_models)
         if args.command == "report":
             return _report(args.run_dir)
         if args.command == "demo":
@@ -203,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             with LibraryOutput():  # the fixture's own progress lines only
                 build_fixture(DEMO_FIXTURE)
             return _run(DEMO_CONFIG, args.overrides, [])
-        return _run(args.config, args.overrides, args.force, args.stages)
+        return _run(args.config, args.overrides, args.force, args.stages, args.models)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

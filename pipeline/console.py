@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -21,7 +22,8 @@ from typing import TextIO
 console = logging.getLogger("qlora_requant.console")
 OWN_LOGGERS = "qlora_requant"
 _FORMAT = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
-_LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+# run.log's lines: several jobs (and their stage processes) may append to one run's log, so each names its host and pid
+LOG_FORMAT = logging.Formatter(f"%(asctime)s {socket.gethostname()}:%(process)d %(levelname)s %(name)s: %(message)s")
 
 
 class _ForPeople(logging.Filter):
@@ -69,7 +71,7 @@ def terminal() -> TextIO:
 def log_to(path: Path) -> logging.Handler:
     """Append every log record to `path`; returns the handler, for `stop_logging`."""
     handler = logging.FileHandler(path, mode="a")
-    handler.setFormatter(_LOG_FORMAT)
+    handler.setFormatter(LOG_FORMAT)
     logging.getLogger().addHandler(handler)
     return handler
 

@@ -4,7 +4,8 @@ Each completed stage leaves a record in RUN_DIR/stages/ with its manifest (the s
 the hashes of the files it read, the library versions) and the hashes of what it wrote. A stage is
 skipped when its manifest still matches and its outputs are intact, so a run killed at any moment
 and started again redoes only the unfinished work. Stage outputs are written into a temporary
-folder and renamed into place only when complete. The caller holds the run directory's lock.
+folder and renamed into place only when complete. Several jobs may work on one run directory at once: each
+stage runs under its own lock, and the stages whose outputs it reads are held shared meanwhile (see lock.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import shutil
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from qlora_requant.pipeline.console import console
@@ -20,6 +22,7 @@ from qlora_requant.pipeline.context import StageContext
 from qlora_requant.pipeline.files import describe_write_failure, publish_dir, require_free_space, write_failure
 from qlora_requant.pipeline.isolated import start_server
 from qlora_requant.pipeline.layout import MODEL_CARD, RunLayout
+from qlora_requant.pipeline.lock import RunLocks
 from qlora_requant.pipeline.manifest import file_records, hashes, sha256
 from qlora_requant.pipeline.metrics import measure
 from qlora_requant.pipeline.plan import Stage
@@ -57,24 +60,45 @@ class StageExecutor:
         self.files: dict[str, dict] = {}  # every file hashed in this run, by recorded name: each is read once
         self.skipped: list[str] = []
         self.current: str | None = None  # the stage being run
+        self.locks = RunLocks(layout)
         self._producers: dict[str, str] = {}  # run-directory file -> the stage that wrote it
         self._rehashed: set[str] = set()  # run-directory files hashed again in this run (verify: fast)
 
-    def run(self, stages: list[Stage], context: StageContext, planned: set[str] | None = None) -> None:
+    def run(self, stages: list[Stage], context: StageContext, plan: list[Stage] | None = None) -> None:
         """Run `stages` in order; forget records of stages the plan (default: `stages`) no longer has."""
+        plan = stages if plan is None else plan
         self.layout.stage_records.mkdir(exist_ok=True)
-        planned = {stage.name for stage in stages} if planned is None else planned
-        for record in sorted(self.layout.stage_records.glob("*.json")):
-            if record.stem not in planned:
-                self._remove_unplanned(record)
+        planned = {stage.name for stage in plan}
+        with self.locks.run():
+            for record in sorted(self.layout.stage_records.glob("*.json")):
+                if record.stem not in planned:
+                    self._remove_unplanned(record)
         for stage in stages:
-            self.run_stage(stage, context)
+            with self.locks.stage(stage.name, reads=[other.name for other in plan if stage.reads(other)]):
+                self._run_stage(stage, context)
 
-    def require_complete(self, stages: list[Stage], context: StageContext) -> None:
+    def clear_leftovers(self, plan: list[Stage]) -> None:
+        """Remove what interrupted jobs left of the planned stages (temporary and replaced folders and records),
+        except of those another job is running now: that is its work in progress."""
+        for stage in plan:
+            lock = self.locks.stage_file(stage.name)
+            if not lock.acquire(wait=False):
+                continue
+            try:
+                self._clear_leftovers(stage)
+            finally:
+                lock.release()
+
+    def require_complete(self, stages: list[Stage], context: StageContext, held: ExitStack) -> None:
         """Refuse, before anything runs, stages that are not run now but whose outputs a chosen stage reads
-        (see `qlora-requant run --stages`), unless each is complete and unchanged."""
+        (see `qlora-requant run --stages`), unless each is complete and unchanged. Each is held shared in `held`
+        (after waiting for a job that runs it now), so that no other job re-runs it while this one reads it."""
         for stage in stages:
+            if self.layout.locks.is_dir():  # else no job has worked here yet: nothing to wait for
+                held.enter_context(self.locks.reading(stage.name, reader="this job's stages"))
             previous, input_files, manifest = self._state(stage, context)
+            if previous:  # run by another job, it stands on the device it ran on (a CPU node's merge, say)
+                manifest["settings"]["device"] = previous["manifest"]["settings"].get("device")
             reason, outputs = self.rerun_reason(stage, previous, manifest, forced=False)
             if reason is not None:
                 raise InputError(
@@ -94,7 +118,9 @@ class StageExecutor:
         }
         return previous, input_files, manifest
 
-    def run_stage(self, stage: Stage, context: StageContext) -> None:
+    def _run_stage(self, stage: Stage, context: StageContext) -> None:
+        """Run one stage, or skip it if complete and unchanged. The caller holds its lock (see `run`)."""
+        self._clear_leftovers(stage)
         previous, input_files, manifest = self._state(stage, context)
         reason, outputs = self.rerun_reason(stage, previous, manifest)
         if reason is None:
@@ -112,7 +138,6 @@ class StageExecutor:
             self._rehash_run_files(input_files)
         require_free_space(self.layout.root, stage.needed_bytes(context), f"the {stage.name} stage")
         tmp = self.layout.partial(stage.output)
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         self.current = stage.name
         try:
@@ -197,6 +222,11 @@ class StageExecutor:
                 )
             self._rehashed.add(name)
 
+    def _clear_leftovers(self, stage: Stage) -> None:
+        """Remove what an interrupted job left of the stage. The caller holds the stage's lock."""
+        for leftover in self.layout.stage_leftovers(stage.name, stage.output):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+
     def _remember(self, stage: Stage, outputs: dict[str, dict]) -> None:
         """The stage's outputs, as later stages will find them among their inputs."""
         self.files.update(outputs)
@@ -205,7 +235,17 @@ class StageExecutor:
     def _remove_unplanned(self, record_path: Path) -> None:
         """Forget a stage the plan no longer has (a variant or a scored model removed from the config): delete its
         record and the files it wrote (with the model card the report wrote beside them), and the folders left
-        empty. Anything else in its folder is kept."""
+        empty. Anything else in its folder is kept, and so is a stage another job is running now."""
+        lock = self.locks.stage_file(record_path.stem)
+        if not lock.acquire(wait=False):
+            console.info("stage %s: no longer in the plan, but another job is running it; left as is", record_path.stem)
+            return
+        try:
+            self._remove_stage(record_path)
+        finally:
+            lock.release()
+
+    def _remove_stage(self, record_path: Path) -> None:
         try:
             record = read_record(record_path)
         except RecordError:

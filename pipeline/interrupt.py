@@ -1,8 +1,8 @@
 """SIGTERM (a scheduler's, Kubernetes', `kill`) and SIGINT (Ctrl-C) end a run the way an error does.
 
 The signal becomes an `Interrupted` exception in the main thread, so every cleanup on the way out runs:
-the stage's temporary folder is removed, a child process (the GPTQ output check) is killed by
-`subprocess.run`, the run directory's lock is released. Completed stages keep their records, so the
+the stage's temporary folder is removed, the stage's own process (GPTQ, its check, a model's scoring) is
+killed, the job's locks are released. Completed stages keep their records, so the
 same command resumes the run. Further signals are ignored while that cleanup runs.
 """
 

@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from qlora_requant.pipeline.console import console
+from qlora_requant.pipeline.console import LOG_FORMAT, console
 from qlora_requant.pipeline.files import write_failure
 from qlora_requant.pipeline.metrics import measure
 from qlora_requant.pipeline.progress import Progress
@@ -127,7 +127,7 @@ def _child(work: Callable[[dict, Reporter], dict], spec: dict, connection, log_f
     os.dup2(descriptor, 2)
     os.close(descriptor)
     handler = logging.FileHandler(log_file, mode="a")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(LOG_FORMAT)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)

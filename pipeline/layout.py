@@ -3,7 +3,7 @@
 RUN_DIR/
   run.json              the resolved config, device, library versions and planned stages of the last run
   run.log               what every run did (appended), library output included
-  .lock                 held by the run using the directory (see lock.py)
+  .locks/               a lock per stage and one for the run's own files, held by the jobs working here (lock.py)
   stages/<stage>.json   each completed stage's record (manifest, summary, output hashes)
   dequantized/          with base.save_dequantized: the base as the adapter saw it
   merged/ gptq/         the merged 16-bit and the GPTQ checkpoints (merged_<base>/, gptq_<base>/ for
@@ -50,8 +50,17 @@ class RunLayout:
         return self.root / "run.log"
 
     @property
-    def lock(self) -> Path:
-        return self.root / ".lock"
+    def locks(self) -> Path:
+        return self.root / ".locks"
+
+    @property
+    def run_lock(self) -> Path:
+        """Held while a job writes run.json or the reports, or removes stages the plan no longer has."""
+        return self.locks / "run.lock"
+
+    def stage_lock(self, stage: str) -> Path:
+        """Held by the job running the stage, and shared by the jobs reading its output."""
+        return self.locks / f"{stage}.lock"
 
     @property
     def stage_records(self) -> Path:
@@ -91,16 +100,28 @@ class RunLayout:
         """Where a stage writes `output` until it is complete: beside it."""
         return output.with_name(f".{output.name}.partial")
 
-    def leftovers(self, outputs: list[Path]) -> list[Path]:
-        """What an interrupted run may have left of `outputs` (stage folders, records, reports): their
-        temporary and replaced copies, and nothing else."""
-        names = [*outputs, self.run_record, *(self.report_file(name) for name in REPORT_FILES)]
-        candidates = [path.with_name(f".{path.name}.{state}") for path in names for state in ("partial", "old")]
-        if self.stage_records.is_dir():
-            candidates += self.stage_records.glob(".*.json.partial")
-        return [path for path in candidates if path.exists() or path.is_symlink()]
+    def stage_leftovers(self, stage: str, output: Path) -> list[Path]:
+        """What an interrupted job may have left of a stage: the temporary and replaced copies of its output
+        folder and of its record, and nothing else. Removed only by a job holding the stage's lock."""
+        return _existing([*_temporary(output), self.stage_record(stage).with_name(f".{stage}.json.partial")])
+
+    def run_leftovers(self) -> list[Path]:
+        """What an interrupted job may have left of run.json and the reports. Removed under the run lock."""
+        return _existing(
+            [path for name in REPORT_FILES for path in _temporary(self.report_file(name))]
+            + [*_temporary(self.run_record)]
+        )
 
     def relative(self, path: Path) -> str:
         """How records name a path: relative to the run directory when inside it (so that a moved run
         directory keeps its records), else absolute."""
         return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
+
+
+def _temporary(path: Path) -> list[Path]:
+    """The temporary and replaced copies a write of `path` makes (see files.py)."""
+    return [path.with_name(f".{path.name}.{state}") for state in ("partial", "old")]
+
+
+def _existing(paths: list[Path]) -> list[Path]:
+    return [path for path in paths if path.exists() or path.is_symlink()]

@@ -26,6 +26,11 @@ from qlora_requant.pipeline.layout import RunLayout
 STAGE_KINDS = ("dequantize", "merge", "requantize", "reference", "score")
 # Names that stand for several kinds (`--stages evaluate`: the reference and every scoring stage).
 KIND_GROUPS = {"evaluate": ("reference", "score")}
+# The kinds of stage that belong to one model, its GPTQ and its scoring: `--models` narrows them to some models.
+# The others (the merge, the reference) are shared by every model.
+MODEL_KINDS = ("requantize", "score")
+# Not a stage: `--stages report` writes the report once every stage is complete (a scheduler's last step).
+REPORT_STEP = "report"
 
 
 def _no_disk(context: StageContext) -> int:
@@ -43,6 +48,11 @@ class Stage:
     inputs: tuple[Path, ...]  # files and folders it reads
     work: Callable[[StageContext, Path], dict]  # writes into a temporary folder; returns a summary
     needed_bytes: Callable[[StageContext], int] = field(default=_no_disk, compare=False)
+    model: str | None = None  # the model it writes or scores: merged, gptq_w4g128, ... (not the reference's)
+
+    def reads(self, other: Stage) -> bool:
+        """Whether this stage reads `other`'s output."""
+        return any(path == other.output or path.is_relative_to(other.output) for path in self.inputs)
 
 
 def plan(config: RunConfig) -> list[Stage]:
@@ -65,6 +75,13 @@ def plan(config: RunConfig) -> list[Stage]:
     stages.append(reference_stage(config, layout))
     stages += [score_stage(config, layout, model) for model in scored_models(config, models)]
     return stages
+
+
+def job_models(stages: list[Stage]) -> list[str]:
+    """The models `--models` can name, in plan order: those with a stage of their own (their GPTQ, their scoring).
+    A job array's task i works on the i-th (qlora-requant validate CONFIG --list-models)."""
+    own = {stage.model for stage in stages if stage.kind in MODEL_KINDS}
+    return list(dict.fromkeys(stage.model for stage in stages if stage.model in own))
 
 
 def scored_models(config: RunConfig, models: list[str]) -> list[str]:
@@ -118,6 +135,7 @@ def merge_stage(config: RunConfig, layout: RunLayout, merge_base: str, *, name: 
         inputs=(config.base.path, *_adapter_folders(config)),
         work=partial(merge.run, **arguments),
         needed_bytes=partial(_base_bytes, dtype=config.merge.dtype),
+        model=model,
     )
 
 
@@ -136,6 +154,7 @@ def requantize_stage(
         inputs=(layout.model_dir(merged), *([calibration.path] if calibration.path else [])),
         work=partial(requantize.run, **arguments),
         needed_bytes=partial(_gptq_bytes, merged_dir=layout.model_dir(merged), bits=settings.bits),
+        model=model,
     )
 
 
@@ -169,6 +188,7 @@ def score_stage(config: RunConfig, layout: RunLayout, model: str) -> Stage:
         settings=_json(evaluation=config.evaluation, model=model),
         inputs=(layout.reference, layout.model_dir(model), *_task_folders(config)),
         work=partial(score.run, evaluation=config.evaluation, model=model),
+        model=model,
     )
 
 

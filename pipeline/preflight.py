@@ -102,7 +102,8 @@ def check_output_dir(run_dir: Path) -> None:
     if layout.run_record.exists():
         require_run(layout)
     elif run_dir.is_dir():
-        foreign = sorted(path.name for path in run_dir.iterdir() if path not in (layout.lock, layout.log))
+        ours = (layout.locks, layout.log, run_dir / ".lock")  # .lock: the whole-run lock of earlier versions
+        foreign = sorted(path.name for path in run_dir.iterdir() if path not in ours)
         if foreign:
             raise InputError(
                 f"output_dir {run_dir} is not empty and not a qlora-requant run (no run.json; it holds "

@@ -36,9 +36,15 @@ def edit(path, change) -> None:
     path.write_text(yaml.safe_dump(tree))
 
 
-def test_valid_config_validates(config_path, tmp_path, capsys):
+def test_valid_config_validates_and_lists_the_plan_and_the_models_of_a_job_array(config_path, tmp_path, capsys):
     assert main(["validate", str(config_path)]) == EXIT_OK
-    assert capsys.readouterr().out == f"{config_path}: valid; output_dir {tmp_path / 'out'}\n"
+    assert capsys.readouterr().out == (
+        f"{config_path}: valid; output_dir {tmp_path / 'out'}\n"
+        "stages: merge, requantize, reference, score_merged, score_gptq\n"
+        "models (--models, by name or index): 0 merged, 1 gptq\n"
+    )
+    assert main(["validate", str(config_path), "--list-models"]) == EXIT_OK
+    assert capsys.readouterr().out == "merged\ngptq\n"
 
 
 @pytest.mark.parametrize(

@@ -450,6 +450,28 @@ def test_stages_by_name_and_repeated_stage_flags(run_copy, capsys):
     ) in capsys.readouterr().err
 
 
+def test_models_narrows_a_job_to_some_models_stages_and_the_report_is_a_step_of_its_own(run_copy, capsys):
+    config, run_dir = run_copy
+    log = (run_dir / "run.log").read_text()
+    for arguments, message in (
+        (["--models", "gptq_w9"], "--models gptq_w9: not a model of this run; give one of merged, gptq, or its index"),
+        (["--models", "2"], "--models 2: this run has 2 models (0 merged, 1 gptq); give one of them"),
+        (["--models", "baseline"], "the baseline and base_nf4 are scored by the reference stage"),
+        (["--stages", "merge", "--models", "1"], "--stages merge has none: add score (or requantize) to --stages"),
+    ):
+        assert main(["run", str(config), *arguments]) == EXIT_BAD_INPUT
+        error = capsys.readouterr().err
+        assert "error: --models" in error and message in error
+    assert (run_dir / "run.log").read_text() == log  # refused before the run directory was touched
+    report = (run_dir / "report.json").stat().st_mtime_ns
+    assert main(["run", str(config), "--stages", "score", "--models", "1", "--force", "score"]) == EXIT_OK
+    assert "the report is written by a run with --stages report" in capsys.readouterr().out
+    assert started(run_dir, log) == ["score_gptq"] and (run_dir / "report.json").stat().st_mtime_ns == report
+    log = (run_dir / "run.log").read_text()
+    assert main(["run", str(config), "--stages", "report"]) == EXIT_OK
+    assert started(run_dir, log) == [] and (run_dir / "report.json").stat().st_mtime_ns > report
+
+
 def test_sigterm_to_the_main_process_stops_its_children_and_leaves_a_resumable_run(run_copy):
     """As `kill PID` and Kubernetes stop a job: the GPTQ output check (a process of its own) goes with the run."""
     import signal

@@ -170,7 +170,7 @@ def test_run_directory_holds_reports_log_and_no_partial_output(run_dir, report):
     assert "| gptq | GPTQ |" in (run_dir / "report.md").read_text()
     assert "<img alt='GPTQ error per layer' src='data:image/png;base64," in (run_dir / "report.html").read_text()
     assert "stage requantize: done" in (run_dir / "run.log").read_text()
-    assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == [".lock"]  # kept: see pipeline/lock.py
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == [".locks"]  # kept: see pipeline/lock.py
     assert list(report["stages"]) == ["dequantize", "merge", "requantize", "reference", "score_merged", "score_gptq"]
     assert report["stages"]["merge"]["base"]["quantized"] == 14
     # NF4 in blocks of 64 keeps ~0.09 of the norm of Gaussian weights as error (exact values: see

@@ -90,8 +90,7 @@ def test_one_model_is_rescored_by_name_and_every_model_by_kind(reference):
     finished = json.loads(record)["finished"]
     assert rerun(config, run_dir, "--stages", "score", "--force", "score") == (["score_merged", "score_gptq"], [])
     assert json.loads((run_dir / "stages" / "score_merged.json").read_text())["finished"] > finished  # re-scored ...
-    recorded, again = (json.loads(text)["models"]["merged"] for text in (merged, scores.read_text()))
-    assert {**recorded, "seconds": 0} == {**again, "seconds": 0}  # ... to the same scores
+    assert scores.read_bytes() == merged  # ... to the same scores, byte for byte
 
 
 def test_a_damaged_output_is_rebuilt(reference):
@@ -137,36 +136,66 @@ def test_a_job_split_into_steps_writes_the_same_bytes_as_one_run(tmp_path, refer
     ]
 
 
-def test_a_second_run_on_the_same_directory_is_refused_while_the_first_holds_it(reference, capsys):
+HOLD_A_STAGE = """
+import sys
+from pathlib import Path
+from qlora_requant.pipeline.layout import RunLayout
+from qlora_requant.pipeline.lock import RunLocks
+layout = RunLayout(Path(sys.argv[1]))
+with RunLocks(layout).stage(sys.argv[2]):  # a job scoring the model: its output half-written
+    partial = layout.partial(layout.scores(sys.argv[3]))
+    partial.mkdir()
+    (partial / "scores.json").write_text("{")
+    print("holding", flush=True)
+    sys.stdin.read()  # until the test closes it
+"""
+
+
+def test_a_job_waits_for_a_stage_another_job_is_running_and_never_deletes_its_work_in_progress(reference, capsys):
+    """Another job (Slurm array task 77_1) is scoring the merged model. A job whose plan dropped that model leaves it
+    be; `report` refuses; a job that needs the stage waits for it, saying who runs it, then takes its lock, clears
+    what the dead job left and finds the stage complete."""
     config, run_dir = reference
+    array_task = {**os.environ, "SLURM_JOB_ID": "78", "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "1"}
     holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            (
-                "import fcntl, json, os, sys, time\n"
-                f"f = open({str(run_dir / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
-                "f.seek(0); f.truncate(); f.write(json.dumps({'pid': os.getpid(), 'host': 'h'})); f.flush()\n"
-                "print('locked', flush=True); time.sleep(60)"
-            ),
-        ],
+        [sys.executable, "-c", HOLD_A_STAGE, str(run_dir), "score_merged", "merged"],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        env=array_task,
     )
+    in_progress = run_dir / "evaluation" / ".merged.partial"
     try:
-        assert holder.stdout.readline().strip() == "locked"
-        assert main(["run", str(config)]) == EXIT_BAD_INPUT
-        assert (
-            f"{run_dir}: another qlora-requant run is using this output_dir (pid {holder.pid} on h)"
-            in capsys.readouterr().err
+        assert holder.stdout.readline().strip() == "holding"
+        running = f"pid {holder.pid} on {os.uname().nodename}, Slurm job 77_1"
+        assert main(["report", str(run_dir)]) == EXIT_BAD_INPUT
+        assert f"the score_merged stage is running in another job ({running})" in capsys.readouterr().err
+        assert main(["run", str(config), "--set", "evaluation.models=[gptq]"]) == EXIT_OK
+        assert "stage score_merged: no longer in the plan, but another job is running it; left as is" in (
+            capsys.readouterr().err
         )
-        assert main(["report", str(run_dir)]) == EXIT_BAD_INPUT  # no report from a run in progress
+        assert (run_dir / "stages" / "score_merged.json").is_file() and in_progress.is_dir()
+        needs_it = subprocess.Popen(
+            [sys.executable, "-m", "qlora_requant.pipeline.cli", "run", str(config)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        waiting = f"stage score_merged: running in another job ({running}); waiting for it to finish"
+        lines = []
+        while not any(waiting in line for line in lines):
+            lines.append(needs_it.stderr.readline())
+            assert lines[-1], "".join(lines)
+        assert in_progress.is_dir()  # the waiting job's clean-up left it
     finally:
-        holder.kill()
-        holder.wait()
-    # The holder died without unlocking: its lock file is stale, and the next run takes it over.
-    assert json.loads((run_dir / ".lock").read_text())["pid"] == holder.pid
-    assert rerun(config, run_dir) == ([], ["merge", "requantize", "reference", "score_merged", "score_gptq"])
+        holder.communicate("")
+    _, errors = needs_it.communicate(timeout=300)
+    assert needs_it.returncode == EXIT_OK, errors[-2000:]
+    assert not in_progress.exists()  # the holder is gone: what it left is a leftover, cleared by the next holder
+    last_run = (run_dir / "run.log").read_text().split("run " + str(run_dir))[-1]
+    assert started_and_skipped(last_run) == ([], ["merge", "requantize", "reference", "score_merged", "score_gptq"])
+    assert "merged" in json.loads((run_dir / "report.json").read_text())["models"]
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:

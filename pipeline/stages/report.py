@@ -97,7 +97,8 @@ def gptq_losses(layout: RunLayout, requantize: dict, model: str) -> list[GptqLos
     if layout.relative(path) not in requantize["outputs"]:
         return []
     rows = csv.DictReader(io.StringIO(verified_bytes(layout, requantize, path).decode()))
-    return [GptqLoss(layer=int(row["layer"]), module=row["module"], loss=float(row["loss"])) for row in rows]
+    losses = [GptqLoss(layer=int(row["layer"]), module=row["module"], loss=float(row["loss"])) for row in rows]
+    return sorted(losses, key=lambda loss: (loss.layer, loss.module))  # gptqmodel logs a layer's modules as they end
 
 
 def build_report(layout: RunLayout) -> tuple[Report, dict]:
@@ -206,7 +207,7 @@ def _assemble(layout: RunLayout, run: dict, results: dict, stages: dict[str, dic
         {
             "schema_version": SCHEMA_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "device": run["device"],
+            "device": ", ".join(dict.fromkeys(record["manifest"]["settings"]["device"] for record in stages.values())),
             "protocol": {
                 **results["protocol"],
                 "bootstrap_samples": evaluation["bootstrap_samples"],

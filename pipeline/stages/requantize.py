@@ -233,10 +233,16 @@ def _describe(result: dict, limit: float) -> str:
 
 
 def _keep_newest_logs(log_dir: Path) -> None:
-    """gptqmodel writes one log per GPTQ run (gptq_log_*.log, gptaq_log_*.log); keep the newest few."""
-    logs = sorted(log_dir.glob("gpt*_log_*.log"), key=lambda path: path.stat().st_mtime_ns)
-    for old in logs[:-KEPT_GPTQ_LOGS]:
-        old.unlink()
+    """gptqmodel writes one log per GPTQ run (gptq_log_*.log, gptaq_log_*.log); keep the newest few. Another job's
+    GPTQ may prune at the same time: a log gone meanwhile is skipped."""
+    times = {}
+    for path in log_dir.glob("gpt*_log_*.log"):
+        try:
+            times[path] = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            continue
+    for old in sorted(times, key=times.get)[:-KEPT_GPTQ_LOGS]:
+        old.unlink(missing_ok=True)
 
 
 def estimate_gptq_bytes(merged_dir: Path, bits: int) -> int:
