@@ -140,6 +140,12 @@ class Requantize(_Closed):
     mse: float = Field(description="Exponent of the scale grid search's error (0: no search).")
     act_group_aware: bool | None = Field(description="Activation-group-aware ordering; null: gptqmodel's default.")
     static_groups: bool = Field(description="Whether groups were fixed before quantization.")
+    dtype: str = Field(
+        default="",
+        description="The dtype of the checkpoint's unquantized tensors and config.json (the merged model's unless "
+        "requantize.dtype says otherwise); empty in runs made before it was recorded.",
+    )
+    compute_dtype: str = Field(default="", description="The dtype GPTQ ran in (exact for the merged weights).")
     calibration_windows: int = Field(description="Calibration samples.")
     calibration_seq_len: int = Field(description="Tokens per calibration sample (at most, for conversations).")
     calibration_format: Literal["text", "chat"] = Field(

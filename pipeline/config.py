@@ -242,6 +242,9 @@ class GptqSection(Section):
     static_groups: bool = False
     # Hadamard / random rotation: transformers and vLLM ignore it and compute wrong logits; refused.
     rotation: None = None
+    # The dtype of the checkpoint's unquantized tensors (embeddings, norms, head) and of its config.json (runtimes
+    # pick kernels by it): auto, the merged model's. GPTQ itself runs in a dtype that is exact and fast (gptq_dtypes).
+    dtype: DTypeName | Literal["auto"] = "auto"
 
     @field_validator("group_size")
     @classmethod

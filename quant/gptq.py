@@ -60,6 +60,15 @@ class GptqSettings:
         }
 
 
+def gptq_dtypes(merged: torch.dtype, device: str, release: str = "auto") -> tuple[torch.dtype, torch.dtype]:
+    """(compute, release) dtypes of a GPTQ run on a checkpoint stored in `merged`. GPTQ runs in the merged dtype
+    where that is fast: bfloat16 and float32 anywhere, float16 on CUDA; a float16 checkpoint on CPU runs in float32
+    (exact too: CPU float16 kernels are slow, and bfloat16 would round the weights). The release, the dtype of the
+    checkpoint's unquantized tensors and config.json, is the merged dtype unless `release` names another."""
+    compute = torch.float32 if merged == torch.float16 and device == "cpu" else merged
+    return compute, merged if release == "auto" else getattr(torch, release)
+
+
 def gptq_quantize(
     model_dir: Path,
     calibration: list[dict[str, torch.Tensor]],
@@ -67,11 +76,13 @@ def gptq_quantize(
     device: str,
     out_dir: Path,
     log_dir: Path,
+    dtypes: tuple[torch.dtype, torch.dtype],
     trust_remote_code: bool = False,
     offload_to_disk: bool = True,
     on_layer: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Quantize the 16-bit checkpoint in `model_dir` on `calibration` windows and save it to `out_dir`.
+    """Quantize the 16-bit checkpoint in `model_dir` on `calibration` windows and save it to `out_dir`, computing
+    in and releasing in `dtypes` (see gptq_dtypes).
 
     gptqmodel's per-module logs (GPTQ loss per layer) go to `log_dir` instead of ./logs. With
     `offload_to_disk` (gptqmodel's default), layers wait on disk rather than in memory; its loader finds
@@ -98,13 +109,47 @@ def gptq_quantize(
         # batches of samples of unequal length do not line up (a shape error): one sample per batch.
         batch_size = 1
     try:
-        model = GPTQModel.load(str(model_dir), config, device=device, trust_remote_code=trust_remote_code)
+        compute, release = dtypes
+        model = GPTQModel.load(
+            str(model_dir), config, device=device, dtype=compute, trust_remote_code=trust_remote_code
+        )
         with _layer_progress(model, on_layer):
             model.quantize(calibration, batch_size=batch_size)
         model.save(str(out_dir))
     finally:
         if offload is not None:
             offload.cleanup()
+    if release != compute:
+        cast_unquantized(out_dir, release)
+
+
+def cast_unquantized(checkpoint: Path, dtype: torch.dtype) -> None:
+    """Store a GPTQ checkpoint's unquantized floating-point tensors (embeddings, norms, head, biases) in `dtype`
+    and say so in its config.json; the GPTQ tensors keep the format's dtypes (scales are float16 in it)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    sizes = 0
+    for shard in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(shard, "pt") as reader:
+            metadata = reader.metadata()
+            tensors = {name: reader.get_tensor(name) for name in reader.keys()}
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not name.endswith(".scales"):
+                tensors[name] = tensor.to(dtype)
+        sizes += sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+        save_file(tensors, shard, metadata=metadata)
+    name = str(dtype).removeprefix("torch.")
+    config = json.loads((checkpoint / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in config or key == "dtype":
+            config[key] = name
+    (checkpoint / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    index = checkpoint / "model.safetensors.index.json"
+    if index.is_file():
+        content = json.loads(index.read_text())
+        content.setdefault("metadata", {})["total_size"] = sizes
+        index.write_text(json.dumps(content, indent=2) + "\n")
 
 
 @contextmanager

@@ -21,8 +21,23 @@ VARIANTS = [
     {"name": "w4g128", "bits": 4, "group_size": 128},
     {"name": "w2g64-act", "bits": 2, "group_size": 64, "desc_act": True},
     {"name": "w3g32-act-asym", "bits": 3, "group_size": 32, "desc_act": True, "sym": False},
-    {"name": "w8pc-asym-gptaq", "bits": 8, "group_size": -1, "sym": False, "gptaq": True},
+    {"name": "w8pc-asym-gptaq", "bits": 8, "group_size": -1, "sym": False, "gptaq": True, "dtype": "bfloat16"},
 ]
+
+
+def stored_dtypes(checkpoint: Path) -> tuple[str, set[str], set[str]]:
+    """A GPTQ checkpoint's config.json dtype, and the dtypes its unquantized floating tensors and its scales are
+    stored in (safetensors' names: F16, BF16, ...)."""
+    from safetensors import safe_open
+
+    plain, scales = set(), set()
+    for shard in checkpoint.glob("*.safetensors"):
+        with safe_open(shard, "pt") as reader:
+            for name in reader.keys():
+                dtype = reader.get_slice(name).get_dtype()
+                if dtype.startswith(("F", "BF")):
+                    (scales if name.endswith(".scales") else plain).add(dtype)
+    return json.loads((checkpoint / "config.json").read_text())["dtype"], plain, scales
 
 
 def chat_records(docstrings: list[str]) -> list[dict]:
@@ -121,7 +136,14 @@ def test_chat_data_and_every_gptq_setting_run_and_the_smallest_passing_variant_i
     for variant, asked in zip(report["variants"], VARIANTS):
         check = read_record(run / "stages" / f"requantize_{variant['name']}.json")["summary"]
         assert check["check_relative_error"] < 1.0 and (run / variant["model"] / "README.md").is_file()
-        assert {key: variant[key] for key in asked if key != "name"} == {k: v for k, v in asked.items() if k != "name"}
+        format_settings = {key: value for key, value in asked.items() if key not in ("name", "dtype")}
+        assert {key: variant[key] for key in format_settings} == format_settings
+        # released in the merged dtype (float16) unless the variant asks for another; computed exactly (float32 on
+        # CPU for a float16 merge), the GPTQ format's scales in float16
+        release = asked.get("dtype", "float16")
+        stored = {"float16": "F16", "bfloat16": "BF16"}[release]
+        assert stored_dtypes(run / variant["model"]) == (release, {stored}, {"F16"})
+        assert (check["dtype"], check["compute_dtype"]) == (release, "float32")
         assert variant["size_bytes"] > 0 and variant["model"] == f"gptq_{variant['name']}"
     sizes = {v["name"]: v["size_bytes"] for v in report["variants"]}
     assert sizes["w2g64-act"] < sizes["w3g32-act-asym"] < sizes["w4g128"] < sizes["w8pc-asym-gptaq"]

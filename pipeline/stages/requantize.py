@@ -36,6 +36,7 @@ from qlora_requant.quant.gptq import (
     GptqSettings,
     check_checkpoint,
     fuse_split_layers,
+    gptq_dtypes,
     gptq_quantize,
     join_tensors,
     uses_model_names,
@@ -65,17 +66,21 @@ def run(
     )
     what = f"requantize{'_' + variant if variant else ''}"
     merged_config = read_model_config(merged_dir)
+    reader = CheckpointReader(merged_dir)
+    stored = next(reader.dtype(key) for key in reader.keys() if reader.dtype(key).is_floating_point)
+    compute, release = gptq_dtypes(stored, context.device, gptq.dtype)
     spec = {
         "what": f"the {what} stage",
         "progress": what,
         "out": out,
         "model_dir": merged_dir,
         "calibration": windows,
-        "settings": GptqSettings(**gptq.model_dump(exclude={"rotation"})),
+        "settings": GptqSettings(**gptq.model_dump(exclude={"rotation", "dtype"})),
         "device": context.device,
         "log_dir": context.layout.gptq_logs,
+        "dtypes": (compute, release),
         "trust_remote_code": context.trust_remote_code,
-        "offload_to_disk": uses_model_names(merged_config, CheckpointReader(merged_dir).keys()),
+        "offload_to_disk": uses_model_names(merged_config, reader.keys()),
     }
     quantized = run_isolated(quantize, spec, context.layout.log)
     for name in ("config.json", "quantize_config.json"):
@@ -97,7 +102,9 @@ def run(
     )
     return {
         "variant": variant,
-        **section.model_dump(exclude={"rotation", "batch_size"}),
+        **section.model_dump(exclude={"rotation", "batch_size", "dtype"}),
+        "dtype": str(release).removeprefix("torch."),
+        "compute_dtype": str(compute).removeprefix("torch."),
         "calibration_windows": len(windows),
         "calibration_seq_len": calibration.seq_len,
         "calibration_format": "chat" if context.inputs.calibration.chat else "text",
@@ -125,6 +132,7 @@ def quantize(spec: dict, reporter: Reporter) -> dict:
         spec["device"],
         spec["out"],
         log_dir=spec["log_dir"],
+        dtypes=spec["dtypes"],
         trust_remote_code=spec["trust_remote_code"],
         offload_to_disk=spec["offload_to_disk"],
         on_layer=reached,
