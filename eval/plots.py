@@ -118,8 +118,8 @@ def task_changes(tasks: dict[str, TaskScores]) -> bytes:
     return _png(figure)
 
 
-def gptq_error_by_layer(losses: list[GptqLoss]) -> bytes:
-    """gptqmodel's per-module GPTQ loss across layers, one line per module."""
+def gptq_error_by_layer(losses: list[GptqLoss], model: str) -> bytes:
+    """gptqmodel's per-module GPTQ loss of the GPTQ model `model` across layers, one line per module."""
     figure, axis = plt.subplots(figsize=(7, 3.5))
     for module in dict.fromkeys(row.module for row in losses):
         points = [(row.layer, row.loss) for row in losses if row.module == module]
@@ -128,6 +128,6 @@ def gptq_error_by_layer(losses: list[GptqLoss]) -> bytes:
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("layer")
     axis.set_ylabel("GPTQ loss (gptqmodel)")
-    axis.set_title("GPTQ error per layer and module")
+    axis.set_title(f"GPTQ error per layer and module: {model}")
     axis.legend(fontsize=7, ncol=2)
     return _png(figure)

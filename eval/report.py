@@ -178,7 +178,7 @@ def loss_source_tables(report: Report) -> list[tuple[str, list[list[str]]]]:
         worst = sorted(sources.gptq_error, key=lambda row: -row.loss)[:TOP]
         tables.append(
             (
-                "Largest GPTQ errors (gptqmodel's per-module loss)",
+                f"Largest GPTQ errors of {sources.gptq_variant or 'the release'} (gptqmodel's per-module loss)",
                 [["layer", "module", "loss"]] + [[str(r.layer), r.module, f"{r.loss:.3g}"] for r in worst],
             )
         )
@@ -245,6 +245,8 @@ def render_markdown(report: Report) -> str:
             "",
         ]
     parts += ["## Where the loss comes from", ""]
+    if report.loss_sources.gptq_note:
+        parts += [report.loss_sources.gptq_note, ""]
     for title, rows in loss_source_tables(report):
         parts += [f"### {title}", "", markdown_table(rows), ""]
     if report.generations.prompts:
@@ -296,8 +298,9 @@ def report_plots(report: Report, results: dict) -> dict[str, bytes]:
         figures["Task score change with 95% intervals"] = plots.task_changes(report.tasks)
     if len(report.variants) > 1:
         figures["GPTQ variants: size against PPL change"] = plots.size_against_quality(report.variants)
-    if report.loss_sources.gptq_error:
-        figures["GPTQ error per layer"] = plots.gptq_error_by_layer(report.loss_sources.gptq_error)
+    sources = report.loss_sources
+    if sources.gptq_error:
+        figures["GPTQ error per layer"] = plots.gptq_error_by_layer(sources.gptq_error, sources.gptq_variant)
     return figures
 
 
@@ -322,6 +325,8 @@ def render_html(report: Report, figures: dict[str, bytes]) -> str:
             f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
         )
     sections.append("<h2>Where the loss comes from</h2>")
+    if report.loss_sources.gptq_note:
+        sections.append(f"<p>{html.escape(report.loss_sources.gptq_note)}</p>")
     for title, rows in loss_source_tables(report):
         sections += [f"<h3>{html.escape(title)}</h3>", _html_table(rows)]
     if report.generations.prompts:

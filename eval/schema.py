@@ -220,7 +220,14 @@ class LossSources(_Closed):
     """Where the loss comes from: re-quantization, the NF4 round trip of the base, the merge."""
 
     gptq_error: list[GptqLoss] = Field(
-        description="Per module, in quantization order; empty when gptqmodel wrote no quant_log.csv."
+        description="Per module, by layer and module name; empty when gptqmodel wrote no quant_log.csv."
+    )
+    gptq_variant: str = Field(
+        default="",
+        description="The GPTQ model gptq_error is of: the release candidate, or the first variant when none passes.",
+    )
+    gptq_note: str = Field(
+        default="", description="Why gptq_error is empty, or how to read it (GPTAQ's loss is on a scale of its own)."
     )
     nf4_roundtrip_error: dict[str, float] = Field(
         description="Per base weight, ||W_nf4 - W|| / ||W|| of the NF4 round trip; empty when the merge went into "

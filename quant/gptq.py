@@ -114,7 +114,10 @@ def gptq_quantize(
             str(model_dir), config, device=device, dtype=compute, trust_remote_code=trust_remote_code
         )
         with _layer_progress(model, on_layer):
-            model.quantize(calibration, batch_size=batch_size)
+            logs = model.quantize(calibration, batch_size=batch_size)
+        if not model.quant_log and isinstance(logs, dict):
+            # gptqmodel 7.6 keeps the per-module log, which save writes as quant_log.csv, of GPTQ only: GPTAQ's too
+            model.quant_log = logs.get("gptaq", [])
         model.save(str(out_dir))
     finally:
         if offload is not None:

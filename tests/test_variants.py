@@ -144,6 +144,7 @@ def test_chat_data_and_every_gptq_setting_run_and_the_smallest_passing_variant_i
         stored = {"float16": "F16", "bfloat16": "BF16"}[release]
         assert stored_dtypes(run / variant["model"]) == (release, {stored}, {"F16"})
         assert (check["dtype"], check["compute_dtype"]) == (release, "float32")
+        assert len((run / variant["model"] / "quant_log.csv").read_text().splitlines()) > 1  # GPTAQ's too
         assert variant["size_bytes"] > 0 and variant["model"] == f"gptq_{variant['name']}"
     sizes = {v["name"]: v["size_bytes"] for v in report["variants"]}
     assert sizes["w2g64-act"] < sizes["w3g32-act-asym"] < sizes["w4g128"] < sizes["w8pc-asym-gptaq"]
@@ -155,6 +156,11 @@ def test_chat_data_and_every_gptq_setting_run_and_the_smallest_passing_variant_i
     passing = [v for v in report["variants"] if v["gates_passed"]]
     expected = min(passing, key=lambda v: (v["size_bytes"], v["kl"]))["name"] if passing else None
     assert report["release_candidate"] == expected
+    release = next(v for v in report["variants"] if v["name"] == (expected or VARIANTS[0]["name"]))
+    sources = report["loss_sources"]  # the per-module loss shown is the release's, named as such
+    assert sources["gptq_variant"] == release["model"] and sources["gptq_error"]
+    assert ("GPTAQ's per-module loss" in sources["gptq_note"]) == release["gptaq"]
+    assert f"Largest GPTQ errors of {release['model']}" in (run / "report.md").read_text()
     assert code == (EXIT_OK if passing else EXIT_GATE_FAILED)
     assert "release candidate" in capsys.readouterr().out
 

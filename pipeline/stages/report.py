@@ -101,6 +101,22 @@ def gptq_losses(layout: RunLayout, requantize: dict, model: str) -> list[GptqLos
     return sorted(losses, key=lambda loss: (loss.layer, loss.module))  # gptqmodel logs a layer's modules as they end
 
 
+def _gptq_loss_note(layout: RunLayout, requantize: dict, variant: dict) -> str:
+    """What a reader of the release's per-module GPTQ loss needs told: that there is none, and why; or that GPTAQ's
+    is on a scale of its own."""
+    if layout.relative(layout.model_dir(variant["model"]) / GPTQ_LOSS_LOG) not in requantize["outputs"]:
+        return (
+            f"gptqmodel wrote no per-module loss (quant_log.csv) for {variant['model']}; to have one, re-run its "
+            f"stage: qlora-requant run CONFIG --force {requantize['stage']}"
+        )
+    if variant["gptaq"]:
+        return (
+            "GPTAQ's per-module loss, as gptqmodel reports it, is on a scale of its own, far above GPTQ's: compare it "
+            "only with other GPTAQ variants'."
+        )
+    return ""
+
+
 def build_report(layout: RunLayout) -> tuple[Report, dict]:
     """The report of a run directory, validated, and the evaluation results it was computed from."""
     run_dir = layout.root
@@ -222,6 +238,8 @@ def _assemble(layout: RunLayout, run: dict, results: dict, stages: dict[str, dic
             "requantize": {key: value for key, value in requantize["summary"].items() if key != "process"},
             "loss_sources": {
                 "gptq_error": gptq_losses(layout, requantize, release["model"]),
+                "gptq_variant": release["model"],
+                "gptq_note": _gptq_loss_note(layout, requantize, release),
                 "nf4_roundtrip_error": merge.get("base", {}).get("roundtrip_error", {}),
                 "merge_relative_change": merge["relative_change"],
             },
