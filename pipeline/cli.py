@@ -154,12 +154,12 @@ def _run(
 def _validate(config_path: Path, overrides: list[str], list_models: bool = False) -> int:
     from qlora_requant.pipeline.console import LibraryOutput
     from qlora_requant.pipeline.plan import job_models, plan
-    from qlora_requant.pipeline.preflight import preflight, resolve_device
+    from qlora_requant.pipeline.preflight import preflight, resolve_device, training_settings
 
     config = _load(config_path, overrides)
     stages = plan(config)  # refuses what only the plan can judge (evaluation.models)
     with LibraryOutput():
-        preflight(config, resolve_device(config))
+        inputs = preflight(config, resolve_device(config))
     models = job_models(stages)
     if list_models:
         print("\n".join(models))
@@ -167,7 +167,21 @@ def _validate(config_path: Path, overrides: list[str], list_models: bool = False
     print(f"{config_path}: valid; output_dir {config.output_dir}")
     print(f"stages: {', '.join(stage.name for stage in stages)}")
     print(f"models (--models, by name or index): {', '.join(f'{i} {name}' for i, name in enumerate(models))}")
+    variants = config.requantize.variant_settings()
+    print(f"GPTQ: {'; '.join(_gptq_line(name, settings) for name, settings in variants.items())}")
+    settings = ", ".join(f"{key} {value} ({source})" for key, value, source in training_settings(config, inputs.base))
+    print(f"baseline, the base as training loaded it (bitsandbytes 4-bit): {settings}")
+    for warning in inputs.warnings:
+        print(f"warning: {warning}")
     return EXIT_OK
+
+
+def _gptq_line(name: str, settings) -> str:
+    """One GPTQ checkpoint the run makes, as `validate` lists it."""
+    options = [f"{settings.bits}-bit", f"group {settings.group_size}"]
+    options += [option for option, on in (("act-order", settings.desc_act), ("asym", not settings.sym)) if on]
+    options += ["GPTAQ"] * settings.gptaq + ([f"dtype {settings.dtype}"] if settings.dtype != "auto" else [])
+    return f"{name or 'gptq'} ({', '.join(options)})"
 
 
 def _network_policy(config) -> None:

@@ -52,6 +52,7 @@ def preflight(config: RunConfig, device: str) -> Inputs:
     _check_adapter_headers(config)
     adapter = load_adapter(config.adapter, base, base.model_config, config.allow_pickle)
     warnings = trained_on_another_base(config.adapter, config.base.path, config.base.model_id)
+    warnings += _bnb_defaults(config, base)
     adapter_dirs = [path for _, path in config.adapter.keyed_paths()]
     for folder in dict.fromkeys([config.base.path, *adapter_dirs]):
         _refuse_tokenizer_code(folder, config.trust_remote_code)
@@ -90,6 +91,37 @@ def preflight(config: RunConfig, device: str) -> Inputs:
         evaluation=evaluation,
         warnings=warnings,
     )
+
+
+# The bitsandbytes settings that decide the baseline's weights, as `validate` shows them.
+BNB_KEYS = ("quant_type", "blocksize", "double_quant", "compute_dtype", "quant_storage")
+
+
+def training_settings(config: RunConfig, base: DequantizedBase) -> list[tuple[str, str, str]]:
+    """The bitsandbytes settings the baseline loads the base with (training's, as far as the run knows them): per
+    key its value and where it came from: the config, this tool's default, or the 4-bit checkpoint itself."""
+    stored = is_bnb_4bit(base.model_config)
+    rows = []
+    for key in BNB_KEYS:
+        value = getattr(base.settings, key)
+        shown = str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else str(value).lower()
+        given = key in config.base.bnb.model_fields_set
+        source = "the 4-bit checkpoint" if stored else "config" if given else "default"
+        rows.append((key, shown, source))
+    return rows
+
+
+def _bnb_defaults(config: RunConfig, base: DequantizedBase) -> list[str]:
+    """A warning when every base.bnb key is a default: the baseline is the model as trained only if training
+    loaded the base that way, and BitsAndBytesConfig's own defaults are others."""
+    if is_bnb_4bit(base.model_config) or config.base.bnb.model_fields_set:
+        return []
+    return [
+        "base.bnb: no key is set, so the baseline loads the base with this tool's defaults (nf4, double_quant true, "
+        "compute_dtype bfloat16), which are not BitsAndBytesConfig's (fp4, double quant off, compute float32); the "
+        "baseline is the model as trained only if training loaded the base so: set base.bnb as training's "
+        "BitsAndBytesConfig had it"
+    ]
 
 
 def check_output_dir(run_dir: Path) -> None:

@@ -42,9 +42,18 @@ def test_valid_config_validates_and_lists_the_plan_and_the_models_of_a_job_array
         f"{config_path}: valid; output_dir {tmp_path / 'out'}\n"
         "stages: merge, requantize, reference, score_merged, score_gptq\n"
         "models (--models, by name or index): 0 merged, 1 gptq\n"
+        "GPTQ: gptq (4-bit, group 64)\n"
+        "baseline, the base as training loaded it (bitsandbytes 4-bit): quant_type nf4 (default), blocksize 64 "
+        "(default), double_quant true (default), compute_dtype float32 (config), quant_storage uint8 (default)\n"
     )
     assert main(["validate", str(config_path), "--list-models"]) == EXIT_OK
     assert capsys.readouterr().out == "merged\ngptq\n"
+    edit(config_path, lambda tree: tree["base"].pop("bnb"))  # every bitsandbytes setting a default: said so
+    variants = "requantize.variants=[{name: w3, bits: 3, dtype: bfloat16}]"
+    assert main(["validate", str(config_path), "--set", variants]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "GPTQ: w3 (3-bit, group 64, dtype bfloat16)\n" in out and "compute_dtype bfloat16 (default)" in out
+    assert "warning: base.bnb: no key is set, so the baseline loads the base with this tool's defaults" in out
 
 
 @pytest.mark.parametrize(
