@@ -328,7 +328,10 @@ class Report(_Closed):
     output_sha256: dict[str, dict[str, str]] = Field(
         description="Per stage, the SHA-256 of each output file, by path relative to the run directory."
     )
-    versions: dict[str, str] = Field(description="Versions of qlora-requant and the libraries it ran with.")
+    versions: dict[str, str] = Field(
+        description="Versions of qlora-requant, the libraries it ran with (torch, transformers, peft, bitsandbytes, "
+        "gptqmodel, safetensors, datasets, accelerate, optimum, lm-eval) and Python."
+    )
     warnings: list[str] = Field(
         default_factory=list,
         description="What the input checks found worth a look without refusing the run (e.g. an adapter that names "
@@ -353,5 +356,14 @@ class Report(_Closed):
         return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
 
 
+def report_json_schema() -> dict:
+    """The JSON Schema of report.json (report.schema.json): its dialect and identifier, then the Report's."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"urn:qlora-requant:report-schema:{SCHEMA_VERSION}",
+        **Report.model_json_schema(),
+    }
+
+
 if __name__ == "__main__":
-    print(json.dumps(Report.model_json_schema(), indent=2))
+    print(json.dumps(report_json_schema(), indent=2))

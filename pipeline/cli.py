@@ -30,15 +30,16 @@ DEMO_FIXTURE = REPO_ROOT / "runs" / "demo-fixture"
 def _parser() -> argparse.ArgumentParser:
     from importlib.metadata import version
 
-    parser = argparse.ArgumentParser(prog="qlora-requant", description=__doc__.splitlines()[0])
+    exit_codes = "exit codes: " + " ".join(__doc__.split("Exit codes: ")[1].split())
+    parser = argparse.ArgumentParser(prog="qlora-requant", description=__doc__.splitlines()[0], epilog=exit_codes)
     parser.add_argument("--version", action="version", version=f"qlora-requant {version('qlora-requant')}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("run", "run every stage of a config, skipping those complete and unchanged"),
         ("validate", "check a config and exit"),
     ):
-        command = commands.add_parser(name, help=help_text)
-        command.add_argument("config", type=Path)
+        command = commands.add_parser(name, help=help_text, description=help_text, epilog=exit_codes)
+        command.add_argument("config", type=Path, help="the run's YAML config (configs/demo.yaml is one)")
         command.add_argument(
             "--set",
             dest="overrides",
@@ -83,9 +84,12 @@ def _parser() -> argparse.ArgumentParser:
                 f"(merge, requantize_w4g128, score_gptq_w4g128, ...) or a kind, every stage of it "
                 f"({', '.join([*STAGE_KINDS, *KIND_GROUPS])})",
             )
-    report = commands.add_parser("report", help="rebuild a run's report files from its saved results")
-    report.add_argument("run_dir", type=Path)
-    demo = commands.add_parser("demo", help="build the offline demo fixture if needed and run configs/demo.yaml")
+    rebuild = "rebuild a run's report files from its saved results"
+    report = commands.add_parser("report", help=rebuild, description=rebuild, epilog=exit_codes)
+    report.add_argument("run_dir", type=Path, help="the output_dir of a run")
+    demo = commands.add_parser(
+        "demo", help="build the offline demo fixture if needed and run configs/demo.yaml", epilog=exit_codes
+    )
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     return parser
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from types import UnionType
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -535,13 +536,73 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
             raise ConfigError(f"--set {assignment!r}: {parts[depth - 1]!r} is not a section")
         if depth == len(parts) - 1:
             try:
-                node[index] = yaml.safe_load(raw)
+                value = yaml.safe_load(raw)
             except yaml.YAMLError as exc:
                 raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({exc})") from None
+            node[index] = _from_working_directory(value, _annotation_at(parts))
         elif isinstance(node, dict):
             node = node.setdefault(part, {})
         else:
             node = node[index]
+
+
+# Fields that hold a path although typed as text: a tokenizer folder, unless auto or base.
+_TEXT_PATHS = {("AdapterSection", "tokenizer"): ("auto", "base")}
+
+
+def _annotation_at(keys: list[str]) -> Any:
+    """The type a dotted config key holds (a number indexes a list), or None where the key is unknown."""
+    annotation: Any = RunConfig
+    owner = None
+    for key in keys:
+        annotation = _unwrapped(annotation)
+        if get_origin(annotation) is list and key.isdigit():
+            annotation = get_args(annotation)[0]
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel) and key in annotation.model_fields:
+            owner, annotation = annotation, annotation.model_fields[key].annotation
+            if (owner.__name__, key) in _TEXT_PATHS:
+                return (owner.__name__, key)
+        else:
+            return None
+    return annotation
+
+
+def _from_working_directory(value: Any, annotation: Any) -> Any:
+    """A `--set` value with its relative paths made absolute from the working directory, as on any command line
+    (paths in the config file stay relative to the file)."""
+    if annotation in _TEXT_PATHS:
+        keep = _TEXT_PATHS[annotation]
+        return str(Path.cwd() / value) if isinstance(value, str) and value not in keep else value
+    annotation = _unwrapped(annotation)
+    if annotation is Path:
+        return str(Path.cwd() / Path(value).expanduser()) if isinstance(value, str) else value
+    if get_origin(annotation) is list and isinstance(value, list):
+        return [_from_working_directory(item, get_args(annotation)[0]) for item in value]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, dict):
+        fields = annotation.model_fields
+        return {
+            key: _from_working_directory(item, (annotation.__name__, key))
+            if (annotation.__name__, key) in _TEXT_PATHS
+            else _from_working_directory(item, fields[key].annotation)
+            if key in fields
+            else item
+            for key, item in value.items()
+        }
+    return value
+
+
+def _unwrapped(annotation: Any) -> Any:
+    """The one type an annotation holds besides None (Annotated and Optional removed)."""
+    while True:
+        if get_origin(annotation) is Annotated:
+            annotation = get_args(annotation)[0]
+        elif get_origin(annotation) in (Union, UnionType):
+            members = [member for member in get_args(annotation) if member is not type(None)]
+            if len(members) != 1:
+                return annotation
+            annotation = members[0]
+        else:
+            return annotation
 
 
 def _describe(error: ValidationError) -> str:

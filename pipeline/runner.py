@@ -12,6 +12,7 @@ its own stages: stages are locked one by one (see lock.py), not the whole direct
 from __future__ import annotations
 
 import logging
+import platform
 from contextlib import ExitStack
 from importlib.metadata import version
 
@@ -30,11 +31,25 @@ from qlora_requant.quant.errors import InputError
 
 log = logging.getLogger(__name__)
 
-LIBRARIES = ("qlora-requant", "torch", "transformers", "peft", "bitsandbytes", "gptqmodel", "safetensors", "datasets")
+LIBRARIES = (
+    "qlora-requant",
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "gptqmodel",
+    "safetensors",
+    "datasets",
+    "accelerate",
+    "optimum",
+    "lm-eval",
+)
 
 
 def library_versions() -> dict[str, str]:
-    return {name: version(name) for name in LIBRARIES}
+    """The versions of this tool, the libraries whose code computes its results, and Python: a change of any re-runs
+    every stage (see the executor)."""
+    return {**{name: version(name) for name in LIBRARIES}, "python": platform.python_version()}
 
 
 class Run:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,25 +195,38 @@ def calibration_samples(
     return samples
 
 
-def passage_fingerprints(texts: list[str]) -> set[str]:
-    """Hashes of the whitespace-normalized paragraphs of 8+ words in `texts`, to detect shared text."""
-    fingerprints = set()
+def _passages(texts: list[str]) -> Iterator[str]:
+    """The whitespace-normalized paragraphs of 8+ words in `texts`, in order."""
     for text in texts:
         for paragraph in re.split(r"\n\s*\n", text):
             words = paragraph.split()
             if len(words) >= MIN_PASSAGE_WORDS:
-                fingerprints.add(hashlib.sha1(" ".join(words).encode()).hexdigest())
-    return fingerprints
+                yield " ".join(words)
+
+
+def _fingerprint(passage: str) -> str:
+    return hashlib.sha1(passage.encode()).hexdigest()
+
+
+def passage_fingerprints(texts: list[str]) -> set[str]:
+    """Hashes of the passages (paragraphs of 8+ words) in `texts`, to detect shared text."""
+    return {_fingerprint(passage) for passage in _passages(texts)}
 
 
 def check_held_out(eval_texts: list[str], calibration_texts: list[str], eval_name: str, refuse: bool = True) -> int:
     """Refuse (or, with refuse=False, count) evaluation text that shares passages (paragraphs of 8+
-    words) with the calibration text; returns the number of shared passages."""
-    shared = passage_fingerprints(eval_texts) & passage_fingerprints(calibration_texts)
+    words) with the calibration text, quoting the first ones; returns the number of shared passages."""
+    calibration = passage_fingerprints(calibration_texts)
+    shared = {_fingerprint(p): p for p in _passages(eval_texts) if _fingerprint(p) in calibration}
     if shared and refuse:
+        quoted = "; ".join(repr(_shortened(passage)) for passage in list(shared.values())[:2])
         raise InputError(
             f"evaluation.text ({eval_name}) shares {len(shared)} passage(s) with "
             "requantize.calibration; held-out text must not calibrate (give disjoint text, or set "
-            "evaluation.overlap: warn to score it anyway)"
+            f"evaluation.overlap: warn to score it anyway); the first: {quoted}"
         )
     return len(shared)
+
+
+def _shortened(passage: str, limit: int = 80) -> str:
+    return passage if len(passage) <= limit else passage[: limit - 1] + "…"

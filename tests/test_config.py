@@ -97,6 +97,21 @@ def test_set_overrides_any_key(config_path):
     assert (config.requantize.bits, config.evaluation.max_windows, config.gate.max_ppl_increase_pct) == (3, 5, 2.5)
 
 
+def test_set_paths_are_relative_to_the_working_directory_and_the_files_to_the_config(
+    config_path, tmp_path, text_files, monkeypatch
+):
+    """As on any command line: `--set` paths from where the command runs, those in the file from the file's folder."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "data").mkdir(parents=True)
+    shutil.copy(text_files["eval"], elsewhere / "data" / "eval.txt")
+    edit(config_path, lambda tree: tree.update(output_dir="in-file-out"))
+    monkeypatch.chdir(elsewhere)
+    config = load_config(config_path, ["evaluation.text={path: data/eval.txt}"])
+    assert config.evaluation.text.path == elsewhere / "data" / "eval.txt"
+    assert config.output_dir == config_path.parent / "in-file-out"
+    assert load_config(config_path, ["output_dir=runs/x"]).output_dir == elsewhere / "runs" / "x"
+
+
 def test_set_rejects_malformed_assignments():
     with pytest.raises(ConfigError, match="expected key.path=value"):
         apply_override({}, "requantize.bits")

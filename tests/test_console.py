@@ -70,3 +70,10 @@ def test_help_and_version_answer_without_loading_the_model_libraries():
         assert lines[-1] == "[]", (flag, done.stdout, done.stderr)
         assert lines[0] == (f"qlora-requant {version('qlora-requant')}" if flag == "--version" else lines[0])
         assert flag != "--help" or lines[0].startswith("usage: qlora-requant")
+    for command in ("run", "validate", "report"):  # positional arguments explained, exit codes listed
+        done = subprocess.run(
+            [sys.executable, "-m", "qlora_requant.pipeline.cli", command, "--help"], capture_output=True, text=True
+        )
+        usage = " ".join(done.stdout.split())
+        assert "the output_dir of a run" in usage or "the run's YAML config" in usage
+        assert "exit codes: 0 success; 1 unexpected failure; 2 bad input" in usage and "3 the run finished" in usage

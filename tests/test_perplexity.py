@@ -140,8 +140,9 @@ def test_calibration_windows_are_seeded():
 def test_held_out_check_ignores_short_shared_lines():
     shared = "This paragraph of more than eight words appears in both files, sadly."
     check_held_out(["For example::\n\nsomething else entirely here"], ["For example::"], "eval.txt")
-    with pytest.raises(InputError, match=r"evaluation.text \(eval.txt\) shares 1 passage"):
+    with pytest.raises(InputError, match=r"evaluation.text \(eval.txt\) shares 1 passage") as refused:
         check_held_out([f"intro\n\n{shared}"], [f"{shared}\n\nother"], "eval.txt")
+    assert str(refused.value).endswith(f"the first: {shared!r}")  # quoted, so that it can be found
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".txt"])
