@@ -136,10 +136,20 @@ def variant_table(variants: list[Variant], windows: int) -> list[list[str]]:
     return rows
 
 
+# What the scored tokens of chat data are, by the protocol's assistant_tokens (see quant/chat.py).
+ASSISTANT_TOKENS = {
+    "generation blocks": "the assistant tokens the chat template's {% generation %} blocks mark (as TRL's "
+    "assistant-only loss trains them)",
+    "assistant turns": "the assistant turns' tokens, each turn from the generation prompt through its closing tokens "
+    "(the chat template marks none)",
+}
+
+
 def protocol_text(protocol: Protocol) -> str:
     """How the models were scored, in one paragraph."""
     if protocol.kind == "conversations":
-        scored = "the assistant turns' tokens" if protocol.score == "assistant" else "every token"
+        assistant = ASSISTANT_TOKENS.get(protocol.assistant_tokens, "the assistant turns' tokens")  # older runs: none
+        scored = assistant if protocol.score == "assistant" else "every token"
         return (
             f"All models scored on the same {protocol.windows} conversations from `{protocol.text}`, each rendered "
             f"with the fine-tune's chat template (up to {protocol.seq_len} tokens), scoring {scored}: "

@@ -68,6 +68,12 @@ class Protocol(_Closed):
     score: Literal["all", "assistant"] = Field(
         description="Which tokens are scored: all, or (chat data) only the assistant turns'."
     )
+    assistant_tokens: Literal["generation blocks", "assistant turns"] | None = Field(
+        default=None,
+        description="With score: assistant, how those tokens were found: the chat template's {% generation %} blocks "
+        "(what TRL's assistant-only loss trains), or, where the template has none, each assistant turn from the "
+        "generation prompt through its closing tokens; null when every token is scored.",
+    )
     windows: int = Field(description="Number of windows.")
     tokens: int = Field(description="Scored tokens per model.")
     compute_dtype: str = Field(description="dtype the merged and GPTQ models were scored in.")

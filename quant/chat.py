@@ -5,6 +5,7 @@ with assistant-only loss)."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from qlora_requant.quant.errors import InputError
 
 Conversation = list[dict[str, str]]
 QUOTED_ERROR_CHARS = 120  # of a chat template's own error message, quoted in ours
+# How the assistant tokens are found (the evaluation protocol's assistant_tokens): the chat template's own
+# {% generation %} blocks, which TRL's assistant-only loss trains on; or, where it has none, each assistant turn.
+GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
 @dataclass(frozen=True)
@@ -54,11 +58,14 @@ def render_conversation(
     tokenizer has one and the template does not write it), cut to `seq_len` tokens. Errors name it `where`
     (the file and record).
 
-    With `assistant_tokens`, the assistant turns' tokens are marked, found by rendering the conversation up to
-    each assistant turn: the turn spans from the end of the prompt before it (with the generation prompt) to the
-    end of the conversation through it, so it includes the turn's closing tokens, as SFT's assistant-only loss
-    trains them. A template that renders earlier turns differently once later ones follow is refused then.
+    With `assistant_tokens`, the assistant turns' tokens are marked: those the template's {% generation %} blocks
+    mark, when it has them (transformers' assistant tokens mask, what TRL's assistant-only loss trains); else found
+    by rendering the conversation up to each assistant turn: the turn spans from the end of the prompt before it
+    (with the generation prompt) to the end of the conversation through it, so it includes the turn's closing
+    tokens. A template that renders earlier turns differently once later ones follow is refused then.
     """
+    if assistant_tokens and marks_generation(tokenizer):
+        return _generation_marked(tokenizer, messages, seq_len, where)
     text = _template(tokenizer, messages, where, "record")
     spans = []
     for index, message in enumerate(messages if assistant_tokens else []):
@@ -81,6 +88,38 @@ def render_conversation(
     ids = list(encoding["input_ids"])
     offsets = encoding["offset_mapping"] if assistant_tokens else [(-1, -1)] * len(ids)
     assistant = [any(low <= start < high for low, high in spans) for start, _ in offsets]
+    return _with_bos(tokenizer, ids, assistant, seq_len)
+
+
+def marks_generation(tokenizer) -> bool:
+    """Whether the tokenizer's chat template marks the tokens training learns with {% generation %} blocks."""
+    return bool(GENERATION_BLOCK.search(getattr(tokenizer, "chat_template", None) or ""))
+
+
+def _generation_marked(tokenizer, messages: Conversation, seq_len: int, where: str) -> ChatSample:
+    """`messages` rendered and tokenized by the chat template, its {% generation %} blocks' tokens marked."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise InputError(
+            f"{tokenizer.name_or_path}: a slow (Python) tokenizer gives no character offsets, so the tokens of the "
+            "chat template's generation blocks cannot be found; give a fast tokenizer (tokenizer.json), or set "
+            "evaluation.score: all"
+        )
+    try:
+        rendered = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+    except Exception as exc:  # jinja2's errors, as in _template
+        raise InputError(
+            f"{where}: the chat template ({_template_source(tokenizer)}) failed: {_template_error(exc)}; "
+            "fix the template or the record"
+        ) from None
+    marked = [bool(flag) for flag in rendered["assistant_masks"]]
+    return _with_bos(tokenizer, list(rendered["input_ids"]), marked, seq_len)
+
+
+def _with_bos(tokenizer, ids: list[int], assistant: list[bool], seq_len: int) -> ChatSample:
+    """A rendered conversation starting with BOS (when the tokenizer has one and the template did not write it),
+    cut to `seq_len` tokens."""
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
         ids, assistant = [bos, *ids], [False, *assistant]

@@ -121,6 +121,38 @@ def test_a_conversation_renders_as_the_chat_template_with_its_assistant_turns_ma
     assert not any(render_conversation(tokenizer, messages, 256).assistant)
 
 
+# TRL's ChatML with {% generation %} blocks: the mask starts right after "<|im_start|>assistant", newline included.
+GENERATION_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant' }}"
+    "{% generation %}{{ '\\n' + message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_a_template_with_generation_blocks_scores_exactly_the_tokens_they_mark(tiny_base):
+    """As TRL's assistant_only_loss trains: transformers' assistant tokens mask, the newline after the role
+    included; the same template without the blocks marks each turn from the generation prompt on."""
+    tokenizer = chat_tokenizer(tiny_base)
+    tokenizer.chat_template = GENERATION_TEMPLATE
+    messages = [
+        {"role": "user", "content": "What does len do?"},
+        {"role": "assistant", "content": "Return the number of items."},
+    ]
+    sample = render_conversation(tokenizer, messages, 256, assistant_tokens=True)
+    library = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    offset = len(sample.input_ids) - len(library["input_ids"])  # BOS, when the template writes none
+    assert sample.input_ids[offset:] == list(library["input_ids"])
+    assert sample.assistant == [False] * offset + [bool(flag) for flag in library["assistant_masks"]]
+    marked = tokenizer.decode([token for token, flag in zip(sample.input_ids, sample.assistant) if flag])
+    assert marked == "\nReturn the number of items.<|im_end|>"
+    tokenizer.chat_template = GENERATION_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    turns = render_conversation(tokenizer, messages, 256, assistant_tokens=True)
+    assert turns.input_ids == sample.input_ids
+    marked = tokenizer.decode([token for token, flag in zip(turns.input_ids, turns.assistant) if flag])
+    assert marked == "Return the number of items.<|im_end|>\n"
+
+
 def test_chat_data_and_every_gptq_setting_run_and_the_smallest_passing_variant_is_the_candidate(
     tmp_path, tiny_base, chat_files, capsys
 ):
@@ -130,6 +162,8 @@ def test_chat_data_and_every_gptq_setting_run_and_the_smallest_passing_variant_i
     run = tmp_path / "run"
     report = json.loads((run / "report.json").read_text())
     validate_report(run / "report.json")
+    assert report["protocol"]["assistant_tokens"] == "assistant turns"  # ChatML without generation blocks: said so
+    assert "the chat template marks none" in (run / "report.md").read_text()
 
     # every variant is its own checkpoint, checked in a fresh process with plain transformers against the merge
     assert [v["name"] for v in report["variants"]] == [v["name"] for v in VARIANTS]

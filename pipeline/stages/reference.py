@@ -30,7 +30,7 @@ from qlora_requant.pipeline.metrics import model_memory
 from qlora_requant.pipeline.stages.merge import vocabulary_rows
 from qlora_requant.pipeline.tokenizer import load_tokenizer
 from qlora_requant.quant.calibration import Corpus, token_stream
-from qlora_requant.quant.chat import render_conversation, render_prompt
+from qlora_requant.quant.chat import marks_generation, render_conversation, render_prompt
 
 
 def run(context: StageContext, out: Path, *, evaluation: EvaluationSection, adapter: AdapterSection) -> dict:
@@ -55,6 +55,7 @@ def run(context: StageContext, out: Path, *, evaluation: EvaluationSection, adap
         "stride": section.stride,
         "bos": section.bos,
         "score": section.score,
+        "assistant_tokens": assistant_rule(section, corpus, tokenizer),
         "windows": len(windows),
         "tokens": tokens,
         "compute_dtype": str(plain_dtype(section.dtype, context.device)).removeprefix("torch."),
@@ -145,6 +146,14 @@ def evaluation_windows(section: EvaluationSection, corpus: Corpus, tokenizer) ->
         tokenizer.bos_token_id if section.bos else None,
         where=corpus.where,
     )
+
+
+def assistant_rule(section: EvaluationSection, corpus: Corpus, tokenizer) -> str | None:
+    """How the scored assistant tokens were found (see quant/chat.py): the chat template's generation blocks, or the
+    assistant turns; None when every token is scored."""
+    if not (corpus.chat and section.score == "assistant"):
+        return None
+    return "generation blocks" if marks_generation(tokenizer) else "assistant turns"
 
 
 def hidden_size(model_config: dict) -> int:
