@@ -175,9 +175,7 @@ def _validate(config_path: Path, overrides: list[str], list_models: bool = False
     print(f"GPTQ: {'; '.join(_gptq_line(name, settings) for name, settings in variants.items())}")
     settings = ", ".join(f"{key} {value} ({source})" for key, value, source in training_settings(config, inputs.base))
     print(f"baseline, the base as training loaded it (bitsandbytes 4-bit): {settings}")
-    for warning in inputs.warnings:
-        print(f"warning: {warning}")
-    return EXIT_OK
+    return EXIT_OK  # the input checks' warnings are on the console already
 
 
 def _gptq_line(name: str, settings) -> str:

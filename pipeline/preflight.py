@@ -82,7 +82,10 @@ def preflight(config: RunConfig, device: str) -> Inputs:
     tokenizer = load_tokenizer(tokenizer_dir, config.trust_remote_code)
     if tokenizer_dir != config.base.path:  # the base's own tokenizer is the base's business
         _check_vocabulary(len(tokenizer), tokenizer_dir, adapter, base)
-    _check_data(config, tokenizer, calibration, evaluation)
+    lengths = _check_data(config, tokenizer, calibration, evaluation)
+    for warning in calibration_warnings(lengths):
+        log.warning("%s", warning)
+        warnings.append(warning)
     return Inputs(
         base=base,
         adapter=adapter,
@@ -91,6 +94,34 @@ def preflight(config: RunConfig, device: str) -> Inputs:
         evaluation=evaluation,
         warnings=warnings,
     )
+
+
+# gptqmodel 7.6 warns below these (in its loop processor), and drops samples of MIN_CALIBRATION_TOKENS or fewer.
+MIN_CALIBRATION_SAMPLES = 256
+MIN_CALIBRATION_AVERAGE_TOKENS = 256
+MIN_CALIBRATION_TOKENS = 10
+
+
+def calibration_warnings(lengths: list[int]) -> list[str]:
+    """gptqmodel's warnings about the calibration data, said before GPTQ runs (and once, not once per variant)."""
+    warnings = []
+    if len(lengths) < MIN_CALIBRATION_SAMPLES:
+        warnings.append(
+            f"GPTQ calibrates on {len(lengths)} samples; gptqmodel recommends at least {MIN_CALIBRATION_SAMPLES} "
+            "(requantize.calibration.n_samples, and enough records for them): fewer can raise the GPTQ error"
+        )
+    average = sum(lengths) / max(len(lengths), 1)
+    if average < MIN_CALIBRATION_AVERAGE_TOKENS:
+        warnings.append(
+            f"the calibration samples average {average:.0f} tokens; gptqmodel recommends at least "
+            f"{MIN_CALIBRATION_AVERAGE_TOKENS} (requantize.calibration.seq_len, or longer records)"
+        )
+    short = sum(length <= MIN_CALIBRATION_TOKENS for length in lengths)
+    if short:
+        warnings.append(
+            f"{short} calibration sample(s) of {MIN_CALIBRATION_TOKENS} tokens or fewer: gptqmodel leaves them out"
+        )
+    return warnings
 
 
 # The bitsandbytes settings that decide the baseline's weights, as `validate` shows them.
@@ -212,15 +243,18 @@ def _refuse_tokenizer_code(folder: Path, trust_remote_code: bool) -> None:
         )
 
 
-def _check_data(config: RunConfig, tokenizer, calibration: Corpus, evaluation: Corpus) -> None:
+def _check_data(config: RunConfig, tokenizer, calibration: Corpus, evaluation: Corpus) -> list[int]:
     """Refuse calibration or eval text too short for one window, and chat data the fine-tune's tokenizer cannot
-    render (no chat template, a template that fails), before any stage runs."""
+    render (no chat template, a template that fails), before any stage runs. Returns the calibration samples'
+    lengths in tokens."""
     settings = config.requantize.calibration
+    lengths = [settings.seq_len] * settings.n_samples  # text: windows of seq_len tokens
     # Chat data is rendered here as the stages will render it (tokenizing only), so that a record the template
     # cannot render, or nothing to score, is refused before any stage runs.
     if calibration.chat:
         require_chat_template(tokenizer, calibration.where)
-        calibration_samples(tokenizer, calibration, settings.n_samples, settings.seq_len, settings.seed)
+        samples = calibration_samples(tokenizer, calibration, settings.n_samples, settings.seq_len, settings.seed)
+        lengths = [sample["input_ids"].shape[-1] for sample in samples]
     else:
         require_tokens(
             tokenizer,
@@ -247,3 +281,4 @@ def _check_data(config: RunConfig, tokenizer, calibration: Corpus, evaluation: C
             f"evaluation.bos is true but the tokenizer ({tokenizer.name_or_path}) has no BOS token; "
             "set evaluation.bos: false"
         )
+    return lengths

@@ -51,9 +51,10 @@ def test_valid_config_validates_and_lists_the_plan_and_the_models_of_a_job_array
     edit(config_path, lambda tree: tree["base"].pop("bnb"))  # every bitsandbytes setting a default: said so
     variants = "requantize.variants=[{name: w3, bits: 3, dtype: bfloat16}]"
     assert main(["validate", str(config_path), "--set", variants]) == EXIT_OK
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "GPTQ: w3 (3-bit, group 64, dtype bfloat16)\n" in out and "compute_dtype bfloat16 (default)" in out
-    assert "warning: base.bnb: no key is set, so the baseline loads the base with this tool's defaults" in out
+    assert "warning: base.bnb: no key is set, so the baseline loads the base with this tool's defaults" in err
+    assert "warning: GPTQ calibrates on 16 samples; gptqmodel recommends at least 256" in err
 
 
 @pytest.mark.parametrize(
