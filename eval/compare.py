@@ -113,7 +113,8 @@ def judge_gates(compared: dict[str, dict], gate: dict, model: str = "gptq", task
                 row["top1_agreement"] >= limit,
                 f"{name} top-1 agreement {row['top1_agreement']:.2%}",
                 f"{limit:.2%}",
-                f"{limit - row['top1_agreement']:.2%}",
+                f"{(limit - row['top1_agreement']) * 100:.2f} percentage points",
+                minimum=True,
             )
         )
     drops = gate.get("max_task_drop")
@@ -178,9 +179,30 @@ def _task_drop_check(task: str, result: dict, model: str, limit: float) -> dict:
     )
 
 
-def _check(name: str, value: float, limit: float, passed: bool, what: str, shown_limit: str, by: str) -> dict:
-    verdict = f"within limit {shown_limit}" if passed else f"fails limit {shown_limit} by {by}"
+def _check(
+    name: str, value: float, limit: float, passed: bool, what: str, shown_limit: str, by: str, minimum: bool = False
+) -> dict:
+    """A judged gate: a maximum (`value` within `limit`) or a `minimum` (`value` at least `limit`), in words."""
+    if minimum:
+        verdict = f"is at least the minimum {shown_limit}" if passed else f"is below the minimum {shown_limit} by {by}"
+    else:
+        verdict = f"within limit {shown_limit}" if passed else f"fails limit {shown_limit} by {by}"
     return {"name": name, "value": value, "limit": limit, "passed": passed, "message": f"{what} {verdict}"}
+
+
+def closest_to_passing(gates: dict[str, dict]) -> str | None:
+    """Of GPTQ models none of which passes (their judge_gates results by name), the one that came closest: fewest
+    failed checks, then the smallest summed shortfall relative to each limit (a check without a value counts 1)."""
+
+    def shortfall(gate: dict) -> tuple[int, float]:
+        failed = [check for check in gate["checks"] if not check["passed"]]
+        relative = [
+            1.0 if check["value"] is None else abs(check["value"] - check["limit"]) / max(abs(check["limit"]), 1e-12)
+            for check in failed
+        ]
+        return len(failed), sum(relative)
+
+    return min(gates, key=lambda name: shortfall(gates[name])) if gates else None
 
 
 def _unjudged(name: str, limit: float, what: str, shown_limit: str, bound: str) -> dict:

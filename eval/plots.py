@@ -26,7 +26,13 @@ def _png(figure) -> bytes:
 
 
 def estimate_with_interval(
-    axis: Axes, at: float, estimate: float, interval: tuple[float, float] | None, vertical: bool = False, **marker
+    axis: Axes,
+    at: float,
+    estimate: float,
+    interval: tuple[float, float] | None,
+    vertical: bool = False,
+    symbol: str = "o",
+    **marker,
 ) -> float:
     """Draw an estimate as a dot at `at` (its y; its x when `vertical`) and its interval, if any, as a capped bar from
     the interval's own ends: nothing assumes that the interval contains the estimate. Returns the far end of what
@@ -39,12 +45,13 @@ def estimate_with_interval(
         low, high = interval
         bar = {"yerr" if vertical else "xerr": abs(high - low) / 2}
         axis.errorbar(*place((low + high) / 2), fmt="none", ecolor=marker.get("color"), capsize=4, **bar)
-    axis.plot(*place(estimate), "o", **marker)
+    axis.plot(*place(estimate), symbol, **marker)
     return max([estimate, *(interval or ())])
 
 
-def ppl_change_with_intervals(models: dict[str, ModelScores], names: list[str]) -> bytes:
-    """The PPL change of each of `names` against the baseline, with its 95% bootstrap interval where it has one."""
+def ppl_change_with_intervals(models: dict[str, ModelScores], names: list[str], ppl_limit: float | None) -> bytes:
+    """The PPL change of each of `names` against the baseline, with its 95% bootstrap interval where it has one, and
+    the PPL gate's limit (when configured)."""
     rows = [(name, models[name]) for name in names]
     figure, axis = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.2))
     for i, (name, row) in enumerate(rows):
@@ -52,6 +59,7 @@ def ppl_change_with_intervals(models: dict[str, ModelScores], names: list[str]) 
         end = estimate_with_interval(axis, i, row.delta_pct, row.delta_pct_ci95, color=color)
         axis.annotate(f"PPL {row.ppl:.3f}", (end, i), xytext=(6, 0), textcoords="offset points", va="center")
     axis.axvline(0, color="gray", linewidth=1)
+    _gate_line(axis, ppl_limit, vertical=True)
     axis.set_yticks(range(len(rows)), [name for name, _ in rows])
     axis.invert_yaxis()
     axis.set_xlabel("PPL change vs baseline (%), 95% paired bootstrap interval")
@@ -80,22 +88,37 @@ def window_nll_differences(models: dict[str, dict], names: list[str]) -> bytes:
     return _png(figure)
 
 
-def size_against_quality(variants: list[Variant]) -> bytes:
-    """Each GPTQ variant's size on disk against its PPL change, with the 95% interval where it has one; gate failures
-    hollow."""
+def size_against_quality(variants: list[Variant], candidate: str | None, ppl_limit: float | None) -> bytes:
+    """Each GPTQ variant's size on disk against its PPL change, with the 95% interval where it has one: passing every
+    gate a green dot, failing one a red cross, the release candidate named as such; the PPL gate's limit drawn."""
     figure, axis = plt.subplots(figsize=(7, 4))
     for variant in variants:
         size = variant.size_bytes / 1e6
-        face = "tab:red" if variant.gates_passed else "white"
+        style = {"symbol": "o", "color": "tab:green"} if variant.gates_passed else {"symbol": "X", "color": "tab:red"}
         end = estimate_with_interval(
-            axis, size, variant.delta_pct, variant.delta_pct_ci95, vertical=True, color="tab:red", markerfacecolor=face
+            axis, size, variant.delta_pct, variant.delta_pct_ci95, vertical=True, markersize=9, **style
         )
-        axis.annotate(variant.name, (size, end), xytext=(4, 4), textcoords="offset points")
+        chosen = variant.name == candidate
+        label = f"{variant.name} (release candidate)" if chosen else variant.name
+        axis.annotate(
+            label, (size, end), xytext=(4, 4), textcoords="offset points", weight="bold" if chosen else "normal"
+        )
     axis.axhline(0, color="gray", linewidth=1)
+    _gate_line(axis, ppl_limit, vertical=False)
     axis.set_xlabel("size on disk (MB)")
     axis.set_ylabel("PPL change vs baseline (%), 95% interval")
-    axis.set_title("GPTQ variants (hollow: fails a gate)")
+    axis.set_title("GPTQ variants (green dot: passes every gate; red cross: fails one)")
     return _png(figure)
+
+
+def _gate_line(axis: Axes, limit: float | None, vertical: bool) -> None:
+    """The PPL gate's limit as a dashed line, labelled (nothing when no PPL gate is configured)."""
+    if limit is None:
+        return
+    label = f"gate: PPL increase at most {limit:g}% (95% CI upper bound)"
+    line = axis.axvline if vertical else axis.axhline
+    line(limit, color="tab:orange", linestyle="--", linewidth=1.2, label=label)
+    axis.legend(loc="best", fontsize=8)
 
 
 def task_changes(tasks: dict[str, TaskScores]) -> bytes:

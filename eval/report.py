@@ -61,8 +61,9 @@ def markdown_table(rows: list[list[str]]) -> str:
 
 
 def release_variant(report: Report) -> Variant:
-    """The variant the headline and the gate are about: the release candidate, else the first variant."""
-    return next((v for v in report.variants if v.name == report.release_candidate), report.variants[0])
+    """The variant the headline and the gate are about: the release candidate, else the one closest to passing."""
+    chosen = report.release_candidate or report.closest_variant
+    return next((v for v in report.variants if v.name == chosen), report.variants[0])
 
 
 def summary_lines(report: Report) -> list[str]:
@@ -89,13 +90,28 @@ def summary_lines(report: Report) -> list[str]:
             f"Variants: {len(report.variants)} scored; release candidate (smallest passing every gate): "
             + (f"{release.name} ({release.size_bytes / 1e6:.3f} MB)." if report.release_candidate else "none.")
         )
-    if gate.enabled:
+    if gate.enabled and len(report.variants) > 1:
+        lines += [f"  {variant_verdict(v)}" for v in report.variants]
+    if gate.enabled and not gate.passed and len(report.variants) > 1:
+        lines.append(
+            f"Release gate: FAIL: no variant passes every gate; the closest, {release.name}, lacks: {gate.message}."
+        )
+    elif gate.enabled:
         lines.append(f"Release gate: {'PASS' if gate.passed else 'FAIL'}: {gate.message}.")
     else:
         lines.append(
             "Release gate: none configured (set gate.max_ppl_increase_pct, gate.max_kl or gate.min_top1_agreement)."
         )
     return lines + [f"Warning: {warning}" for warning in report.warnings]
+
+
+def variant_verdict(variant: Variant) -> str:
+    """One variant's gates in a line: which pass, or how far each failing one is from its limit."""
+    checks = variant.gate.checks
+    if variant.gates_passed:
+        return f"{variant.name}: passes every gate ({', '.join(check.name for check in checks)})."
+    failed = [check for check in checks if not check.passed]
+    return f"{variant.name}: FAILS {len(failed)} of {len(checks)} gates: {variant.gate.message}."
 
 
 def task_table(report: Report) -> list[list[str]]:
@@ -242,18 +258,7 @@ def render_markdown(report: Report) -> str:
     if report.tasks:
         parts += ["## Task scores (lm-evaluation-harness)", "", markdown_table(task_table(report)), ""]
     if report.gate.checks:
-        parts += [
-            "## Release gates",
-            "",
-            markdown_table(
-                [["gate", "limit", "value", "result"]]
-                + [
-                    [c.name, f"{c.limit:g}", _gate_value(c.value), "pass" if c.passed else "FAIL"]
-                    for c in report.gate.checks
-                ]
-            ),
-            "",
-        ]
+        parts += ["## Release gates", "", markdown_table(gate_rows(report)), ""]
     parts += ["## Where the loss comes from", ""]
     if report.loss_sources.gptq_note:
         parts += [report.loss_sources.gptq_note, ""]
@@ -275,8 +280,28 @@ def render_markdown(report: Report) -> str:
     return "\n".join(parts)
 
 
-def _gate_value(value: float | None) -> str:
-    return "no interval" if value is None else f"{value:.5g}"
+# How each gate's limit, value and shortfall read: (what is compared, unit scale, unit).
+GATE_UNITS = {
+    "max_ppl_increase_pct": ("PPL change, 95% CI upper bound", 1, "%", "percentage points"),
+    "max_kl": ("mean token KL", 1, " nats", "nats"),
+    "min_top1_agreement": ("top-1 agreement, at least", 100, "%", "percentage points"),
+    "max_task_drop": ("task score drop, 95% CI largest", 1, " points", "points"),
+}
+
+
+def gate_rows(report: Report) -> list[list[str]]:
+    """Every gate judged on every variant: its limit, the measured value and the verdict, with the shortfall in the
+    gate's own unit (percentage points, nats, points): header first."""
+    rows = [["variant", "gate", "compares", "limit", "value", "result"]]
+    for variant in report.variants:
+        for check in variant.gate.checks:
+            what, scale, unit, shortfall = GATE_UNITS[check.name]
+            value = "no interval" if check.value is None else f"{check.value * scale:.4g}{unit}"
+            result = "pass" if check.passed else "FAIL"
+            if not check.passed and check.value is not None:
+                result += f" by {abs(check.value - check.limit) * scale:.3g} {shortfall}"
+            rows.append([variant.name, check.name, what, f"{check.limit * scale:g}{unit}", value, result])
+    return rows
 
 
 def stage_rows(report: Report) -> list[list[str]]:
@@ -299,15 +324,18 @@ def _html_table(rows: list[list[str]]) -> str:
 
 def report_plots(report: Report, results: dict) -> dict[str, bytes]:
     """The report's plots by title; per-window data comes from the evaluation's results.json."""
+    ppl_limit = next((c.limit for c in report.gate.checks if c.name == "max_ppl_increase_pct"), None)
     compared = [name for name in report.models if name.startswith(("merged", "gptq"))]
     figures = {
-        "PPL change with 95% intervals": plots.ppl_change_with_intervals(report.models, compared),
+        "PPL change with 95% intervals": plots.ppl_change_with_intervals(report.models, compared, ppl_limit),
         "Per-window NLL difference against the baseline": plots.window_nll_differences(results["models"], compared),
     }
     if report.tasks:
         figures["Task score change with 95% intervals"] = plots.task_changes(report.tasks)
     if len(report.variants) > 1:
-        figures["GPTQ variants: size against PPL change"] = plots.size_against_quality(report.variants)
+        figures["GPTQ variants: size against PPL change"] = plots.size_against_quality(
+            report.variants, report.release_candidate, ppl_limit
+        )
     sources = report.loss_sources
     if sources.gptq_error:
         figures["GPTQ error per layer"] = plots.gptq_error_by_layer(sources.gptq_error, sources.gptq_variant)
@@ -334,6 +362,8 @@ def render_html(report: Report, figures: dict[str, bytes]) -> str:
         sections.append(
             f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
         )
+    if report.gate.checks:
+        sections += ["<h2>Release gates</h2>", _html_table(gate_rows(report))]
     sections.append("<h2>Where the loss comes from</h2>")
     if report.loss_sources.gptq_note:
         sections.append(f"<p>{html.escape(report.loss_sources.gptq_note)}</p>")
@@ -341,7 +371,10 @@ def render_html(report: Report, figures: dict[str, bytes]) -> str:
         sections += [f"<h3>{html.escape(title)}</h3>", _html_table(rows)]
     if report.generations.prompts:
         sections += ["<h2>Greedy continuations</h2>", _html_table(generation_rows(report))]
-    sections += ["<h2>Stages</h2>", _html_table(stage_rows(report))]
+    artifacts = "".join(
+        f"<li>{html.escape(name)}: <code>{html.escape(path)}</code></li>" for name, path in report.artifacts.items()
+    )
+    sections += ["<h2>Artifacts</h2>", f"<ul>{artifacts}</ul>", "<h2>Stages</h2>", _html_table(stage_rows(report))]
     style = (
         "body{font-family:sans-serif;max-width:70em;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;"

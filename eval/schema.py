@@ -309,7 +309,8 @@ class Report(_Closed):
         description="PPL change the adapter makes: baseline against base_nf4, percent."
     )
     gate: Gate = Field(
-        description="The gates judged on the release model: the release candidate, else the first variant."
+        description="The gates judged on the release model: the release candidate, else the variant that came closest "
+        "to passing (closest_variant)."
     )
     variants: list[Variant] = Field(
         description="Every GPTQ model of the chosen merge base, in config order (one, named gptq, without variants)."
@@ -317,6 +318,11 @@ class Report(_Closed):
     release_candidate: str | None = Field(
         description="The smallest variant on disk that passes every gate (of equal sizes, the one of lowest KL); null "
         "when none passes."
+    )
+    closest_variant: str | None = Field(
+        default=None,
+        description="When no variant passes: the one that came closest (fewest failed gates, then the smallest "
+        "shortfall relative to each limit), which `gate`, `requantize` and the headline are about; else null.",
     )
     merge_base: Literal["nf4", "original"] = Field(
         description="What the adapter was merged into: the dequantized NF4 weights or the original 16-bit ones."

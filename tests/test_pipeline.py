@@ -261,8 +261,8 @@ def test_ppl_gate_is_judged_on_the_upper_bound_of_the_interval():
     assert failed["failed"] == ["max_ppl_increase_pct", "min_top1_agreement"]
     assert failed["message"] == (
         "GPTQ PPL change +1.50% (95% CI +0.80%..+2.30%): upper bound +2.30% fails limit "
-        "2.00% by 0.30 percentage points; GPTQ top-1 agreement 93.00% fails limit 95.00% "
-        "by 2.00%"
+        "2.00% by 0.30 percentage points; GPTQ top-1 agreement 93.00% is below the minimum 95.00% "
+        "by 2.00 percentage points"
     )
     assert judge_gates(compared, {}) == {
         "enabled": False,

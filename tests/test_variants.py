@@ -233,6 +233,23 @@ def test_chat_data_and_every_gptq_setting_run_and_the_smallest_passing_variant_i
     for name in ("report.json", "report.md", "report.html", "gptq_w4g128/README.md"):
         assert str(tmp_path) not in (run / name).read_text(), name
 
+    # no variant passes: exit 3 names the one that came closest and what it lacks; every variant's verdict is shown
+    record = json.loads((run / "run.json").read_text())
+    record["config"]["gate"] = {"max_kl": 1e-9, "min_top1_agreement": 0.0}  # KL fails everywhere, top-1 nowhere
+    (run / "run.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(["report", str(run)]) == EXIT_GATE_FAILED
+    out = capsys.readouterr().out
+    report = json.loads((run / "report.json").read_text())
+    closest = min(report["variants"], key=lambda v: v["kl"])["name"]  # each fails the KL gate alone: the lowest KL
+    assert report["release_candidate"] is None and report["closest_variant"] == closest
+    verdict = f"Release gate: FAIL: no variant passes every gate; the closest, {closest}, lacks: GPTQ {closest} mean"
+    assert verdict in out
+    assert all(f"  {v['name']}: FAILS 1 of 2 gates: " in out for v in report["variants"])
+    page = (run / "report.html").read_text()
+    assert "<h2>Release gates</h2>" in page and "<h2>Artifacts</h2>" in page and "FAIL by" in page
+    assert "| w4g128 | min_top1_agreement | top-1 agreement, at least | 0% |" in (run / "report.md").read_text()
+
 
 def test_bad_variants_and_chat_settings_exit_2_naming_the_key(tmp_path, tiny_base, chat_files, text_files, capsys):
     config = chat_config(tmp_path, tiny_base, chat_files)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from qlora_requant.eval.compare import change, compare_tasks, compare_to_baseline, judge_gates
+from qlora_requant.eval.compare import change, closest_to_passing, compare_tasks, compare_to_baseline, judge_gates
 from qlora_requant.eval.model_card import render_model_card
 from qlora_requant.eval.report import render_reports
 from qlora_requant.eval.schema import SCHEMA_VERSION, GptqLoss, Report
@@ -214,7 +214,8 @@ def _assemble(layout: RunLayout, run: dict, results: dict, stages: dict[str, dic
     passing = [variant for variant in variants if variant["gates_passed"]]
     # the smallest on disk; of equal sizes, the one closest to the baseline
     candidate = min(passing, key=lambda variant: (variant["size_bytes"], variant["kl"])) if passing else None
-    release = candidate or variants[0]
+    closest = None if candidate else closest_to_passing({variant["name"]: variant["gate"] for variant in variants})
+    release = candidate or next(variant for variant in variants if variant["name"] == closest)
     requantize = stages[requantize_stage_name(release["model"])]
     artifacts = {name: name for name in results["models"] if layout.model_dir(name).is_dir()}
     if "dequantize" in stages:
@@ -234,6 +235,7 @@ def _assemble(layout: RunLayout, run: dict, results: dict, stages: dict[str, dic
             "gate": release["gate"],
             "variants": variants,
             "release_candidate": candidate["name"] if candidate else None,
+            "closest_variant": closest,
             "merge_base": config["merge"]["merge_base"],
             "requantize": {key: value for key, value in requantize["summary"].items() if key != "process"},
             "loss_sources": {
