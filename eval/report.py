@@ -231,14 +231,16 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def quality_section(report: Report) -> list[str]:
-    """Markdown lines: the protocol and the quality table (report.md and the model card)."""
+def quality_section(report: Report, rows: list[str] | None = None) -> list[str]:
+    """Markdown lines: the protocol and the quality table of every model, or of those named in `rows` (report.md,
+    and the model card with its own rows)."""
+    models = report.models if rows is None else {name: report.models[name] for name in rows}
     return [
         "## Quality against the model as trained",
         "",
         protocol_text(report.protocol),
         "",
-        markdown_table(model_table(report.models)),
+        markdown_table(model_table(models)),
         "",
     ]
 

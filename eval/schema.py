@@ -319,6 +319,11 @@ class Report(_Closed):
         description="The smallest variant on disk that passes every gate (of equal sizes, the one of lowest KL); null "
         "when none passes."
     )
+    license: str | None = Field(
+        default=None,
+        description="The license the model cards declare: release.license, else the base's own model card's; null "
+        "when neither names one.",
+    )
     closest_variant: str | None = Field(
         default=None,
         description="When no variant passes: the one that came closest (fewest failed gates, then the smallest "

@@ -481,6 +481,19 @@ def parse_size(value: int | str) -> int:
 ByteSize = Annotated[int | str, AfterValidator(parse_size)]
 
 
+class ReleaseSection(Section):
+    """How the GPTQ checkpoints are published: what their model cards (README.md) say. Changes no stage's output."""
+
+    # The Hub repository each GPTQ checkpoint is published to, for the card's loading example; {variant} stands for
+    # the GPTQ model's name (gptq_w4g128, ...). Unset: the card says to replace a placeholder.
+    repo_id: str | None = None
+    # The published merged 16-bit model, when there is one: the cards then say they are its quantization. Unset:
+    # they say they are a fine-tune of the base (a quantized base they are not).
+    merged_model_id: str | None = None
+    license: str | None = None  # the cards' license; unset: the base's model card's, else a warning
+    datasets: list[str] = Field(default_factory=list)  # the fine-tune's training data, as Hub dataset ids
+
+
 class RunConfig(Section):
     output_dir: OutputPath
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -501,6 +514,7 @@ class RunConfig(Section):
     requantize: RequantizeSection
     evaluation: EvaluationSection
     gate: GateSection = Field(default_factory=GateSection)
+    release: ReleaseSection = Field(default_factory=ReleaseSection)
 
     @model_validator(mode="after")
     def _tasks_named_once(self) -> RunConfig:

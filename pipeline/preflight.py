@@ -52,7 +52,7 @@ def preflight(config: RunConfig, device: str) -> Inputs:
     _check_adapter_headers(config)
     adapter = load_adapter(config.adapter, base, base.model_config, config.allow_pickle)
     warnings = trained_on_another_base(config.adapter, config.base.path, config.base.model_id)
-    warnings += _bnb_defaults(config, base)
+    warnings += _bnb_defaults(config, base) + _no_license(config)
     adapter_dirs = [path for _, path in config.adapter.keyed_paths()]
     for folder in dict.fromkeys([config.base.path, *adapter_dirs]):
         _refuse_tokenizer_code(folder, config.trust_remote_code)
@@ -122,6 +122,18 @@ def calibration_warnings(lengths: list[int]) -> list[str]:
             f"{short} calibration sample(s) of {MIN_CALIBRATION_TOKENS} tokens or fewer: gptqmodel leaves them out"
         )
     return warnings
+
+
+def _no_license(config: RunConfig) -> list[str]:
+    """A warning when the GPTQ model cards will carry no license: none set, none in the base's own card."""
+    from qlora_requant.eval.model_card import base_card_license
+
+    if config.release.license or base_card_license(config.base.path):
+        return []
+    return [
+        "release.license is not set and the base's model card (README.md) names none: the GPTQ model cards will "
+        "carry no license; set release.license (the base's license, or one its terms allow)"
+    ]
 
 
 # The bitsandbytes settings that decide the baseline's weights, as `validate` shows them.

@@ -127,3 +127,14 @@ def carry_tokenizer(checkpoint: Path, tokenizer_dir: Path, trust_remote_code: bo
     config.update(special_token_ids(tokenizer))
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     align_generation_config(checkpoint, tokenizer)
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Whether the tokenizer saved in `folder` carries a chat template (chat_template.jinja or .json, or the
+    chat_template key of tokenizer_config.json)."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -219,11 +219,11 @@ def test_a_one_window_report_says_why_it_has_no_interval(tmp_path):
     assert f"GPTQ (4-bit, group 128) +22.860% PPL ({ONE_WINDOW})" in markdown
     assert "| gptq | 4 | 128 | no | yes | no | 1.000 | " in markdown and f"+22.86% ({ONE_WINDOW}) |" in markdown
     assert "| first_words | acc | 1 | gptq | 0.5000 | -100.00 (no interval: 1 sample, at least 2 needed) |" in markdown
-    assert "| max_ppl_increase_pct | 30 | no interval | FAIL |" in markdown
+    assert "| gptq | max_ppl_increase_pct | PPL change, 95% CI upper bound | 30% | no interval | FAIL |" in markdown
     assert "Release gate: FAIL: GPTQ PPL change +22.86% (" + ONE_WINDOW + "): fails limit 30.00%" in markdown
     page = render_html(report, report_plots(report, scored))
     assert page.count(ONE_WINDOW) >= 3 and page.count("<img alt=") == 3
-    assert f"+22.86% ({ONE_WINDOW})" in render_model_card(report, report.variants[0])
+    assert f"+22.86% ({ONE_WINDOW})" in render_model_card(report, report.variants[0], chat=False)
 
     two, _ = fabricated_report(2)
     low, high = two.models["gptq"].delta_pct_ci95
@@ -247,9 +247,9 @@ def test_plots_draw_intervals_from_their_own_ends_and_none_without_one():
         "merged": ModelScores(**row, delta_pct=1.0, delta_pct_ci95=(1.5, 2.0)),
         "gptq_w3": ModelScores(**row, delta_pct=3.0, delta_pct_ci95=None),
     }
-    assert plots.ppl_change_with_intervals(models, list(models)).startswith(b"\x89PNG")
+    assert plots.ppl_change_with_intervals(models, list(models), 3.0).startswith(b"\x89PNG")
     report, _ = fabricated_report(1)
-    assert plots.size_against_quality(report.variants * 2).startswith(b"\x89PNG")
+    assert plots.size_against_quality(report.variants * 2, "gptq", None).startswith(b"\x89PNG")
     assert plots.task_changes(report.tasks).startswith(b"\x89PNG")
 
 

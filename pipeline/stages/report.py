@@ -22,7 +22,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from qlora_requant.eval.compare import change, closest_to_passing, compare_tasks, compare_to_baseline, judge_gates
-from qlora_requant.eval.model_card import render_model_card
+from qlora_requant.eval.model_card import base_card_license, render_model_card
 from qlora_requant.eval.report import render_reports
 from qlora_requant.eval.schema import SCHEMA_VERSION, GptqLoss, Report
 from qlora_requant.eval.scoring import joined
@@ -31,6 +31,7 @@ from qlora_requant.pipeline.layout import GPTQ_LOSS_LOG, MODEL_CARD, REFERENCE_P
 from qlora_requant.pipeline.plan import gptq_model, requantize_stage_name
 from qlora_requant.pipeline.public import public_config, public_text
 from qlora_requant.pipeline.records import RecordError, read_record
+from qlora_requant.pipeline.tokenizer import has_chat_template
 from qlora_requant.quant.errors import InputError
 from qlora_requant.quant.serving import serving_runtimes
 
@@ -236,6 +237,7 @@ def _assemble(layout: RunLayout, run: dict, results: dict, stages: dict[str, dic
             "variants": variants,
             "release_candidate": candidate["name"] if candidate else None,
             "closest_variant": closest,
+            "license": config.get("release", {}).get("license") or base_card_license(Path(config["base"]["path"])),
             "merge_base": config["merge"]["merge_base"],
             "requantize": {key: value for key, value in requantize["summary"].items() if key != "process"},
             "loss_sources": {
@@ -273,7 +275,8 @@ def write_reports(layout: RunLayout) -> Report:
     report, results = build_report(layout)
     files = dict(zip((layout.report_file(name) for name in REPORT_FILES), render_reports(report, results)))
     for variant in report.variants:
-        files[layout.model_dir(variant.model) / MODEL_CARD] = render_model_card(report, variant)
+        folder = layout.model_dir(variant.model)
+        files[folder / MODEL_CARD] = render_model_card(report, variant, chat=has_chat_template(folder))
     for path, text in files.items():
         write_atomically(path, text)
     return report
