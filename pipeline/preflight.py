@@ -20,7 +20,12 @@ from qlora_requant.pipeline.layout import RunLayout
 from qlora_requant.pipeline.run_record import require_run
 from qlora_requant.pipeline.safetensors_io import read_header
 from qlora_requant.pipeline.stages.dequantize import DequantizedBase, check_base
-from qlora_requant.pipeline.stages.merge import load_adapter, trained_on_another_base, vocabulary_rows
+from qlora_requant.pipeline.stages.merge import (
+    load_adapter,
+    trained_on_another_base,
+    untrained_new_rows,
+    vocabulary_rows,
+)
 from qlora_requant.pipeline.stages.reference import evaluation_windows
 from qlora_requant.pipeline.tokenizer import load_tokenizer, tokenizer_folder
 from qlora_requant.quant.calibration import Corpus, calibration_samples, check_held_out, require_tokens
@@ -83,7 +88,7 @@ def preflight(config: RunConfig, device: str) -> Inputs:
     if tokenizer_dir != config.base.path:  # the base's own tokenizer is the base's business
         _check_vocabulary(len(tokenizer), tokenizer_dir, adapter, base)
     lengths = _check_data(config, tokenizer, calibration, evaluation)
-    for warning in calibration_warnings(lengths):
+    for warning in calibration_warnings(lengths) + _untrained_tokens(adapter, base, tokenizer):
         log.warning("%s", warning)
         warnings.append(warning)
     return Inputs(
@@ -122,6 +127,28 @@ def calibration_warnings(lengths: list[int]) -> list[str]:
             f"{short} calibration sample(s) of {MIN_CALIBRATION_TOKENS} tokens or fewer: gptqmodel leaves them out"
         )
     return warnings
+
+
+def _untrained_tokens(adapter: LoraAdapter, base: DequantizedBase, tokenizer) -> list[str]:
+    """A warning naming the tokens a fine-tune added whose embedding or output rows training never changed: a token
+    whose output row is untrained is one the model cannot learn to emit (an end-of-turn token it never predicts)."""
+    tokens = len(tokenizer)  # rows past it pad the vocabulary (pad_to_multiple_of): no token reads them
+    untrained = {
+        key: [row for row in rows if row < tokens]
+        for key, rows in untrained_new_rows(adapter, base, base.model_config).items()
+        if any(row < tokens for row in rows)
+    }
+    if not untrained:
+        return []
+    layers = "; ".join(
+        f"{key}: {', '.join(tokenizer.convert_ids_to_tokens(rows[:5]))}{', ...' if len(rows) > 5 else ''}"
+        for key, rows in untrained.items()
+    )
+    return [
+        f"the fine-tune added tokens whose rows training left as initialised ({layers}): the model cannot learn to "
+        "emit a token whose output row is untrained, such as an end-of-turn token; train those rows "
+        "(trainable_token_indices on both embedding layers, or embed_tokens and lm_head in modules_to_save)"
+    ]
 
 
 def _no_license(config: RunConfig) -> list[str]:

@@ -14,7 +14,7 @@ import torch
 from qlora_requant.pipeline.checkpoint import CheckpointReader, read_model_config
 from qlora_requant.pipeline.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from qlora_requant.pipeline.config import AdapterSection
-from qlora_requant.pipeline.stages.merge import load_adapter, merge_checkpoint
+from qlora_requant.pipeline.stages.merge import load_adapter, merge_checkpoint, untrained_new_rows
 from qlora_requant.pipeline.tokenizer import carry_tokenizer
 
 from support import (
@@ -182,6 +182,37 @@ def test_every_saved_layout_merges_to_the_model_as_trained(
         assert model.config.tie_word_embeddings == peft_tied
     # A tied head stays tied only when the fine-tune kept it equal to the embedding (trainable tokens do).
     assert model.config.tie_word_embeddings == (tied and layout.startswith("trainable_tokens"))
+
+
+def test_added_tokens_whose_rows_training_left_untouched_are_a_warning_naming_them(
+    tmp_path, chat_bases, text_files, capsys
+):
+    """TRL's trainable tokens on an untied base train the new input rows only: the head's rows for <|im_end|> stay
+    as the resize made them, and the model cannot learn to end its turn. Layouts that train them warn of nothing."""
+    untrained = {}
+    for layout, tied in (
+        ("trainable_tokens", False),
+        ("trl", False),
+        ("trainable_tokens", True),
+        ("modules_to_save", False),
+        ("embedding_lora", False),
+    ):
+        base = chat_bases[tied]
+        adapter = chat_adapter(base, tmp_path / f"{layout}-{tied}", layout, tied, pad_to_multiple_of=64)
+        reader, model_config = CheckpointReader(base), read_model_config(base)
+        lora = load_adapter(AdapterSection(path=adapter), reader, model_config)
+        untrained[layout, tied] = untrained_new_rows(lora, reader, model_config)
+    padding = list(range(514, 576))  # rows past the 514 tokens, that pad_to_multiple_of added: no token reads them
+    assert untrained.pop(("trainable_tokens", False)) == {
+        "lm_head.weight": list(range(512, 576)),
+        "model.embed_tokens.weight": padding,
+    }
+    assert all(rows == padding for layers in untrained.values() for rows in layers.values())
+    config = write_config(
+        tmp_path / "run.yaml", chat_bases[False], tmp_path / "trainable_tokens-False", text_files, tmp_path / "run"
+    )
+    assert main(["validate", str(config)]) == EXIT_OK
+    assert "(lm_head.weight: <|im_start|>, <|im_end|>): the model cannot learn to emit" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("tied", [False, True])

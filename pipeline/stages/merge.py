@@ -308,6 +308,29 @@ def vocabulary_rows(adapter: LoraAdapter, reader: TensorSource, model_config: di
     return rows
 
 
+def untrained_new_rows(adapter: LoraAdapter, reader: TensorSource, model_config: dict) -> dict[str, list[int]]:
+    """The rows a fine-tune added to its embedding layers (past the base's) that training left as initialised, by
+    base tensor name: the input embedding's and, unless tied to it, the output layer's. A row counts as trained when
+    trainable_token_indices covers it, the layer has LoRA or is in modules_to_save, or its saved value differs from
+    the resized layer's before training; rows PEFT merely saved with a resized layer do not."""
+    input_key, head_key = embedding_weights(model_config)
+    rows = range(reader.shape(input_key)[0], vocabulary_rows(adapter, reader, model_config))
+    keys = [input_key] + ([head_key] if head_key is not None and head_key in reader else [])
+    saved_modules = adapter.config.get("modules_to_save") or []
+    untrained = {}
+    for key in keys:
+        module = key.removesuffix(".weight")
+        if module in adapter.modules or any(module == name or module.endswith(f".{name}") for name in saved_modules):
+            continue
+        trained = set(adapter.token_rows[key][0].tolist()) if key in adapter.token_rows else set()
+        before, after = adapter.untrained.get(key), adapter.replacements.get(key)
+        if before is not None and after is not None and before.shape == after.shape:
+            trained |= {row for row in rows if not torch.equal(before[row], after[row])}
+        if missing := [row for row in rows if row not in trained]:
+            untrained[key] = missing
+    return untrained
+
+
 def _check_against_base(adapter: LoraAdapter, reader: TensorSource, model_config: dict, where: str) -> None:
     """Refuse deltas and saved tensors for tensors the base lacks, or whose shapes differ from the base's
     (the vocabulary rows of the embeddings excepted: a fine-tune may have resized them, consistently)."""
