@@ -121,9 +121,9 @@ def _gate_line(axis: Axes, limit: float | None, vertical: bool) -> None:
     axis.legend(loc="best", fontsize=8)
 
 
-def task_changes(tasks: dict[str, TaskScores]) -> bytes:
+def task_changes(tasks: dict[str, TaskScores], drop_limit: float | None = None) -> bytes:
     """Each model's task score change against the baseline in points, with its paired 95% interval where it has
-    one."""
+    one, and the task-drop gate's limit when one limit holds for every task."""
     rows = [
         (f"{task} / {name}", score)
         for task, r in tasks.items()
@@ -134,6 +134,10 @@ def task_changes(tasks: dict[str, TaskScores]) -> bytes:
     for i, (_, score) in enumerate(rows):
         estimate_with_interval(axis, i, score.delta, score.delta_ci95, color="tab:blue")
     axis.axvline(0, color="gray", linewidth=1)
+    if drop_limit is not None:
+        label = f"gate: drop at most {drop_limit:g} points (95% CI lower bound)"
+        axis.axvline(-drop_limit, color="tab:orange", linestyle="--", linewidth=1.2, label=label)
+        axis.legend(loc="best", fontsize=8)
     axis.set_yticks(range(len(rows)), [label for label, _ in rows])
     axis.invert_yaxis()
     axis.set_xlabel("score change vs baseline (points), 95% paired bootstrap interval")

@@ -333,7 +333,10 @@ def report_plots(report: Report, results: dict) -> dict[str, bytes]:
         "Per-window NLL difference against the baseline": plots.window_nll_differences(results["models"], compared),
     }
     if report.tasks:
-        figures["Task score change with 95% intervals"] = plots.task_changes(report.tasks)
+        drop = report.config.get("gate", {}).get("max_task_drop")
+        figures["Task score change with 95% intervals"] = plots.task_changes(
+            report.tasks, drop if isinstance(drop, (int, float)) else None
+        )
     if len(report.variants) > 1:
         figures["GPTQ variants: size against PPL change"] = plots.size_against_quality(
             report.variants, report.release_candidate, ppl_limit
