@@ -11,9 +11,18 @@ of `Report`. After changing a model here, regenerate that file (a test fails whi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 from pydantic.json_schema import JsonDict, SkipJsonSchema
 
 from qlora_requant.eval.compare import BASELINE
@@ -355,6 +364,18 @@ class Report(_Closed):
         "another base, evaluation text overlapping calibration).",
     )
     config: dict[str, Any] = Field(description="The resolved run config (see pipeline/config.py, RunConfig).")
+    _run_dir: Path | None = PrivateAttr(default=None)
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run directory the report was written to or read from (not in report.json, which names no local
+        path); None for a report built elsewhere."""
+        return self._run_dir
+
+    def located(self, run_dir: Path) -> Report:
+        """This report, knowing its run directory."""
+        self._run_dir = run_dir
+        return self
 
     @model_validator(mode="after")
     def _rows_compared_with_the_baseline(self) -> Report:

@@ -1,4 +1,4 @@
-"""The `qlora-requant` command: run, validate, report, demo.
+"""The `qlora-requant` command: run, validate, report, init, demo.
 
 Exit codes: 0 success; 1 unexpected failure; 2 bad input (config, paths, checkpoints, adapter,
 data), nothing half-written; 3 the run finished but the release gate failed; 130 / 143 interrupted by
@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora_requant.pipeline import console
-from qlora_requant.pipeline.interrupt import Interrupted, restore_signals, stop_on_signals
-from qlora_requant.pipeline.plan import KIND_GROUPS, MODEL_KINDS, REPORT_STEP, STAGE_KINDS
+from qlora_requant.pipeline.interrupt import Interrupted, stopping_on_signals
+from qlora_requant.pipeline.plan import KIND_GROUPS, MODEL_KINDS, REPORT_STEP, STAGE_KINDS, stage_kinds
 
 if TYPE_CHECKING:
     from qlora_requant.eval.schema import Report
@@ -87,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     rebuild = "rebuild a run's report files from its saved results"
     report = commands.add_parser("report", help=rebuild, description=rebuild, epilog=exit_codes)
     report.add_argument("run_dir", type=Path, help="the output_dir of a run")
+    starter = "write a commented config for a fine-tune from what its base and adapter folders say"
+    init = commands.add_parser("init", help=starter, description=starter, epilog=exit_codes)
+    init.add_argument("base", type=Path, help="the base model's folder (config.json, weights, tokenizer)")
+    init.add_argument("adapter", type=Path, help="the adapter's folder, as the trainer saved it")
+    init.add_argument(
+        "-o", "--output", type=Path, help="the config file to write (a new one); default: print it", default=None
+    )
     demo = commands.add_parser(
         "demo", help="build the offline demo fixture if needed and run configs/demo.yaml", epilog=exit_codes
     )
@@ -95,14 +101,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _stage_kinds(value: str) -> frozenset[str]:
-    kinds = _names(value)
-    known = (*STAGE_KINDS, *KIND_GROUPS, REPORT_STEP)
-    unknown = [kind for kind in kinds if kind not in known]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"{unknown[0]!r} is not a stage; give one or more of {', '.join(known)}, separated by commas"
-        )
-    return frozenset(kind for name in kinds for kind in KIND_GROUPS.get(name, (name,)))
+    from qlora_requant.quant.errors import InputError
+
+    try:
+        return stage_kinds(_names(value))
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--stages: ")) from None
 
 
 def _names(value: str) -> list[str]:
@@ -112,68 +116,37 @@ def _names(value: str) -> list[str]:
     return names
 
 
-def _load(config_path: Path, overrides: list[str]):
-    """The validated config, with the network policy it calls for in place."""
-    from qlora_requant.pipeline.config import load_config
-
-    config = load_config(config_path, overrides)
-    _network_policy(config)  # before transformers and datasets are imported: they read it once
-    return config
-
-
 def _run(
-    config_path: Path,
+    config: Path,
     overrides: list[str],
     force: list[str],
     kinds: list[frozenset[str]] | None = None,
     models: list[list[str]] | None = None,
 ) -> int:
-    config = _load(config_path, overrides)
-    console.console.info("%s: checking the inputs (base, adapter, tokenizer, data) after loading torch", config_path)
-    from qlora_requant.pipeline.runner import Run
+    from qlora_requant.pipeline.api import run
 
-    chosen_models = [model for group in models for model in group] if models else None
-    run = Run(config, set(force), frozenset().union(*kinds) if kinds else None, chosen_models)
-    try:
-        with run:
-            run.setup()
-            run.execute()
-            report = run.save()
-    except Interrupted as exc:
-        print(
-            f"\ninterrupted by {exc.signal_name} during {run.activity}; nothing half-written is kept and completed "
-            "stages stand: run the same command again to resume",
-            file=sys.stderr,
-        )
-        return exc.exit_code
-    if report is None:
-        print(
-            f"\nStages done: {', '.join(run.executed) or 'none'}; the report is written by a run with --stages "
-            f"{REPORT_STEP} once every model is scored (or by one scoring them all)."
-        )
-        return EXIT_OK
-    return _print_report(report, run.layout.root)
+    report = run(
+        config,
+        set=overrides,
+        force=force,
+        stages=sorted(frozenset().union(*kinds)) if kinds else None,
+        models=[model for group in models for model in group] if models else None,
+    )
+    return EXIT_OK if report is None else _print_report(report)  # without a report, the run said why
 
 
-def _validate(config_path: Path, overrides: list[str], list_models: bool = False) -> int:
-    from qlora_requant.pipeline.console import LibraryOutput
-    from qlora_requant.pipeline.plan import job_models, plan
-    from qlora_requant.pipeline.preflight import preflight, resolve_device, training_settings
+def _validate(config: Path, overrides: list[str], list_models: bool = False) -> int:
+    from qlora_requant.pipeline.api import validate
 
-    config = _load(config_path, overrides)
-    stages = plan(config)  # refuses what only the plan can judge (evaluation.models)
-    with LibraryOutput():
-        inputs = preflight(config, resolve_device(config))
-    models = job_models(stages)
+    plan = validate(config, set=overrides)
     if list_models:
-        print("\n".join(models))
+        print("\n".join(plan.models))
         return EXIT_OK
-    print(f"{config_path}: valid; output_dir {config.output_dir}")
-    print(f"stages: {', '.join(stage.name for stage in stages)}")
-    print(f"models (--models, by name or index): {', '.join(f'{i} {name}' for i, name in enumerate(models))}")
-    variants = config.requantize.variant_settings()
-    print(f"GPTQ: {'; '.join(_gptq_line(name, settings) for name, settings in variants.items())}")
-    settings = ", ".join(f"{key} {value} ({source})" for key, value, source in training_settings(config, inputs.base))
+    print(f"{config}: valid; output_dir {plan.output_dir}")
+    print(f"stages: {', '.join(plan.stages)}")
+    print(f"models (--models, by name or index): {', '.join(f'{i} {name}' for i, name in enumerate(plan.models))}")
+    print(f"GPTQ: {'; '.join(_gptq_line(name, settings) for name, settings in plan.gptq.items())}")
+    settings = ", ".join(f"{setting.key} {setting.value} ({setting.source})" for setting in plan.bnb)
     print(f"baseline, the base as training loaded it (bitsandbytes 4-bit): {settings}")
     return EXIT_OK  # the input checks' warnings are on the console already
 
@@ -186,57 +159,45 @@ def _gptq_line(name: str, settings) -> str:
     return f"{name or 'gptq'} ({', '.join(options)})"
 
 
-def _network_policy(config) -> None:
-    """Offline unless the config names a hub dataset: the hub is never asked for anything else."""
-    hub = [
-        f"{key}.dataset"
-        for key, source in (
-            ("requantize.calibration", config.requantize.calibration),
-            ("evaluation.text", config.evaluation.text),
-        )
-        if source.dataset
-    ] + [f"evaluation.tasks.{i}.name" for i, task in enumerate(config.evaluation.tasks) if task.name]
-    if not hub:
-        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
-    elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
-        from qlora_requant.quant.errors import InputError
-
-        raise InputError(
-            f"{hub[0]} names a hub dataset, but HF_HUB_OFFLINE is set; unset it to download, or "
-            "give a local file as path"
-        )
-
-
 def _report(run_dir: Path) -> int:
-    """Rebuild a run's reports under its run lock; refused while a job runs one of its stages, whose results
-    would be mixed with the earlier ones."""
-    from contextlib import ExitStack
+    from qlora_requant.pipeline.api import rebuild_report
 
-    from qlora_requant.pipeline.layout import RunLayout
-    from qlora_requant.pipeline.lock import RunLocks
-    from qlora_requant.pipeline.run_record import read_run_record, require_run
-    from qlora_requant.pipeline.stages.report import write_reports
+    return _print_report(rebuild_report(run_dir))
+
+
+def _init(base: Path, adapter: Path, output: Path | None) -> int:
+    from qlora_requant.pipeline.files import write_atomically
+    from qlora_requant.pipeline.starter import starter_config
     from qlora_requant.quant.errors import InputError
 
-    layout = RunLayout(run_dir)
-    if not run_dir.is_dir():
-        raise InputError(f"{run_dir}: not a folder; give the output_dir of a run")
-    require_run(layout)  # checked before taking a lock, which would leave a .locks/ behind
-    locks = RunLocks(layout)
-    with ExitStack() as reading:
-        for stage in read_run_record(layout).get("stages", []):
-            lock = locks.stage_file(stage, shared=True)
-            if not lock.acquire(wait=False):
-                raise InputError(
-                    f"{run_dir}: the {stage} stage is running in another job ({lock.holder() or 'not named'}); "
-                    "run `qlora-requant report` when it has finished"
-                )
-            reading.callback(lock.release)
-        with locks.run():
-            return _print_report(write_reports(layout), run_dir)
+    if output is not None and (output.exists() or output.is_symlink()):
+        raise InputError(f"-o {output}: exists; give a new file (init never overwrites one)")
+    if output is not None and not output.parent.is_dir():
+        raise InputError(f"-o {output}: its folder {output.parent} does not exist; create it or give another path")
+    config = starter_config(base, adapter, None if output is None else output.parent)
+    if output is None:
+        print(config.text, end="")
+    else:
+        write_atomically(output, config.text)
+    print(
+        f"{output or 'The config above'}: fill in {' and '.join(config.fill_in)}; check the values marked GUESSED "
+        f"({', '.join(config.guessed)}); then run qlora-requant validate {output or 'CONFIG'}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
 
 
-def _print_report(report: Report, run_dir: Path) -> int:
+def _demo(overrides: list[str]) -> int:
+    from qlora_requant.pipeline.console import LibraryOutput, shown
+    from qlora_requant.pipeline.demo import build_fixture
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with shown(), LibraryOutput():  # the fixture's own progress lines only
+        build_fixture(DEMO_FIXTURE)
+    return _run(DEMO_CONFIG, overrides, [])
+
+
+def _print_report(report: Report) -> int:
     """The quality table and findings on the console; the exit code the release gate calls for."""
     from qlora_requant.eval.report import console_table, model_table, summary_lines
 
@@ -244,46 +205,40 @@ def _print_report(report: Report, run_dir: Path) -> int:
     print(console_table(model_table(report.models)))
     print()
     print("\n".join(summary_lines(report)))
-    print(f"\nReport: {run_dir / 'report.md'} and {run_dir / 'report.html'}")
+    print(f"\nReport: {report.run_dir / 'report.md'} and {report.run_dir / 'report.html'}")
     return EXIT_OK if report.gate.passed else EXIT_GATE_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    console.install()
     from qlora_requant.quant.errors import InputError
 
-    stop_on_signals()
-    try:
-        if args.command == "validate":
-            return _validate(args.config, args.overrides, args.list_models)
-        if args.command == "report":
-            return _report(args.run_dir)
-        if args.command == "demo":
-            from qlora_requant.pipeline.console import LibraryOutput
-            from qlora_requant.pipeline.demo import build_fixture
+    with stopping_on_signals():
+        try:
+            if args.command == "validate":
+                return _validate(args.config, args.overrides, args.list_models)
+            if args.command == "report":
+                return _report(args.run_dir)
+            if args.command == "init":
+                return _init(args.base, args.adapter, args.output)
+            if args.command == "demo":
+                return _demo(args.overrides)
+            return _run(args.config, args.overrides, args.force, args.stages, args.models)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except Interrupted as exc:
+            print(f"\n{exc}", file=sys.stderr)
+            return exc.exit_code
+        except Exception as exc:  # a write the disk refused outside the API's calls (the demo's fixture)
+            from qlora_requant.pipeline.files import describe_write_failure, write_failure
 
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            with LibraryOutput():  # the fixture's own progress lines only
-                build_fixture(DEMO_FIXTURE)
-            return _run(DEMO_CONFIG, args.overrides, [])
-        return _run(args.config, args.overrides, args.force, args.stages, args.models)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Interrupted as exc:
-        print(f"\ninterrupted by {exc.signal_name}", file=sys.stderr)
-        return exc.exit_code
-    except Exception as exc:  # a write the disk refused, outside a stage (records, reports, the lock)
-        from qlora_requant.pipeline.files import describe_write_failure, write_failure
-
-        failure = write_failure(exc)
-        if failure is None:
-            raise
-        print(f"error: {describe_write_failure(failure, 'a file', f'qlora-requant {args.command}')}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    finally:
-        restore_signals()
+            failure = write_failure(exc)
+            if failure is None:
+                raise
+            message = describe_write_failure(failure, "a file", f"qlora-requant {args.command}")
+            print(f"error: {message}", file=sys.stderr)
+            return EXIT_BAD_INPUT
 
 
 def entry() -> None:

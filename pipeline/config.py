@@ -6,7 +6,11 @@ is a `ConfigError` naming the dotted key. Relative paths resolve against the con
 
 from __future__ import annotations
 
+import copy
+import json
+import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import UnionType
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
@@ -650,9 +654,46 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return node
 
 
-def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
-    """Read, override and validate a YAML run config."""
-    path = Path(path)
+ConfigSource = str | os.PathLike | Mapping[str, Any] | RunConfig
+# `--set` assignments (key.path=value, the value read as YAML), or the same as a mapping of key paths to values
+Overrides = Sequence[str] | Mapping[str, Any]
+
+
+def load_config(source: ConfigSource, overrides: Overrides = ()) -> RunConfig:
+    """A validated RunConfig, with `overrides` applied, from:
+
+    - a YAML file's path: its relative paths are relative to its folder;
+    - a mapping of the same sections: relative paths are relative to the working directory;
+    - a RunConfig (returned as is without overrides).
+    """
+    if isinstance(source, RunConfig):
+        if not overrides:
+            return source
+        tree, where, folder = source.model_dump(mode="json", exclude_unset=True), "the RunConfig", Path.cwd()
+    elif isinstance(source, Mapping):
+        tree, where, folder = copy.deepcopy(dict(source)), "the config mapping", Path.cwd()
+    else:
+        path = Path(source)
+        tree, where, folder = _read_yaml(path), str(path), path.resolve().parent
+    for assignment in assignments(overrides):
+        apply_override(tree, assignment)
+    try:
+        return RunConfig.model_validate(tree, context={"config_dir": folder})
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: invalid config\n{_describe(exc)}") from None
+
+
+def assignments(overrides: Overrides) -> list[str]:
+    """Overrides as `--set` assignments: a mapping's values are written as JSON, which YAML reads back unchanged."""
+    if isinstance(overrides, str):
+        return [overrides]
+    if isinstance(overrides, Mapping):
+        return [f"{key}={json.dumps(value, default=str)}" for key, value in overrides.items()]
+    return list(overrides)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's tree of sections."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -665,9 +706,4 @@ def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for assignment in overrides:
-        apply_override(tree, assignment)
-    try:
-        return RunConfig.model_validate(tree, context={"config_dir": path.resolve().parent})
-    except ValidationError as exc:
-        raise ConfigError(f"{path}: invalid config\n{_describe(exc)}") from None
+    return tree

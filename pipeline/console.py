@@ -15,6 +15,8 @@ import shutil
 import socket
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
@@ -49,16 +51,32 @@ _handler = _ConsoleHandler(sys.stderr)
 _handler.addFilter(_ForPeople())
 
 
-def install() -> None:
-    """Show console records on the current standard error; every record at INFO reaches the handlers."""
-    _handler.stream = sys.stderr  # not setStream: it flushes the old stream, which a test may have closed
+_LIBRARY_LOGGERS = ("transformers", "datasets", "accelerate", "peft", "httpx", "urllib3")
+
+
+@contextmanager
+def shown() -> Iterator[None]:
+    """Within: console records are shown on the current standard error, every record at INFO reaches the
+    handlers (the run's log among them), Python warnings are logged and the libraries' chatter is held to
+    warnings. After: the logging set-up is as it was (a program that imports this tool keeps its own)."""
     root = logging.getLogger()
-    if _handler not in root.handlers:
-        root.addHandler(_handler)
+    if _handler in root.handlers:  # within an outer one
+        yield
+        return
+    levels = {name: logging.getLogger(name).level for name in ("", *_LIBRARY_LOGGERS)}
+    _handler.stream = sys.stderr  # not setStream: it flushes the old stream, which a test may have closed
+    root.addHandler(_handler)
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)
-    for noisy in ("transformers", "datasets", "accelerate", "peft", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for name in _LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        root.removeHandler(_handler)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def terminal() -> TextIO:
@@ -97,7 +115,7 @@ class LibraryOutput:
     def __enter__(self) -> LibraryOutput:
         _flush()
         self._saved = [os.dup(1), os.dup(2)]
-        if _has_descriptor(_handler.stream):
+        if _on_a_standard_descriptor(_handler.stream):
             self._terminal = os.fdopen(os.dup(self._saved[1]), "w", buffering=1)
             self._previous_stream = _handler.setStream(self._terminal)
         self._point_at(self._pending.fileno())
@@ -138,9 +156,10 @@ def _flush() -> None:
             stream_.flush()
 
 
-def _has_descriptor(stream_: TextIO) -> bool:
+def _on_a_standard_descriptor(stream_: TextIO) -> bool:
+    """Whether `stream_` writes to descriptor 1 or 2, which library output is about to be pointed away from (a
+    notebook's streams are others, and stay as they are)."""
     try:
-        stream_.fileno()
-        return True
+        return stream_.fileno() in (1, 2)
     except (io.UnsupportedOperation, AttributeError, ValueError):
         return False

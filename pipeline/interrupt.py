@@ -9,6 +9,9 @@ same command resumes the run. Further signals are ignored while that cleanup run
 from __future__ import annotations
 
 import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
@@ -22,6 +25,13 @@ class Interrupted(BaseException):
         super().__init__(signal.Signals(signum).name)
         self.signal_name = signal.Signals(signum).name
         self.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
+        self.activity = "the input checks"  # what the run was doing, as `qlora_requant.run` found it
+
+    def __str__(self) -> str:
+        return (
+            f"interrupted by {self.signal_name} during {self.activity}; nothing half-written is kept and completed "
+            "stages stand: run the same command again to resume"
+        )
 
 
 def _raise(signum: int, frame: FrameType | None) -> None:
@@ -30,13 +40,18 @@ def _raise(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signum)
 
 
-def stop_on_signals() -> None:
-    """Turn SIGTERM and SIGINT into `Interrupted` (call from the main thread)."""
+@contextmanager
+def stopping_on_signals() -> Iterator[None]:
+    """Within: SIGTERM and SIGINT raise `Interrupted`. After: their previous handling is back. Signals are
+    only the main thread's to handle, so in another thread this changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {handled: signal.getsignal(handled) for handled in HANDLED}
     for handled in HANDLED:
         signal.signal(handled, _raise)
-
-
-def restore_signals() -> None:
-    """Give SIGTERM and SIGINT their default handling back (SIGINT: KeyboardInterrupt)."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for handled, handler in previous.items():
+            signal.signal(handled, signal.SIG_DFL if handler is None else handler)

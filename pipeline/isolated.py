@@ -18,9 +18,11 @@ import multiprocessing.forkserver
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from qlora_requant.pipeline.console import LOG_FORMAT, console
@@ -80,7 +82,8 @@ def run_isolated(work: Callable[[dict, Reporter], dict], spec: dict, log_file: P
     start_server()
     receive, send = _SERVER.Pipe(duplex=False)
     child = _SERVER.Process(target=_child, args=(work, spec, send, str(log_file)), daemon=True)
-    child.start()
+    with _main_module_left_out():
+        child.start()
     send.close()
     bars: dict[str, Progress] = {}
     outcome: tuple[str, object] = ("failure", "the process ended without a result")
@@ -117,6 +120,22 @@ def run_isolated(work: Callable[[dict, Reporter], dict], spec: dict, log_file: P
     code = child.exitcode
     ended = f"killed by signal {-code}" if code and code < 0 else f"exit code {code}"
     raise RuntimeError(f"{payload} ({ended}; see {log_file})")
+
+
+@contextmanager
+def _main_module_left_out() -> Iterator[None]:
+    """Start a process without the caller's main module: multiprocessing would import it in the child (from its
+    __spec__ or __file__) to find what the target needs, but every target here is this package's, and a user's script
+    imported again would run its top-level code, a call to `qlora_requant.run` among it, in each stage process."""
+    main = sys.modules["__main__"]
+    spec, path = getattr(main, "__spec__", None), main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__spec__ = spec
+        if path is not None:
+            main.__file__ = path
 
 
 def _child(work: Callable[[dict, Reporter], dict], spec: dict, connection, log_file: str) -> None:

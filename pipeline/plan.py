@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from qlora_requant.pipeline.config import ConfigError, GptqSection, RunConfig
 from qlora_requant.pipeline.context import StageContext
 from qlora_requant.pipeline.layout import RunLayout
+from qlora_requant.quant.errors import InputError
 
 # The kinds of stage, in the order they run; `--force KIND` re-runs every stage of a kind.
 STAGE_KINDS = ("dequantize", "merge", "requantize", "reference", "score")
@@ -31,6 +32,16 @@ KIND_GROUPS = {"evaluate": ("reference", "score")}
 MODEL_KINDS = ("requantize", "score")
 # Not a stage: `--stages report` writes the report once every stage is complete (a scheduler's last step).
 REPORT_STEP = "report"
+
+
+def stage_kinds(names: list[str]) -> frozenset[str]:
+    """The kinds of stage `--stages` names (a group's kinds for a group; REPORT_STEP), checked."""
+    known = (*STAGE_KINDS, *KIND_GROUPS, REPORT_STEP)
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        what = f"{unknown[0]!r} is not a stage" if unknown else "no stage given"
+        raise InputError(f"--stages: {what}; give one or more of {', '.join(known)}")
+    return frozenset(kind for name in names for kind in KIND_GROUPS.get(name, (name,)))
 
 
 def _no_disk(context: StageContext) -> int:

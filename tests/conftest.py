@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -12,7 +13,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 from qlora_requant.pipeline.demo import split_docstrings, stdlib_corpus, train_tokenizer  # noqa: E402
 
-from support import random_adapter, save_model, tiny_llama, write_config  # noqa: E402
+from support import chat_adapter, random_adapter, save_model, tiny_llama, write_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +58,32 @@ def finished_run(tmp_path_factory, tiny_base, tiny_adapter, text_files) -> tuple
     config = write_config(folder / "run.yaml", tiny_base, tiny_adapter, text_files, folder / "run")
     assert main(["run", str(config)]) == EXIT_OK
     return config, folder / "run"
+
+
+def chat_records(docstrings: list[str]) -> list[dict]:
+    return [
+        {
+            "messages": [
+                {"role": "system", "content": "You explain Python."},
+                {"role": "user", "content": f"What does this do? {doc.split()[0]}"},
+                {"role": "assistant", "content": doc},
+            ]
+        }
+        for doc in docstrings
+    ]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_files(tmp_path_factory, tiny_base, corpus) -> dict[str, Path]:
+    """A chat fine-tune of the tiny base (two added tokens, their rows trained) and chat jsonl data."""
+    folder = tmp_path_factory.mktemp("chat")
+    return {
+        "adapter": chat_adapter(tiny_base, folder / "adapter", "trainable_tokens", tied=False),
+        "calibration": write_jsonl(folder / "calibration.jsonl", chat_records(corpus["calibration"])),
+        "eval": write_jsonl(folder / "eval.jsonl", chat_records(corpus["eval"])),
+    }

@@ -3,6 +3,7 @@ code, and the libraries' own results (oracles) that ours are checked against."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 
 from qlora_requant.pipeline.config import DEFAULT_MAX_SHARD_BYTES, BaseSection
 from qlora_requant.pipeline.context import Inputs, StageContext
-from qlora_requant.pipeline.layout import RunLayout
+from qlora_requant.pipeline.layout import GPTQ_LOSS_LOG, RunLayout
 from qlora_requant.pipeline.stages import dequantize
 from qlora_requant.pipeline.stages.dequantize import DequantizedBase, bnb_settings
 from qlora_requant.quant.calibration import Corpus
@@ -403,3 +404,16 @@ def copy_run(run: tuple[Path, Path], folder: Path) -> tuple[Path, Path]:
     tree["output_dir"] = str(copy)
     (folder / "run.yaml").write_text(yaml.safe_dump(tree))
     return folder / "run.yaml", copy
+
+
+def same_files(run_dir: Path, other: Path) -> bool:
+    """Whether every file the stages of two runs wrote is the same, byte for byte, from their reports' hashes
+    (gptqmodel's log of GPTQ losses aside: it also holds the time each module took)."""
+    hashes = [
+        {
+            stage: {path: sha for path, sha in outputs.items() if not path.endswith(f"/{GPTQ_LOSS_LOG}")}
+            for stage, outputs in json.loads((run / "report.json").read_text())["output_sha256"].items()
+        }
+        for run in (run_dir, other)
+    ]
+    return hashes[0] == hashes[1]

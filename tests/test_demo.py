@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from support import validate_report
+from support import same_files, validate_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,3 +98,43 @@ def test_the_demo_releases_a_chat_model_that_stops_at_the_end_of_its_turn(demo):
     result = json.loads(checked.stdout.strip().splitlines()[-1])
     assert result["same_template"] and result["vocabulary"] == 1026
     assert result["new"] < 120 and result["last"] == "<|im_end|>", result
+
+
+API_SCRIPT = """
+import json
+import sys
+
+import qlora_requant
+
+report = qlora_requant.run(sys.argv[1], set={"output_dir": sys.argv[2]})  # at the top level: no guard needed
+written = qlora_requant.load_report(report.run_dir)
+print(json.dumps({"candidate": report.release_candidate, "passed": report.gate.passed,
+                  "as_written": report.model_dump(mode="json") == written.model_dump(mode="json")}))
+"""
+
+
+def test_the_demo_run_from_a_python_script_writes_the_report_the_cli_writes(demo, tmp_path):
+    """A user's script drives the demo through `qlora_requant.run`, called at its top level (the stage processes do
+    not import it again): every stage's files and the report equal the command's, but for times and paths, and the
+    returned report is the one written."""
+    done, cli_run = demo
+    script = tmp_path / "release.py"
+    script.write_text(API_SCRIPT)
+    ran = subprocess.run(
+        [sys.executable, str(script), str(REPO / "configs" / "demo.yaml"), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=tmp_path,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    result = json.loads(ran.stdout.strip().splitlines()[-1])
+    theirs, ours = (json.loads((run / "report.json").read_text()) for run in (cli_run, tmp_path / "run"))
+    assert result == {"candidate": theirs["release_candidate"], "passed": True, "as_written": True}
+    assert same_files(tmp_path / "run", cli_run)
+    for volatile in ("created", "stages", "config", "output_sha256"):  # times, the config's paths; compared above
+        del ours[volatile], theirs[volatile]
+    assert ours == theirs
+    assert ran.stderr.splitlines()[0].endswith(
+        "demo.yaml: checking the inputs (base, adapter, tokenizer, data) after loading torch"
+    )

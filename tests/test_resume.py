@@ -116,7 +116,7 @@ def test_a_job_split_into_steps_writes_the_same_bytes_as_one_run(tmp_path, refer
     assert "the merge stage is not complete and unchanged (not run before)" in capsys.readouterr().err
     assert not split.exists()
     assert step("merge") == EXIT_OK
-    assert "Stages done: merge;" in capsys.readouterr().out and not (split / "report.json").exists()
+    assert "Stages done: merge;" in capsys.readouterr().err and not (split / "report.json").exists()
     assert step("evaluate") == EXIT_BAD_INPUT
     assert "the requantize stage is not complete" in capsys.readouterr().err
     assert step("requantize") == EXIT_OK

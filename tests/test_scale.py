@@ -16,9 +16,8 @@ import torch
 import yaml
 
 from qlora_requant.pipeline.cli import EXIT_OK, EXIT_SIGTERM, main
-from qlora_requant.pipeline.layout import GPTQ_LOSS_LOG
 
-from support import random_adapter, save_model, started_and_skipped, tiny_llama, write_config
+from support import random_adapter, same_files, save_model, started_and_skipped, tiny_llama, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 KUBERNETES = REPO / "examples" / "kubernetes-job.yaml"
@@ -258,12 +257,3 @@ def test_the_kubernetes_indexed_jobs_pods_share_out_the_stages_to_one_runs_resul
     done = subprocess.run(command(container), capture_output=True, text=True, timeout=600)
     assert done.returncode == EXIT_OK and "Report: " in done.stdout, done.stderr[-3000:]
     assert same_files(tmp_path / "run", finished_run[1])
-
-
-def same_files(run_dir: Path, other: Path) -> bool:
-    """Whether every file the stages of two runs wrote is the same, byte for byte, from their reports' hashes
-    (gptqmodel's log of GPTQ losses aside: it also holds the time each module took)."""
-    hashes = [json.loads((run / "report.json").read_text())["output_sha256"] for run in (run_dir, other)]
-    for outputs in hashes:
-        outputs["requantize"].pop(f"gptq/{GPTQ_LOSS_LOG}")
-    return hashes[0] == hashes[1]

@@ -13,7 +13,7 @@ from qlora_requant.pipeline.records import read_record
 from qlora_requant.quant.chat import render_conversation
 from qlora_requant.quant.errors import InputError
 
-from support import chat_adapter, chat_tokenizer, started_and_skipped, validate_report, write_config
+from support import chat_tokenizer, started_and_skipped, validate_report, write_config
 
 # Four variants that cover every value of every GPTQ setting: bits 2/3/4/8, group_size -1/32/64/128, desc_act and
 # sym true/false, and GPTAQ (the five release candidates run on the demo; see the closing note).
@@ -38,34 +38,6 @@ def stored_dtypes(checkpoint: Path) -> tuple[str, set[str], set[str]]:
                 if dtype.startswith(("F", "BF")):
                     (scales if name.endswith(".scales") else plain).add(dtype)
     return json.loads((checkpoint / "config.json").read_text())["dtype"], plain, scales
-
-
-def chat_records(docstrings: list[str]) -> list[dict]:
-    return [
-        {
-            "messages": [
-                {"role": "system", "content": "You explain Python."},
-                {"role": "user", "content": f"What does this do? {doc.split()[0]}"},
-                {"role": "assistant", "content": doc},
-            ]
-        }
-        for doc in docstrings
-    ]
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(record) + "\n" for record in records))
-    return path
-
-
-@pytest.fixture(scope="module")
-def chat_files(tmp_path_factory, tiny_base, corpus) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("chat")
-    return {
-        "adapter": chat_adapter(tiny_base, folder / "adapter", "trainable_tokens", tied=False),
-        "calibration": write_jsonl(folder / "calibration.jsonl", chat_records(corpus["calibration"])),
-        "eval": write_jsonl(folder / "eval.jsonl", chat_records(corpus["eval"])),
-    }
 
 
 def chat_config(folder: Path, tiny_base: Path, chat_files: dict[str, Path], **evaluation) -> Path:

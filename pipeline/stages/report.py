@@ -279,7 +279,7 @@ def write_reports(layout: RunLayout) -> Report:
         files[folder / MODEL_CARD] = render_model_card(report, variant, chat=has_chat_template(folder))
     for path, text in files.items():
         write_atomically(path, text)
-    return report
+    return report.located(layout.root)
 
 
 def remove_reports(layout: RunLayout) -> None:
