@@ -105,7 +105,7 @@ def run(
     set: Overrides = (),
     force: Iterable[str] = (),
     stages: Iterable[str] | None = None,
-    models: Iterable[str | int] | None = None,
+    models: Iterable[str | int] | str | int | None = None,
 ) -> Report | None: ...
 
 
@@ -115,7 +115,7 @@ def run(
     set: Overrides = (),
     force: Iterable[str] = (),
     stages: Iterable[str] | None = None,
-    models: Iterable[str | int] | None = None,
+    models: Iterable[str | int] | str | int | None = None,
 ) -> Report | None:
     """Run every stage of a config not already complete and unchanged, then write and return the report.
 
@@ -144,7 +144,7 @@ def run(
         Interrupted: SIGINT or SIGTERM (in the main thread); completed stages stand, and the same call resumes.
     """
     with console_output.shown(), stopping_on_signals(), _write_failures_as_input_errors("run"):
-        kinds = stage_kinds(list(stages)) if stages is not None else None
+        kinds = stage_kinds(_listed(stages)) if stages is not None else None
         resolved = _load(config, set)
         where = config if isinstance(config, (str, os.PathLike)) else "the config"
         console_output.console.info(
@@ -152,7 +152,7 @@ def run(
         )
         from qlora_requant.pipeline.runner import Run
 
-        job = Run(resolved, set_of(force), kinds, None if models is None else [str(model) for model in models])
+        job = Run(resolved, {*_listed(force)}, kinds, None if models is None else _listed(models))
         try:
             with job:
                 job.setup()
@@ -246,9 +246,9 @@ def rebuild_report(run_dir: str | os.PathLike) -> Report:
                 return write_reports(layout)
 
 
-def set_of(names: Iterable[str]) -> set[str]:
-    """Names given as one string or several (`force="merge"` is one stage, not five letters)."""
-    return {names} if isinstance(names, str) else set(names)
+def _listed(names: Iterable[str | int] | str | int) -> list[str]:
+    """Names given as one or several (`force="merge"` is one stage, not five letters; `models=1` one index)."""
+    return [str(names)] if isinstance(names, (str, int)) else [str(name) for name in names]
 
 
 def _load(config: ConfigSource, overrides: Overrides) -> RunConfig:

@@ -89,4 +89,4 @@ def test_run_resumes_a_run_and_returns_its_report_or_none_for_a_job_of_some_mode
     report = qlora_requant.run(qlora_requant.RunConfig.model_validate(yaml.safe_load(config.read_text())))
     assert report.run_dir == run_dir and report.gate.passed is not None
     assert report.model_dump(mode="json") == json.loads((run_dir / "report.json").read_text())
-    assert qlora_requant.run(str(config), stages=["score"], models=["gptq"], force="score_gptq") is None
+    assert qlora_requant.run(str(config), stages="score", models="gptq", force="score_gptq") is None

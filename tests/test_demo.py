@@ -1,4 +1,5 @@
-"""The offline demo, as `make demo` runs it: the fixture (built once, cached in runs/), then every stage."""
+"""The offline demo, as `make demo` runs it and as a Python script runs it: the fixture (built once, cached in runs/),
+then every stage."""
 
 from __future__ import annotations
 
@@ -10,23 +11,50 @@ from pathlib import Path
 
 import pytest
 
+from qlora_requant.pipeline.cli import DEMO_FIXTURE
+from qlora_requant.pipeline.demo import build_fixture
+
 from support import same_files, validate_report
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+API_SCRIPT = """
+import json
+import sys
+
+import qlora_requant
+
+report = qlora_requant.run(sys.argv[1], set={"output_dir": sys.argv[2]})  # at the top level: no guard needed
+written = qlora_requant.load_report(report.run_dir)
+print(json.dumps({"candidate": report.release_candidate, "passed": report.gate.passed,
+                  "as_written": report.model_dump(mode="json") == written.model_dump(mode="json")}))
+"""
+
+
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    """`qlora-requant demo` run as make demo runs it (into a scratch output_dir): the process and the run."""
-    run_dir = tmp_path_factory.mktemp("demo") / "run"
-    done = subprocess.run(
-        [sys.executable, "-m", "qlora_requant.pipeline.cli", "demo", "--set", f"output_dir={run_dir}"],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done, run_dir
+def demos(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """The demo run twice, each into a scratch output_dir (the process and the run): `cli`, as make demo runs
+    it (`qlora-requant demo`), and `api`, by a user's script calling `qlora_requant.run` on configs/demo.yaml. The
+    fixture is built first (cached in runs/, as make demo builds it)."""
+    build_fixture(DEMO_FIXTURE)
+    folder = tmp_path_factory.mktemp("demo")
+    (folder / "release.py").write_text(API_SCRIPT)
+    commands = {
+        "cli": [sys.executable, "-m", "qlora_requant.pipeline.cli", "demo", "--set", f"output_dir={folder / 'cli'}"],
+        "api": [sys.executable, str(folder / "release.py"), str(REPO / "configs" / "demo.yaml"), str(folder / "api")],
+    }
+    runs = {}
+    for name, command in commands.items():  # one after the other: at once, on 2 cores, both take longer than in turn
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1200, cwd=folder)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = done, folder / name
+    return runs
+
+
+@pytest.fixture(scope="module")
+def demo(demos) -> tuple[subprocess.CompletedProcess, Path]:
+    return demos["cli"]
 
 
 def test_the_demo_runs_offline_and_its_report_follows_the_schema(demo):
@@ -100,38 +128,15 @@ def test_the_demo_releases_a_chat_model_that_stops_at_the_end_of_its_turn(demo):
     assert result["new"] < 120 and result["last"] == "<|im_end|>", result
 
 
-API_SCRIPT = """
-import json
-import sys
-
-import qlora_requant
-
-report = qlora_requant.run(sys.argv[1], set={"output_dir": sys.argv[2]})  # at the top level: no guard needed
-written = qlora_requant.load_report(report.run_dir)
-print(json.dumps({"candidate": report.release_candidate, "passed": report.gate.passed,
-                  "as_written": report.model_dump(mode="json") == written.model_dump(mode="json")}))
-"""
-
-
-def test_the_demo_run_from_a_python_script_writes_the_report_the_cli_writes(demo, tmp_path):
+def test_the_demo_run_from_a_python_script_writes_the_report_the_cli_writes(demos):
     """A user's script drives the demo through `qlora_requant.run`, called at its top level (the stage processes do
     not import it again): every stage's files and the report equal the command's, but for times and paths, and the
     returned report is the one written."""
-    done, cli_run = demo
-    script = tmp_path / "release.py"
-    script.write_text(API_SCRIPT)
-    ran = subprocess.run(
-        [sys.executable, str(script), str(REPO / "configs" / "demo.yaml"), str(tmp_path / "run")],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        cwd=tmp_path,
-    )
-    assert ran.returncode == 0, ran.stderr[-3000:]
+    (_, cli_run), (ran, api_run) = demos["cli"], demos["api"]
     result = json.loads(ran.stdout.strip().splitlines()[-1])
-    theirs, ours = (json.loads((run / "report.json").read_text()) for run in (cli_run, tmp_path / "run"))
+    theirs, ours = (json.loads((run / "report.json").read_text()) for run in (cli_run, api_run))
     assert result == {"candidate": theirs["release_candidate"], "passed": True, "as_written": True}
-    assert same_files(tmp_path / "run", cli_run)
+    assert same_files(api_run, cli_run)
     for volatile in ("created", "stages", "config", "output_sha256"):  # times, the config's paths; compared above
         del ours[volatile], theirs[volatile]
     assert ours == theirs

@@ -465,7 +465,7 @@ def test_models_narrows_a_job_to_some_models_stages_and_the_report_is_a_step_of_
     assert (run_dir / "run.log").read_text() == log  # refused before the run directory was touched
     report = (run_dir / "report.json").stat().st_mtime_ns
     assert main(["run", str(config), "--stages", "score", "--models", "1", "--force", "score"]) == EXIT_OK
-    assert "the report is written by a run with --stages report" in capsys.readouterr().out
+    assert "Stages done: score_gptq; the report is written by a job with --stages report" in capsys.readouterr().err
     assert started(run_dir, log) == ["score_gptq"] and (run_dir / "report.json").stat().st_mtime_ns == report
     log = (run_dir / "run.log").read_text()
     assert main(["run", str(config), "--stages", "report"]) == EXIT_OK
