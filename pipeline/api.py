@@ -11,6 +11,7 @@ a scheduler's SIGTERM) raises `Interrupted`. A release gate that fails is not an
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -254,11 +255,11 @@ def _listed(names: Iterable[str | int] | str | int) -> list[str]:
 def _load(config: ConfigSource, overrides: Overrides) -> RunConfig:
     """The validated config, with the network policy it calls for in place."""
     resolved = load_config(config, overrides)
-    network_policy(resolved)  # before transformers and datasets are imported: they read it once
+    _network_policy(resolved)  # before transformers and datasets are imported: they read it once
     return resolved
 
 
-def network_policy(config: RunConfig) -> None:
+def _network_policy(config: RunConfig) -> None:
     """Offline unless the config names a hub dataset: the hub is never asked for anything else."""
     hub = [
         f"{key}.dataset"
@@ -278,8 +279,6 @@ def network_policy(config: RunConfig) -> None:
 
 
 def _schema_version(text: str) -> object:
-    import json
-
     try:
         return json.loads(text).get("schema_version")
     except (ValueError, AttributeError):

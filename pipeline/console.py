@@ -51,7 +51,8 @@ _handler = _ConsoleHandler(sys.stderr)
 _handler.addFilter(_ForPeople())
 
 
-_LIBRARY_LOGGERS = ("transformers", "datasets", "accelerate", "peft", "httpx", "urllib3")
+# Loggers of libraries whose chatter is held to warnings (the run's log keeps those).
+LIBRARY_LOGGERS = ("transformers", "datasets", "accelerate", "peft", "httpx", "urllib3")
 
 
 @contextmanager
@@ -63,12 +64,12 @@ def shown() -> Iterator[None]:
     if _handler in root.handlers:  # within an outer one
         yield
         return
-    levels = {name: logging.getLogger(name).level for name in ("", *_LIBRARY_LOGGERS)}
+    levels = {name: logging.getLogger(name).level for name in ("", *LIBRARY_LOGGERS)}
     _handler.stream = sys.stderr  # not setStream: it flushes the old stream, which a test may have closed
     root.addHandler(_handler)
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)
-    for name in _LIBRARY_LOGGERS:
+    for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         yield

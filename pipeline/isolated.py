@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from qlora_requant.pipeline.console import LOG_FORMAT, console
+from qlora_requant.pipeline.console import LIBRARY_LOGGERS, LOG_FORMAT, console
 from qlora_requant.pipeline.files import write_failure
 from qlora_requant.pipeline.metrics import measure
 from qlora_requant.pipeline.progress import Progress
@@ -150,7 +150,7 @@ def _child(work: Callable[[dict, Reporter], dict], spec: dict, connection, log_f
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
-    for noisy in ("transformers", "datasets", "accelerate", "peft", "httpx", "urllib3"):
+    for noisy in LIBRARY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         with measure() as measured:
